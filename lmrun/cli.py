@@ -1,0 +1,241 @@
+"""The ``lmrun`` entry point: compose ``conf/config.yaml`` with Hydra, validate, dispatch ``stage=``.
+
+Before handing over to ``@hydra.main`` (which creates the run directory, configures logging,
+and runs multirun sweeps and launchers), the CLI composes every job's config itself and
+validates it — schema (unknown keys, wrong types), values and combinations, and the inputs the
+stage will read — so that a user's mistake is one line on stderr, exit code 2, and nothing is
+written. ``dry_run=true`` stops after printing each job's plan. For a single run the CLI fixes
+the run directory to ``<runs_dir>/<stage>/<timestamp>-<config hash>`` (never reused).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+
+from lmrun.configs import check_schema, register_configs, validate
+from lmrun.errors import ConfigError, LmrunError
+
+log = logging.getLogger("lmrun")
+
+
+def _find_conf() -> Path:
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parent / "conf"):  # wheel install, then source checkout
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise SystemExit("lmrun: error: config tree not found (expected lmrun/conf or conf/ beside the package)")
+
+
+CONF_DIR = _find_conf()
+
+
+def stage_names() -> list[str]:
+    """The registered stages: one YAML per working stage in ``conf/stage/``."""
+    return sorted(p.stem for p in (CONF_DIR / "stage").glob("*.yaml"))
+
+
+def load_stage(name: str) -> ModuleType:
+    """The module ``lmrun.stages.<name>`` (exposes ``plan(cfg) -> dict`` and ``run(cfg) -> dict``)."""
+    if name not in stage_names():
+        raise ConfigError(f"stage={name!r}: expected one of {', '.join(stage_names())}")
+    return importlib.import_module(f"lmrun.stages.{name}")
+
+
+# --- error messages ----------------------------------------------------------------------------
+def _allowed_keys(object_type) -> str:
+    if object_type is not None and dataclasses.is_dataclass(object_type):
+        return ", ".join(f.name for f in dataclasses.fields(object_type))
+    return ""
+
+
+def _field_type(object_type, key) -> str:
+    if object_type is not None and dataclasses.is_dataclass(object_type):
+        for f in dataclasses.fields(object_type):
+            if f.name == key:
+                return f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    return ""
+
+
+def explain(exc: BaseException) -> str:
+    """One line for a Hydra/OmegaConf composition error: the key, the value, what is allowed."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, ValidationError
+
+    chain, e = [], exc
+    while e is not None and e not in chain:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    for e in chain:
+        if isinstance(e, (ConfigKeyError, ConfigAttributeError)):
+            allowed = _allowed_keys(getattr(e, "object_type", None))
+            key = getattr(e, "full_key", None) or getattr(e, "key", "?")
+            return f"{key}: unknown key" + (f"; allowed keys here: {allowed}" if allowed else "")
+        if isinstance(e, ValidationError):
+            key = getattr(e, "full_key", None) or getattr(e, "key", "?")
+            value = getattr(e, "value", None)
+            msg = str(e).split("\n")[0]
+            expected = _field_type(getattr(e, "object_type", None), getattr(e, "key", None))
+            return f"{key}={value!r}: {msg}" + (f" (expected {expected})" if expected else "")
+        if isinstance(e, MissingMandatoryValue):
+            return f"{getattr(e, 'full_key', '?')}: a value is required"
+        if isinstance(e, MissingConfigException):
+            text = str(e)
+            group = text.split("Could not find '")[-1].split("'")[0] if "Could not find '" in text else "?"
+            options = getattr(e, "options", None) or []
+            if "/" in group:
+                grp, opt = group.rsplit("/", 1)
+                return f"{grp}={opt}: no such option; available: {', '.join(options)}"
+            return " ".join(text.split())
+        if isinstance(e, OverrideParseException):
+            return " ".join(str(e).split())
+    for e in chain:
+        text = " ".join(str(e).split())
+        if "You must specify '" in text:  # a group without a default, e.g. stage
+            group = text.split("You must specify '")[1].split("'")[0]
+            options = text.split("Available options:")[-1].split() if "Available options:" in text else []
+            return f"{group}: required; choose one of: {', '.join(options)} (e.g. {group}={(options or ['NAME'])[0]})"
+        if text:
+            return text
+    return type(exc).__name__
+
+
+# --- pre-flight: compose and validate every job ---------------------------------------------------
+def _expand_jobs(overrides: list[str], multirun: bool) -> list[list[str]]:
+    if not multirun:
+        return [list(overrides)]
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def compose(overrides: list[str]):
+    """Compose ``config.yaml`` with ``overrides`` (Compose API); ConfigError on any mistake."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="lmrun"):
+            return hydra_compose("config", overrides=overrides)
+    except LmrunError:
+        raise
+    except Exception as e:  # Hydra and OmegaConf raise many types; all are the user's input here
+        raise ConfigError(explain(e)) from None
+
+
+def preflight(overrides: list[str]) -> tuple[object, dict]:
+    """Compose, validate values, and let the stage resolve its inputs: returns (cfg, plan)."""
+    cfg = compose(overrides)
+    try:
+        check_schema(cfg)
+        validate(cfg)
+        return cfg, load_stage(cfg.stage.name).plan(cfg)
+    except LmrunError:
+        raise
+    except Exception as e:
+        from omegaconf.errors import OmegaConfBaseException
+
+        if isinstance(e, OmegaConfBaseException):
+            raise ConfigError(explain(e)) from None
+        raise
+
+
+def format_plan(plan: dict, job: list[str]) -> str:
+    import yaml
+
+    body = yaml.safe_dump(json.loads(json.dumps(plan, default=str)), sort_keys=False, width=120)
+    return f"lmrun dry run (nothing written): {' '.join(job) or '(defaults)'}\n" + "\n".join(
+        "  " + line for line in body.splitlines())
+
+
+def _run_dir_for(cfg) -> Path:
+    from lmrun.tracking.run import config_hash
+
+    base = Path(cfg.paths.runs_dir) / cfg.stage.name / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}-{config_hash(cfg)}"
+    run_dir, n = base, 1
+    while run_dir.exists():
+        run_dir, n = base.with_name(f"{base.name}-{n}"), n + 1
+    return run_dir.absolute()
+
+
+# --- the Hydra task ---------------------------------------------------------------------------
+def _task(cfg) -> dict:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from lmrun.tracking.run import end_run, start_run
+
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    run = start_run(cfg, hc.runtime.output_dir, list(hc.overrides.task))
+    log.info("stage %s -> %s", cfg.stage.name, run.dir)
+    try:
+        validate(cfg)
+        summary = load_stage(cfg.stage.name).run(cfg)
+    except LmrunError as e:
+        run.finish({}, status="failed", error=str(e))
+        end_run()
+        log.error("%s", e)
+        if multirun:
+            raise
+        raise SystemExit(1)
+    except BaseException as e:
+        run.finish({}, status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed", error=repr(e))
+        end_run()
+        raise
+    run.finish(summary)
+    end_run()
+    log.info("summary: %s", json.dumps(summary, default=str))
+    return summary
+
+
+def _hydra_entry() -> None:
+    import hydra
+
+    register_configs()
+    hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_task)()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console script ``lmrun``. Returns the exit code (0 ok, 1 failed run, 2 invalid input)."""
+    from hydra._internal.utils import get_args_parser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = get_args_parser().parse_args(argv)
+    informational = args.help or args.hydra_help or args.cfg or args.info or args.shell_completion or args.resolve
+    if not informational:
+        try:
+            jobs = _expand_jobs(args.overrides, args.multirun)
+            checked = [(job, *preflight(job)) for job in jobs]
+        except LmrunError as e:
+            print(f"lmrun: error: {e}", file=sys.stderr)
+            return 2
+        if any(bool(cfg.dry_run) for _, cfg, _ in checked):
+            for job, _, plan in checked:
+                print(format_plan(plan, job))
+            return 0
+        if not args.multirun and not any(o.startswith("hydra.run.dir=") for o in args.overrides):
+            argv.append(f"hydra.run.dir={_run_dir_for(checked[0][1])}")
+    if (args.help or args.hydra_help) and not any(o.split("=")[0].lstrip("+~") == "stage" for o in args.overrides):
+        argv.append(f"stage={stage_names()[0]}")  # help lists the groups; composing it needs some stage
+    sys.argv = [sys.argv[0] if sys.argv else "lmrun"] + argv
+    try:
+        _hydra_entry()
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

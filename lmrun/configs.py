@@ -1,0 +1,83 @@
+"""The root config schema, its registration in Hydra's ConfigStore, and validation helpers.
+
+Each component's dataclass lives next to its code; this module assembles them into the
+schema that ``conf/config.yaml`` is merged onto, so unknown keys and wrong types fail at
+compose time. ``validate`` then checks values and combinations the types cannot express.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lmrun.data.corpora import DataConfig, validate_data
+from lmrun.tokenizer.config import TokenizerConfig, validate_tokenizer
+from lmrun.tracking.logger import LoggerConfig, validate_logger
+
+
+@dataclass
+class StageConfig:
+    """Which stage runs (set by the `stage` group: conf/stage/<name>.yaml)."""
+
+    name: str = "???"
+    description: str = ""
+
+
+@dataclass
+class PathsConfig:
+    """Where runs and the artifact cache live (relative paths are relative to the cwd)."""
+
+    runs_dir: str = "runs"
+    multiruns_dir: str = "multiruns"
+    cache_dir: str = "~/.cache/lmrun"
+
+
+@dataclass
+class CacheConfig:
+    """Artifact cache behaviour: ``rebuild=true`` rebuilds every artifact this run needs."""
+
+    rebuild: bool = False
+
+
+@dataclass
+class LmrunConfig:
+    """The root schema: one field per config group, plus run-wide switches."""
+
+    stage: StageConfig = field(default_factory=StageConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    seed: int = 0
+    dry_run: bool = False
+    progress: bool = True
+
+
+_registered = False
+
+
+def register_configs() -> None:
+    """Store the root schema as ``lmrun_schema`` in Hydra's ConfigStore (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="lmrun_schema", node=LmrunConfig)
+    _registered = True
+
+
+def check_schema(cfg) -> None:
+    """Raise if ``cfg`` (outside ``hydra``) has keys or types the root schema does not allow —
+    e.g. keys added with ``+key=value``, which Hydra's own struct check lets through."""
+    from omegaconf import OmegaConf
+
+    body = OmegaConf.to_container(cfg, resolve=False)
+    body.pop("hydra", None)
+    OmegaConf.merge(OmegaConf.structured(LmrunConfig), body)
+
+
+def validate(cfg) -> None:
+    """Check values and combinations of a composed config; raise ConfigError naming the key."""
+    validate_data(cfg.data)
+    validate_tokenizer(cfg.tokenizer)
+    validate_logger(cfg.logger)

@@ -1,0 +1,41 @@
+"""Config schema of the `tokenizer` group (presets in conf/tokenizer/)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lmrun.errors import check, check_choice
+
+
+@dataclass
+class TokenizerConfig:
+    """Byte-level BPE tokenizer.
+
+    kind: "bpe" (trained from scratch by ``lmrun.tokenizer.bpe.train_bpe``).
+    vocab_size: total tokens including the 256 bytes and the special tokens.
+    special_tokens: strings never split or merged; the first one separates documents.
+    backend: merge-loop implementation, "c" (compiled extension), "python" or "auto".
+    num_workers: pre-tokenization processes (null: all CPU cores).
+    report_max_bytes: bytes of the validation split encoded for the compression report.
+    """
+
+    kind: str = "bpe"
+    vocab_size: int = 4096
+    special_tokens: list[str] = field(default_factory=lambda: ["<|endoftext|>"])
+    backend: str = "auto"
+    num_workers: int | None = None
+    report_max_bytes: int = 16 * 1024 * 1024
+
+
+def validate_tokenizer(cfg: TokenizerConfig) -> None:
+    """Raise ConfigError for values the schema's types cannot exclude."""
+    check_choice("tokenizer.kind", cfg.kind, ["bpe"])
+    check_choice("tokenizer.backend", cfg.backend, ["auto", "c", "python"])
+    specials = list(cfg.special_tokens)
+    check("tokenizer.special_tokens", specials, all(isinstance(s, str) and s for s in specials), "non-empty strings")
+    check("tokenizer.special_tokens", specials, len(set(specials)) == len(specials), "distinct strings")
+    minimum = 256 + len(specials)
+    check("tokenizer.vocab_size", cfg.vocab_size, minimum <= cfg.vocab_size <= 2**31 - 1,
+          f"an integer >= {minimum} (256 bytes + {len(specials)} special tokens)")
+    if cfg.num_workers is not None:
+        check("tokenizer.num_workers", cfg.num_workers, cfg.num_workers >= 1, "null or an integer >= 1")
+    check("tokenizer.report_max_bytes", cfg.report_max_bytes, cfg.report_max_bytes >= 1, "an integer >= 1")

@@ -1,0 +1,164 @@
+"""The content-addressed artifact cache for derived data (DESIGN.md, "Run directories and artifacts").
+
+Layout: ``<root>/<kind>/<key>/`` holding the artifact's files and ``artifact.json`` (the key
+material, creation time, build seconds and what the builder returned). The key is a hash of
+the inputs' identity (content digests of files) and the config that produced the artifact.
+An artifact is built in a temporary sibling folder and renamed into place only when complete,
+so an interrupted build leaves nothing that a later run could mistake for a finished one.
+File digests are remembered in ``<root>/digests.json`` by (path, size, mtime) so large inputs
+are read once.
+"""
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from lmrun.errors import DataError, FormatError
+from lmrun.tracking.files import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "artifact.json"
+_BLOCK = 1 << 20
+
+
+@dataclass
+class Artifact:
+    """A complete cache entry: its folder, its manifest, and whether this run reused it."""
+
+    kind: str
+    key: str
+    path: Path
+    manifest: dict
+    reused: bool
+
+
+class ArtifactCache:
+    """Content-addressed store of derived data under ``root`` (created on first write).
+
+    ``rebuild=True`` makes :meth:`get_or_build` rebuild entries even when they exist."""
+
+    def __init__(self, root: str | os.PathLike, rebuild: bool = False):
+        self.root = Path(os.path.expanduser(str(root))).absolute()
+        self.rebuild = rebuild
+
+    # keys and paths --------------------------------------------------------------------
+    @staticmethod
+    def key(kind: str, material: dict) -> str:
+        """32-hex-digit key of ``material`` (JSON-serialisable, keys sorted) for ``kind``."""
+        blob = json.dumps({"kind": kind, **material}, sort_keys=True, default=str).encode("utf-8")
+        return hashlib.sha256(blob).hexdigest()[:32]
+
+    def path(self, kind: str, key: str) -> Path:
+        return self.root / kind / key
+
+    def lookup(self, kind: str, key: str) -> Artifact | None:
+        """The complete artifact for ``key`` or None. A corrupt manifest raises FormatError."""
+        where = self.path(kind, key)
+        manifest_path = where / MANIFEST
+        if not manifest_path.is_file():
+            return None
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise FormatError(f"corrupt cache entry {where} ({e}); delete it or run with cache.rebuild=true") from None
+        return Artifact(kind, key, where, manifest, reused=True)
+
+    # building ----------------------------------------------------------------------------
+    def get_or_build(self, kind: str, material: dict, builder: Callable[[Path], dict | None],
+                     rebuild: bool | None = None) -> Artifact:
+        """Return the artifact for (kind, material), building it with ``builder(tmp_dir)`` if absent.
+
+        ``builder`` writes its files into the folder it is given and may return a dict kept in
+        the manifest under "result". The folder is renamed into place atomically after the
+        builder returns; on any exception (or interrupt) it is deleted. ``rebuild`` (default:
+        the cache's own flag) forces a new build that replaces the old entry."""
+        key = self.key(kind, material)
+        rebuild = self.rebuild if rebuild is None else rebuild
+        if not rebuild:
+            found = self.lookup(kind, key)
+            if found is not None:
+                log.info("cache hit: %s/%s", kind, key)
+                return found
+        final = self.path(kind, key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.parent / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            t0 = time.perf_counter()
+            result = builder(tmp)
+            manifest = {"kind": kind, "key": key, "material": material, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                        "build_seconds": round(time.perf_counter() - t0, 3), "result": result or {}}
+            atomic_write_json(tmp / MANIFEST, manifest)
+            self._install(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        log.info("cache %s: %s/%s", "rebuilt" if rebuild else "built", kind, key)
+        return Artifact(kind, key, final, manifest, reused=False)
+
+    @staticmethod
+    def _install(tmp: Path, final: Path) -> None:
+        old = None
+        if final.exists():
+            old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
+            os.rename(final, old)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            # Another process installed the same key first: theirs is equally valid.
+            if not (final / MANIFEST).is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    # input identity ----------------------------------------------------------------------
+    def text_file_digest(self, path: str | os.PathLike, key: str, remember: bool = True) -> str:
+        """Content digest of a UTF-8 text file, checking it decodes; memoised by (path, size, mtime).
+
+        Raises DataError naming ``key``, the file and the byte offset of the first invalid byte."""
+        path = Path(path).absolute()
+        st = path.stat()
+        memo_key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+        memo = self._read_memo()
+        if memo_key in memo:
+            return memo[memo_key]
+        h = hashlib.blake2b(digest_size=16)
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        offset = 0
+        with open(path, "rb") as f:
+            while block := f.read(_BLOCK):
+                h.update(block)
+                try:
+                    decoder.decode(block)
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{key}: not valid UTF-8 at byte {offset + e.start}: {path}") from None
+                offset += len(block)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise DataError(f"{key}: not valid UTF-8 (truncated character at the end): {path}") from None
+        digest = h.hexdigest()
+        if remember:
+            memo[memo_key] = digest
+            try:
+                atomic_write_json(self.root / "digests.json", memo)
+            except OSError as e:  # a read-only cache still works, only slower
+                log.warning("cannot write digest memo in %s: %s", self.root, e)
+        return digest
+
+    def _read_memo(self) -> dict[str, Any]:
+        try:
+            return json.loads((self.root / "digests.json").read_text(encoding="utf-8"))
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            return {}

@@ -1,0 +1,189 @@
+"""Run directories: provenance (``run.json``), per-step metrics (``metrics.jsonl``), final
+metrics (``summary.json``) and the optional wandb run, for the stage being executed.
+
+A stage gets the active run with :func:`active_run` and logs through it; the CLI starts and
+finishes it around ``stage.run(cfg)``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import random
+import socket
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from lmrun.errors import LmrunError
+from lmrun.tracking.files import atomic_write_json, config_digest
+
+log = logging.getLogger(__name__)
+
+PACKAGES = ["lmrun", "torch", "triton", "numpy", "hydra-core", "omegaconf", "regex", "wandb", "submitit",
+            "hydra-submitit-launcher", "tokenizers", "tiktoken"]
+SLURM_VARS = ["SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_NAME", "SLURM_NODELIST",
+              "SLURM_RESTART_COUNT", "SLURM_PROCID"]
+
+_ACTIVE: "Run | None" = None
+
+
+def resolved_config(cfg: DictConfig) -> dict:
+    """The resolved config as plain containers, without Hydra's own node."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    container.pop("hydra", None)
+    return container
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """8-hex-digit hash of the resolved config (without `hydra`): names run directories."""
+    return config_digest(resolved_config(cfg))
+
+
+def git_state(path: Path) -> dict:
+    """Commit and dirty flag of the git checkout holding ``path`` (nulls outside a checkout)."""
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"commit": commit, "dirty": None if status is None else bool(status)}
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's and NumPy's generators, and torch's if torch is imported (stages that use
+    torch import it before calling this)."""
+    random.seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+    if "torch" in sys.modules:
+        sys.modules["torch"].manual_seed(seed)
+
+
+class Run:
+    """One run directory. Use :func:`start_run`; then :meth:`log` per step and :meth:`finish`."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None):
+        self.cfg = cfg
+        self.dir = Path(run_dir)
+        self.overrides = list(overrides or [])
+        self.info: dict[str, Any] = {}
+        self._metrics = None
+        self._wandb = None
+        self._t0 = time.time()
+
+    # lifecycle -------------------------------------------------------------------------------
+    def start(self) -> "Run":
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if (self.dir / "run.json").exists():
+            raise LmrunError(f"run directory already used: {self.dir} (runs are never overwritten)")
+        seed_everything(int(self.cfg.seed))
+        resolved = resolved_config(self.cfg)
+        self.info = {
+            "stage": self.cfg.stage.name,
+            "status": "running",
+            "config_hash": config_digest(resolved),
+            "overrides": self.overrides,
+            "argv": sys.argv,
+            "cwd": os.getcwd(),
+            "run_dir": str(self.dir.absolute()),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "seed": int(self.cfg.seed),
+            "git": git_state(Path(__file__).resolve().parent),
+            "packages": package_versions(),
+            "python": platform.python_version(),
+            "host": socket.gethostname(),
+            "platform": platform.platform(),
+            "slurm": {k.lower().removeprefix("slurm_"): os.environ[k] for k in SLURM_VARS if k in os.environ},
+        }
+        self._metrics = open(self.dir / "metrics.jsonl", "a", encoding="utf-8")
+        if self.cfg.logger.name == "wandb":
+            self._start_wandb(resolved)
+        self._write_info()
+        return self
+
+    def _start_wandb(self, resolved: dict) -> None:
+        import wandb
+
+        lc = self.cfg.logger
+        os.environ.setdefault("WANDB_SILENT", "true")
+        self._wandb = wandb.init(
+            project=lc.project, entity=lc.entity, group=lc.group, tags=list(lc.tags), mode=lc.mode,
+            dir=str(self.dir), name=f"{self.cfg.stage.name}/{self.dir.name}", config=resolved,
+            id=self.info.get("wandb_run_id") or None, resume="allow",
+        )
+        self.info["wandb_run_id"] = self._wandb.id
+        self.info["wandb_dir"] = str(Path(self._wandb.dir).parent)
+
+    def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        """Append one JSON line (``step``, wall ``time`` in seconds since start, the metrics) and
+        forward to wandb. Non-finite floats are written as null; flushes every call."""
+        record = {"step": step, "time": round(time.time() - self._t0, 3), **metrics}
+        line = json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()},
+                          default=str)
+        self._metrics.write(line + "\n")
+        self._metrics.flush()
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+
+    def finish(self, summary: dict[str, Any] | None, status: str = "completed", error: str | None = None) -> None:
+        """Write ``summary.json`` and the final ``run.json`` (status, end time, seconds)."""
+        summary = dict(summary or {})
+        atomic_write_json(self.dir / "summary.json", summary)
+        self.info.update(status=status, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                         seconds=round(time.time() - self._t0, 3))
+        if error:
+            self.info["error"] = error
+        self._write_info()
+        if self._metrics is not None:
+            self._metrics.close()
+        if self._wandb is not None:
+            self._wandb.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+            self._wandb.finish(exit_code=0 if status == "completed" else 1)
+
+    def _write_info(self) -> None:
+        atomic_write_json(self.dir / "run.json", self.info)
+
+
+def start_run(cfg: DictConfig, run_dir: str | os.PathLike, overrides: list[str] | None = None) -> Run:
+    """Create the run directory's files and make the run active for :func:`active_run`."""
+    global _ACTIVE
+    _ACTIVE = Run(cfg, Path(run_dir), overrides).start()
+    return _ACTIVE
+
+
+def active_run() -> Run:
+    """The run started for the stage now executing (LmrunError if none)."""
+    if _ACTIVE is None:
+        raise LmrunError("no active run: stages are started by the lmrun CLI or lmrun.tracking.run.start_run")
+    return _ACTIVE
+
+
+def end_run() -> None:
+    global _ACTIVE
+    _ACTIVE = None

@@ -1,0 +1,38 @@
+"""Shared fixtures: every test gets its own cache and runs folder, never the user's."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+@pytest.fixture(autouse=True)
+def isolated_workspace(tmp_path, monkeypatch):
+    """cwd = a fresh folder (runs/ and multiruns/ land there); LMRUN_CACHE = a fresh cache."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("LMRUN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    return work
+
+
+@pytest.fixture
+def cache_dir(tmp_path) -> Path:
+    return Path(os.environ["LMRUN_CACHE"])
+
+
+@pytest.fixture
+def small_text(tmp_path) -> Path:
+    """A small real text (the first 60 KB of the embedded Shakespeare, cut at a line)."""
+    src = REPO / "lmrun" / "data" / "corpora" / "tinyshakespeare.txt"
+    data = src.read_bytes()[:60_000]
+    data = data[: data.rfind(b"\n") + 1]
+    path = tmp_path / "small.txt"
+    path.write_bytes(data)
+    return path

@@ -1,0 +1,150 @@
+"""The CLI: composition of every preset, one-line errors that write nothing, dry runs,
+run directories with provenance, multirun."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from lmrun import cli
+from lmrun.configs import check_schema, validate
+from lmrun.errors import ConfigError
+
+FAST = ["logger=none", "progress=false", "tokenizer.vocab_size=300"]
+
+
+def presets() -> list[tuple[str, str]]:
+    out = []
+    for group_dir in sorted(p for p in cli.CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra"):
+        for preset in sorted(group_dir.glob("*.yaml")):
+            out.append((group_dir.name, preset.stem))
+    return out
+
+
+EXTRA = {("data", "text_files"): ["data.train=/dev/null"]}
+
+
+def files_under(path: Path) -> list[Path]:
+    return [p for p in path.rglob("*")] if path.exists() else []
+
+
+@pytest.mark.parametrize("group,preset", presets())
+def test_every_preset_composes_and_validates(group, preset):
+    overrides = [f"{group}={preset}"] + EXTRA.get((group, preset), [])
+    if group != "stage":
+        overrides.append("stage=tokenizer")
+    cfg = cli.compose(overrides)
+    check_schema(cfg)
+    validate(cfg)
+    assert cfg[group] is not None
+
+
+def test_presets_found():
+    groups = {g for g, _ in presets()}
+    assert {"stage", "data", "tokenizer", "logger"} <= groups
+
+
+@pytest.mark.parametrize("stage", cli.stage_names())
+def test_dry_run_every_stage_writes_nothing(stage, isolated_workspace, cache_dir, capsys):
+    assert cli.main([f"stage={stage}", "dry_run=true"]) == 0
+    out = capsys.readouterr().out
+    assert "dry run" in out and "inputs" in out and "outputs" in out
+    assert files_under(isolated_workspace) == []
+    assert files_under(cache_dir) == []
+
+
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        (["stage=tokenizer", "tokenizer.vocab_sizee=300"], r"tokenizer\.vocab_sizee: unknown key; allowed keys here: .*vocab_size"),
+        (["stage=tokenizer", "+tokenizer.foo=1"], r"tokenizer\.foo: unknown key"),
+        (["stage=tokenizer", "tokenizer.vocab_size=abc"], r"tokenizer\.vocab_size='abc': .*expected int"),
+        (["stage=tokenizer", "tokenizer.vocab_size=100"], r"tokenizer\.vocab_size=100: expected an integer >= 257"),
+        (["stage=tokenizer", "data=nope"], r"data=nope: no such option; available: text_files, tinyshakespeare"),
+        (["stage=nope"], r"stage=nope: no such option; available: tokenizer"),
+        ([], r"stage"),
+        (["stage=tokenizer", "data=text_files"], r"data\.train=None: expected a UTF-8 text file path"),
+        (["stage=tokenizer", "data=text_files", "data.train=/no/such/file.txt"], r"data\.train: file not found: /no/such/file\.txt"),
+        (["stage=tokenizer", "tokenizer.backend=rust"], r"tokenizer\.backend='rust': expected one of auto, c, python"),
+        (["stage=tokenizer", "logger=nope"], r"logger=nope: no such option"),
+        (["stage=tokenizer", "data.val_fraction=1.5"], r"data\.val_fraction=1\.5: expected a number in \(0, 1\)"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(overrides, expected, isolated_workspace, cache_dir, capsys):
+    assert cli.main(overrides) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("lmrun: error: ")
+    assert re.search(expected, err), err
+    assert files_under(isolated_workspace) == []
+    assert files_under(cache_dir) == []
+
+
+def test_empty_and_non_utf8_files(tmp_path, isolated_workspace, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"hello world\n" * 100 + b"caf\xe9\n")
+    assert cli.main(["stage=tokenizer", "data=text_files", f"data.train={empty}"]) == 2
+    assert f"data.train: file is empty: {empty}" in capsys.readouterr().err
+    assert cli.main(["stage=tokenizer", "data=text_files", f"data.train={bad}"]) == 2
+    err = capsys.readouterr().err
+    assert f"data.train: not valid UTF-8 at byte 1203: {bad}" in err
+    assert files_under(isolated_workspace) == []
+
+
+def test_single_run_directory_and_provenance(small_text, isolated_workspace):
+    assert cli.main(["stage=tokenizer", "data=text_files", f"data.train={small_text}", "seed=7", *FAST]) == 0
+    (run_dir,) = (isolated_workspace / "runs" / "tokenizer").iterdir()
+    info = json.loads((run_dir / "run.json").read_text())
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d-[0-9a-f]{8}", run_dir.name)
+    assert run_dir.name.endswith(info["config_hash"])
+    assert info["status"] == "completed" and info["stage"] == "tokenizer" and info["seed"] == 7
+    assert "seed=7" in info["overrides"] and info["argv"]
+    assert {"lmrun", "hydra-core", "omegaconf", "numpy", "regex"} <= set(info["packages"])
+    assert info["host"] and info["python"] and info["started"] and info["finished"]
+    assert isinstance(info["slurm"], dict)
+    if (cli.CONF_DIR.parent / ".git").exists():
+        assert re.fullmatch(r"[0-9a-f]{40}", info["git"]["commit"]) and isinstance(info["git"]["dirty"], bool)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["vocab_size"] == 300
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert metrics and metrics[-1]["vocab_size"] == 300
+    assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / "tokenizer.log").is_file()
+    # the same config again: a new directory, never the old one
+    assert cli.main(["stage=tokenizer", "data=text_files", f"data.train={small_text}", "seed=7", *FAST]) == 0
+    assert len(list((isolated_workspace / "runs" / "tokenizer").iterdir())) == 2
+
+
+def test_multirun_sweep(small_text, isolated_workspace):
+    assert cli.main(["-m", "stage=tokenizer", "data=text_files", f"data.train={small_text}",
+                     "logger=none", "progress=false", "tokenizer.vocab_size=300,320"]) == 0
+    (sweep,) = (isolated_workspace / "multiruns").iterdir()
+    sizes = sorted(json.loads((sweep / str(i) / "summary.json").read_text())["vocab_size"] for i in (0, 1))
+    assert sizes == [300, 320]
+
+
+def test_multirun_validates_every_job_first(small_text, isolated_workspace, capsys):
+    rc = cli.main(["-m", "stage=tokenizer", "data=text_files", f"data.train={small_text}", "logger=none",
+                   "tokenizer.vocab_size=300,100"])
+    assert rc == 2 and "tokenizer.vocab_size=100" in capsys.readouterr().err
+    assert files_under(isolated_workspace) == []
+
+
+def test_cfg_job_prints_config(capsys):
+    assert cli.main(["stage=tokenizer", "--cfg", "job"]) == 0
+    out = capsys.readouterr().out
+    assert "vocab_size: 4096" in out and "name: tokenizer" in out
+
+
+def test_help_lists_stages_and_groups(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "stage: tokenizer" in out and "data: text_files, tinyshakespeare" in out and "logger: none, wandb" in out
+
+
+def test_load_stage_rejects_unregistered():
+    with pytest.raises(ConfigError):
+        cli.load_stage("pretrain_not_built")
