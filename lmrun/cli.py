@@ -227,7 +227,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not args.multirun and not any(o.startswith("hydra.run.dir=") for o in args.overrides):
             argv.append(f"hydra.run.dir={_run_dir_for(checked[0][1])}")
-    if (args.help or args.hydra_help) and not any(o.split("=")[0].lstrip("+~") == "stage" for o in args.overrides):
+    elif args.cfg or args.info:
+        try:
+            compose(args.overrides)  # a bad override is one line here too, not Hydra's traceback
+        except LmrunError as e:
+            print(f"lmrun: error: {e}", file=sys.stderr)
+            return 2
+    if args.help and not any(o.split("=")[0].lstrip("+~") == "stage" for o in args.overrides):
         argv.append(f"stage={stage_names()[0]}")  # help lists the groups; composing it needs some stage
     sys.argv = [sys.argv[0] if sys.argv else "lmrun"] + argv
     try:

@@ -67,7 +67,7 @@ def test_dry_run_every_stage_writes_nothing(stage, isolated_workspace, cache_dir
         ([], r"stage"),
         (["stage=tokenizer", "data=text_files"], r"data\.train=None: expected a UTF-8 text file path"),
         (["stage=tokenizer", "data=text_files", "data.train=/no/such/file.txt"], r"data\.train: file not found: /no/such/file\.txt"),
-        (["stage=tokenizer", "tokenizer.backend=rust"], r"tokenizer\.backend='rust': expected one of auto, c, python"),
+        (["stage=tokenizer", "tokenizer.train_backend=rust"], r"tokenizer\.train_backend='rust': expected one of auto, c, python"),
         (["stage=tokenizer", "logger=nope"], r"logger=nope: no such option"),
         (["stage=tokenizer", "data.val_fraction=1.5"], r"data\.val_fraction=1\.5: expected a number in \(0, 1\)"),
     ],

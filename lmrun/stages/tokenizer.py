@@ -57,7 +57,7 @@ def get_or_train_tokenizer(cfg, cache: ArtifactCache, corpus: Corpus) -> Artifac
         log.info("training BPE: %s (%.1f MB), vocab_size=%d", corpus.train, size / 1e6, t.vocab_size)
         t0 = time.perf_counter()
         vocab, merges = train_bpe(corpus.train, int(t.vocab_size), list(t.special_tokens),
-                                  num_workers=t.num_workers, backend=t.backend, progress=bool(cfg.progress))
+                                  num_workers=t.num_workers, backend=t.train_backend, progress=bool(cfg.progress))
         seconds = time.perf_counter() - t0
         save_vocab(vocab, out / "vocab.json")
         save_merges(merges, out / "merges.txt")

@@ -13,7 +13,7 @@ class TokenizerConfig:
     kind: "bpe" (trained from scratch by ``lmrun.tokenizer.bpe.train_bpe``).
     vocab_size: total tokens including the 256 bytes and the special tokens.
     special_tokens: strings never split or merged; the first one separates documents.
-    backend: merge-loop implementation, "c" (compiled extension), "python" or "auto".
+    train_backend: BPE merge-loop implementation, "c" (compiled extension), "python" or "auto".
     num_workers: pre-tokenization processes (null: all CPU cores).
     report_max_bytes: bytes of the validation split encoded for the compression report.
     """
@@ -21,7 +21,7 @@ class TokenizerConfig:
     kind: str = "bpe"
     vocab_size: int = 4096
     special_tokens: list[str] = field(default_factory=lambda: ["<|endoftext|>"])
-    backend: str = "auto"
+    train_backend: str = "auto"
     num_workers: int | None = None
     report_max_bytes: int = 16 * 1024 * 1024
 
@@ -29,7 +29,7 @@ class TokenizerConfig:
 def validate_tokenizer(cfg: TokenizerConfig) -> None:
     """Raise ConfigError for values the schema's types cannot exclude."""
     check_choice("tokenizer.kind", cfg.kind, ["bpe"])
-    check_choice("tokenizer.backend", cfg.backend, ["auto", "c", "python"])
+    check_choice("tokenizer.train_backend", cfg.train_backend, ["auto", "c", "python"])
     specials = list(cfg.special_tokens)
     check("tokenizer.special_tokens", specials, all(isinstance(s, str) and s for s in specials), "non-empty strings")
     check("tokenizer.special_tokens", specials, len(set(specials)) == len(specials), "distinct strings")

@@ -34,7 +34,7 @@ from lmrun.tracking.files import atomic_write_text
 if TYPE_CHECKING:  # pragma: no cover
     import tiktoken
 
-__all__ = ["Tokenizer", "UnknownTokenError"]
+__all__ = ["Tokenizer", "UnknownTokenError", "pretokenize"]
 
 _NO_RANK = 1 << 62
 #: pre-tokens longer than this many bytes are merged with a heap (O(n log n)) instead of the
@@ -46,6 +46,63 @@ _CACHE_MAX_CHARS = 256
 
 class UnknownTokenError(LmrunError, ValueError):
     """A token id given to :meth:`Tokenizer.decode` is not in the vocabulary."""
+
+
+# GPT-2's pattern for ASCII-only text, for the stdlib ``re`` engine (about 2.5x faster than the
+# ``regex`` module on this pattern). On ASCII, \p{L} = [A-Za-z], \p{N} = [0-9] and \s (Unicode
+# White_Space, as in ``regex`` and in tiktoken) = [\t\n\v\f\r ]; \x1c-\x1f are not whitespace.
+_WS = r"\t\n\x0b\x0c\r "
+_ASCII_RE = re.compile(
+    rf"'(?:[sdmt]|ll|ve|re)| ?[A-Za-z]+| ?[0-9]+| ?[^{_WS}A-Za-z0-9]+|[{_WS}]+(?![^{_WS}])|[{_WS}]+")
+_NON_ASCII_RE = re.compile(r"[^\x00-\x7f]")
+# A printable non-space ASCII character followed by whitespace: every pre-token ends at the
+# boundary between the two (no alternative of the pattern runs from non-space into whitespace),
+# and the pre-tokens before it are the same whether the text ends there or goes on (the
+# characters the pattern looks at past them are whitespace or the end, which it treats alike).
+_BOUNDARY_RE = re.compile(rf"[!-~](?=[{_WS}])")
+
+
+def pretokenize(text: str, pos: int = 0, endpos: int | None = None) -> list[str]:
+    """Split ``text[pos:endpos]`` into GPT-2 pre-tokens; equals
+    ``PRETOKEN_RE.findall(text, pos, endpos)`` (:mod:`lmrun.tokenizer.pretokenize`), faster.
+
+    ASCII stretches are split by an equivalent stdlib ``re`` pattern; stretches around non-ASCII
+    characters, cut at pre-token boundaries that do not depend on what follows, by ``PRETOKEN_RE``.
+    Returns the pre-tokens in order (their concatenation is the input). Source: GPT-2 regex."""
+    n = len(text) if endpos is None else min(endpos, len(text))
+    if pos >= n:
+        return []
+    m = _NON_ASCII_RE.search(text, pos, n)
+    if m is None:
+        return _ASCII_RE.findall(text, pos, n)
+    out: list[str] = []
+    while m is not None:
+        c = m.start()
+        # region [lo, hi) around the non-ASCII character c, from the boundary before it to the one after
+        lo = pos
+        window = 64
+        while True:
+            start = max(pos, c - window)
+            last = None
+            for last in _BOUNDARY_RE.finditer(text, start, c):
+                pass
+            if last is not None:
+                lo = last.end()
+                break
+            if start == pos:
+                break
+            window *= 4
+        if lo > pos:
+            out += _ASCII_RE.findall(text, pos, lo)
+        b = _BOUNDARY_RE.search(text, c + 1, n)
+        hi = b.end() if b is not None else n
+        out += PRETOKEN_RE.findall(text, lo, hi)
+        pos = hi
+        if pos >= n:
+            return out
+        m = _NON_ASCII_RE.search(text, pos, n)
+    out += _ASCII_RE.findall(text, pos, n)
+    return out
 
 
 class Tokenizer:
@@ -207,17 +264,17 @@ class Tokenizer:
 
     def _encode(self, text: str) -> list[int]:
         if self._special_re is None:
-            return self._encode_pretokens(PRETOKEN_RE.findall(text))
+            return self._encode_pretokens(pretokenize(text))
         ids: list[int] = []
         pos = 0
         special_ids = self.special_ids
         for m in self._special_re.finditer(text):
             if m.start() > pos:
-                ids += self._encode_pretokens(PRETOKEN_RE.findall(text, pos, m.start()))
+                ids += self._encode_pretokens(pretokenize(text, pos, m.start()))
             ids.append(special_ids[m.group()])
             pos = m.end()
         if pos < len(text):
-            ids += self._encode_pretokens(PRETOKEN_RE.findall(text, pos))
+            ids += self._encode_pretokens(pretokenize(text, pos))
         return ids
 
     def _encode_pretokens(self, pretokens: list[str]) -> list[int]:
@@ -341,11 +398,11 @@ class Tokenizer:
                 if m.start() >= end:
                     break
                 if m.start() > pos:
-                    ids += self._encode_pretokens(PRETOKEN_RE.findall(buf, pos, m.start()))
+                    ids += self._encode_pretokens(pretokenize(buf, pos, m.start()))
                 ids.append(special_ids[m.group()])
                 pos = m.end()
             end = next((j for j in partial if j >= pos), n)
-        pretokens = PRETOKEN_RE.findall(buf, pos, end)
+        pretokens = pretokenize(buf, pos, end)
         if len(pretokens) > 2:
             held = len(pretokens[-1]) + len(pretokens[-2])
             ids += self._encode_pretokens(pretokens[:-2])

@@ -1,0 +1,64 @@
+"""`lmrun stage=tokenizer` end to end: outputs, report, cache reuse and rebuild, wandb offline."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lmrun import cli
+from lmrun.tokenizer.formats import load_merges, load_vocab
+
+FAST = ["logger=none", "progress=false"]
+
+
+def run_dirs(work: Path) -> list[Path]:
+    return sorted((work / "runs" / "tokenizer").iterdir())
+
+
+def run_tokenizer(*overrides: str) -> dict:
+    """Run the stage; return the summary.json of the run directory it created."""
+    before = set(run_dirs(Path.cwd())) if (Path.cwd() / "runs" / "tokenizer").exists() else set()
+    assert cli.main(["stage=tokenizer", *FAST, *overrides]) == 0
+    (new,) = set(run_dirs(Path.cwd())) - before
+    return json.loads((new / "summary.json").read_text()) | {"run_dir": new}
+
+
+def test_default_preset_trains_on_embedded_corpus(isolated_workspace):
+    run_tokenizer("tokenizer.vocab_size=1000")
+    (run_dir,) = run_dirs(isolated_workspace)
+    vocab, merges = load_vocab(run_dir / "vocab.json"), load_merges(run_dir / "merges.txt")
+    assert len(vocab) == 1000 and len(merges) == 1000 - 257
+    assert vocab[0] == b"<|endoftext|>" and vocab[1 + ord("a")] == b"a"
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["data"] == "tinyshakespeare" and report["vocab_size"] == 1000
+    assert 2.0 < report["bytes_per_token"] < 4.0  # measured 2.6 at vocab 1000 on the held-out split
+    assert report["train_seconds"] > 0 and report["peak_rss_mb"] > 0
+    assert all(len(t.encode()) >= len(report["longest_tokens"][-1].encode()) for t in report["longest_tokens"])
+    assert (run_dir / "report.md").read_text().startswith("# Tokenizer report")
+
+
+def test_cache_reused_then_rebuilt_on_change(small_text, isolated_workspace, cache_dir):
+    common = ["data=text_files", f"data.train={small_text}", "tokenizer.vocab_size=400"]
+    first = run_tokenizer(*common)
+    second = run_tokenizer(*common)
+    assert first["cached"] is False and second["cached"] is True
+    assert (first["run_dir"] / "merges.txt").read_bytes() == (second["run_dir"] / "merges.txt").read_bytes()
+    # forced rebuild
+    assert run_tokenizer(*common, "cache.rebuild=true")["cached"] is False
+    assert run_tokenizer(*common)["cached"] is True
+    # changed input -> a new cache entry
+    small_text.write_text(small_text.read_text() + "\nA new line of text that changes the corpus.\n")
+    assert run_tokenizer(*common)["cached"] is False
+    assert len(list((cache_dir / "tokenizer").iterdir())) == 2
+    # changed config -> a new cache entry
+    run_tokenizer(*common[:-1], "tokenizer.vocab_size=401")
+    assert len(list((cache_dir / "tokenizer").iterdir())) == 3
+
+
+def test_wandb_offline_inside_run_dir(small_text, isolated_workspace):
+    assert cli.main(["stage=tokenizer", "logger=wandb", "progress=false", "data=text_files",
+                     f"data.train={small_text}", "tokenizer.vocab_size=300"]) == 0
+    (run_dir,) = run_dirs(isolated_workspace)
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["wandb_run_id"]
+    offline = list((run_dir / "wandb").glob(f"offline-run-*-{info['wandb_run_id']}"))
+    assert len(offline) == 1
