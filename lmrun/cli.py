@@ -13,7 +13,6 @@ import dataclasses
 import importlib
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path

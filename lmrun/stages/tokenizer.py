@@ -2,24 +2,29 @@
 
 Outputs (run directory): ``vocab.json`` and ``merges.txt`` (GPT-2 format), ``report.json``
 and ``report.md`` (vocabulary size, bytes per token on the validation split, longest tokens,
-training time, peak memory). The trained files are cached under ``tokenizer/<key>`` where the
+training time, peak memory; with ``tokenizer.compare=true`` also the characters / bytes /
+words / BPE comparison). The trained files are cached under ``tokenizer/<key>`` where the
 key covers the train split's content and the tokenizer config, so a second run (or a later
-stage that needs this tokenizer) reuses them.
+stage that needs this tokenizer, e.g. ``encode``) reuses them. ``tokenizer=bytes`` writes the
+byte-level vocabulary without training; ``tokenizer.path=…`` reports on an existing tokenizer.
 """
 from __future__ import annotations
 
 import logging
 import os
+import re
 import resource
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from lmrun.data.corpora import Corpus, prepare_corpus, read_prefix
-from lmrun.tokenizer.formats import load_merges, load_vocab, save_merges, save_vocab
-from lmrun.tokenizer.pretokenize import GPT2_PATTERN
+from lmrun.errors import DataError
+from lmrun.tokenizer.formats import save_merges, save_vocab
+from lmrun.tokenizer.pretokenize import GPT2_PATTERN, PRETOKEN_RE
 from lmrun.tracking.cache import Artifact, ArtifactCache
-from lmrun.tracking.files import atomic_write_json, atomic_write_text
+from lmrun.tracking.files import atomic_write_json, atomic_write_text, file_digest
 from lmrun.tracking.run import active_run
 
 log = logging.getLogger(__name__)
@@ -54,6 +59,13 @@ def get_or_train_tokenizer(cfg, cache: ArtifactCache, corpus: Corpus) -> Artifac
 
     def build(out: Path) -> dict:
         size = corpus.train.stat().st_size
+        if t.kind == "bytes":
+            vocab = {i: s.encode("utf-8") for i, s in enumerate(t.special_tokens)}
+            vocab.update({len(vocab) + b: bytes([b]) for b in range(256)})
+            save_vocab(vocab, out / "vocab.json")
+            save_merges([], out / "merges.txt")
+            return {"train_seconds": 0.0, "train_bytes": size, "vocab_size": len(vocab), "num_merges": 0,
+                    "train_mb_per_s": None, **peak_rss_mb()}
         log.info("training BPE: %s (%.1f MB), vocab_size=%d", corpus.train, size / 1e6, t.vocab_size)
         t0 = time.perf_counter()
         vocab, merges = train_bpe(corpus.train, int(t.vocab_size), list(t.special_tokens),
@@ -67,12 +79,57 @@ def get_or_train_tokenizer(cfg, cache: ArtifactCache, corpus: Corpus) -> Artifac
     return cache.get_or_build("tokenizer", tokenizer_material(cfg, corpus), build)
 
 
+@dataclass
+class TokenizerFiles:
+    """A tokenizer on disk: its folder (vocab.json, merges.txt), identity, and provenance."""
+
+    folder: Path
+    identity: dict  # content digests of the two files and the special tokens (for cache keys)
+    reused: bool  # found (cache hit or a given path) rather than trained by this run
+    built: dict  # what training recorded (empty for a given path)
+
+    def load(self, special_tokens: list[str]):
+        from lmrun.tokenizer.tokenizer import Tokenizer
+
+        return Tokenizer.from_files(self.folder / "vocab.json", self.folder / "merges.txt", special_tokens)
+
+
+def _given_tokenizer_folder(cfg, cache: ArtifactCache) -> Path:
+    value = str(cfg.tokenizer.path)
+    folder = Path(value).expanduser()
+    if not folder.is_dir() and re.fullmatch(r"[0-9a-f]{32}", value):
+        folder = cache.path("tokenizer", value)
+    if not ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()):
+        raise DataError(f"tokenizer.path={value}: not a folder holding vocab.json and merges.txt, "
+                        "nor the key of a cached tokenizer")
+    return folder.absolute()
+
+
+def get_tokenizer(cfg, cache: ArtifactCache, corpus: Corpus, dry_run: bool = False) -> TokenizerFiles:
+    """The tokenizer the config asks for: ``tokenizer.path`` if given, else the cached one for
+    (train split, tokenizer config), trained first if absent. With ``dry_run`` nothing is
+    trained and the folder may not exist yet (identity then holds the would-be cache key)."""
+    specials = list(cfg.tokenizer.special_tokens)
+    if cfg.tokenizer.path:
+        folder = _given_tokenizer_folder(cfg, cache)
+        identity = {"vocab": file_digest(folder / "vocab.json"), "merges": file_digest(folder / "merges.txt"),
+                    "special_tokens": specials}
+        return TokenizerFiles(folder, identity, True, {})
+    if dry_run:
+        key = cache.key("tokenizer", tokenizer_material(cfg, corpus))
+        found = cache.lookup("tokenizer", key) if not cfg.cache.rebuild else None
+        return TokenizerFiles(cache.path("tokenizer", key), {"tokenizer_key": key}, found is not None, {})
+    artifact = get_or_train_tokenizer(cfg, cache, corpus)
+    identity = {"tokenizer_key": artifact.key, "special_tokens": specials}
+    return TokenizerFiles(artifact.path, identity, artifact.reused, artifact.manifest["result"])
+
+
 def plan(cfg) -> dict:
     """What ``run`` would do: inputs with sizes, outputs, cache state and the work estimate."""
     cache = open_cache(cfg)
     corpus = prepare_corpus(cfg.data, cache, dry_run=True)
-    key = cache.key("tokenizer", tokenizer_material(cfg, corpus))
-    hit = cache.lookup("tokenizer", key) is not None and not cfg.cache.rebuild
+    tok = get_tokenizer(cfg, cache, corpus, dry_run=True)
+    hit = tok.reused
     n_special = len(cfg.tokenizer.special_tokens)
     train_bytes = sum(s["bytes"] for s in corpus.sources if s["role"] == "train")
     workers = cfg.tokenizer.num_workers or os.cpu_count()
@@ -81,62 +138,105 @@ def plan(cfg) -> dict:
         "inputs": corpus.sources,
         "outputs": {"run_dir": ["vocab.json", "merges.txt", "report.json", "report.md", "run.json",
                                 "metrics.jsonl", "summary.json"],
-                    "cache": str(cache.path("tokenizer", key))},
-        "cache": "hit: reuse the trained tokenizer" if hit else "miss: train and store",
-        "work": "none (cached)" if hit else
+                    "tokenizer": str(tok.folder)},
+        "tokenizer": ("given: " + str(tok.folder)) if cfg.tokenizer.path else
+                     "cache hit: reuse the trained tokenizer" if hit else "cache miss: train and store",
+        "work": "none (existing tokenizer)" if hit else "write the byte vocabulary" if cfg.tokenizer.kind == "bytes" else
                 f"pre-tokenize {train_bytes / 1e6:.1f} MB in {workers} processes, then up to "
                 f"{cfg.tokenizer.vocab_size - 256 - n_special} merges",
     }
 
 
-def compression_report(vocab: dict[int, bytes], merges, special_tokens: list[str], text: str) -> dict:
-    """Bytes per token of ``text`` under the tokenizer, and its longest tokens."""
-    from lmrun.tokenizer.tokenizer import Tokenizer
-
-    tok = Tokenizer(vocab, merges, special_tokens)
+def compression_report(tok, text: str) -> dict:
+    """Bytes per token of ``text`` under the Tokenizer ``tok``, and its longest tokens."""
     ids = tok.encode(text)
     n_bytes = len(text.encode("utf-8"))
-    specials = {s.encode("utf-8") for s in special_tokens}
-    longest = sorted((b for b in vocab.values() if b not in specials), key=lambda b: (-len(b), b))[:20]
+    specials = {s.encode("utf-8") for s in tok.special_tokens}
+    longest = sorted((b for b in tok.vocab.values() if b not in specials), key=lambda b: (-len(b), b))[:20]
     return {"val_bytes_encoded": n_bytes, "val_tokens": len(ids),
             "bytes_per_token": round(n_bytes / max(len(ids), 1), 4),
             "longest_tokens": [b.decode("utf-8", errors="replace") for b in longest]}
 
 
+def comparison_table(cfg, corpus: Corpus, val_text: str, tok, bpe_tokens: int) -> list[dict]:
+    """Bytes per token and vocabulary size on the validation text for characters, bytes, words
+    (GPT-2 regex pre-tokens) and the tokenizer; char and word vocabularies are those of the
+    train split, with the share of validation tokens outside them ("unknown")."""
+    from lmrun.tokenizer.pretokenize import count_pretokens, special_split_pattern
+
+    specials = list(tok.special_tokens)
+    train_words = count_pretokens(corpus.train, specials, num_workers=cfg.tokenizer.num_workers)
+    train_chars = set()
+    for w in train_words:
+        train_chars.update(w.decode("utf-8", errors="replace"))
+    pieces = special_split_pattern(specials).split(val_text) if specials else [val_text]
+    n_special = len(pieces) - 1
+    val_words = [w for piece in pieces for w in PRETOKEN_RE.findall(piece)]
+    val_chars = [c for piece in pieces for c in piece]
+    n_bytes = len(val_text.encode("utf-8"))
+
+    def row(name, vocab_size, tokens, unknown=None):
+        return {"unit": name, "vocab_size": vocab_size, "tokens": tokens,
+                "bytes_per_token": round(n_bytes / max(tokens, 1), 4),
+                "unknown_rate": None if unknown is None else round(unknown / max(tokens - n_special, 1), 6)}
+
+    return [
+        row("characters", len(train_chars) + len(specials), len(val_chars) + n_special,
+            sum(c not in train_chars for c in val_chars)),
+        row("bytes", 256 + len(specials), sum(len(piece.encode("utf-8")) for piece in pieces) + n_special, 0),
+        row("words", len(train_words) + len(specials), len(val_words) + n_special,
+            sum(w.encode("utf-8") not in train_words for w in val_words)),
+        row(f"{cfg.tokenizer.kind} (this tokenizer)", len(tok.vocab), bpe_tokens, 0),
+    ]
+
+
 def _report_markdown(r: dict) -> str:
-    rows = "\n".join(f"| {k} | {v} |" for k, v in r.items() if k != "longest_tokens")
+    rows = "\n".join(f"| {k} | {v} |" for k, v in r.items() if k not in ("longest_tokens", "comparison"))
     longest = ", ".join(repr(t) for t in r["longest_tokens"])
-    return f"# Tokenizer report\n\n| metric | value |\n|---|---|\n{rows}\n\nLongest tokens: {longest}\n"
+    text = f"# Tokenizer report\n\n| metric | value |\n|---|---|\n{rows}\n\nLongest tokens: {longest}\n"
+    if r.get("comparison"):
+        text += ("\n## Compression on the validation split\n\n| unit | vocab size | tokens | bytes/token | unknown rate |\n"
+                 "|---|---|---|---|---|\n")
+        text += "\n".join(f"| {c['unit']} | {c['vocab_size']} | {c['tokens']} | {c['bytes_per_token']} | {c['unknown_rate']} |"
+                          for c in r["comparison"]) + "\n"
+    return text
 
 
 def run(cfg) -> dict:
     run = active_run()
     cache = open_cache(cfg)
     corpus = prepare_corpus(cfg.data, cache)
-    artifact = get_or_train_tokenizer(cfg, cache, corpus)
+    files = get_tokenizer(cfg, cache, corpus)
     for name in ("vocab.json", "merges.txt"):
-        shutil.copy2(artifact.path / name, run.dir / name)
-    vocab, merges = load_vocab(run.dir / "vocab.json"), load_merges(run.dir / "merges.txt")
-    built = artifact.manifest["result"]
+        shutil.copy2(files.folder / name, run.dir / name)
+    specials = list(cfg.tokenizer.special_tokens)
+    tok = files.load(specials)
+    built = files.built
     report = {
         "data": corpus.name,
-        "train_bytes": built["train_bytes"],
-        "vocab_size": len(vocab),
-        "num_merges": len(merges),
-        "special_tokens": list(cfg.tokenizer.special_tokens),
-        "cached": artifact.reused,
-        "cache_path": str(artifact.path),
-        "train_seconds": built["train_seconds"],
-        "train_mb_per_s": built["train_mb_per_s"],
-        "peak_rss_mb": built["peak_rss_mb"],
-        "peak_rss_children_mb": built["peak_rss_children_mb"],
+        "tokenizer": str(files.folder) if cfg.tokenizer.path else cfg.tokenizer.kind,
+        "train_bytes": built.get("train_bytes"),
+        "vocab_size": len(tok.vocab),
+        "num_merges": len(tok.merges),
+        "special_tokens": specials,
+        "cached": files.reused,
+        "tokenizer_dir": str(files.folder),
+        "train_seconds": built.get("train_seconds"),
+        "train_mb_per_s": built.get("train_mb_per_s"),
+        "peak_rss_mb": built.get("peak_rss_mb"),
+        "peak_rss_children_mb": built.get("peak_rss_children_mb"),
     }
     val_text = read_prefix(corpus.val, int(cfg.tokenizer.report_max_bytes))
-    report.update(compression_report(vocab, merges, list(cfg.tokenizer.special_tokens), val_text))
+    report.update(compression_report(tok, val_text))
+    if cfg.tokenizer.compare:
+        report["comparison"] = comparison_table(cfg, corpus, val_text, tok, report["val_tokens"])
     atomic_write_json(run.dir / "report.json", report)
     atomic_write_text(run.dir / "report.md", _report_markdown(report))
-    summary = {k: v for k, v in report.items() if isinstance(v, (int, float, bool)) and not isinstance(v, bool)}
+    summary = {k: v for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     run.log(summary, step=0)
-    log.info("vocab %d, %.3f bytes/token on validation, trained in %.2fs%s", len(vocab), report["bytes_per_token"],
-             report["train_seconds"], " (cached)" if artifact.reused else "")
-    return {**summary, "cached": artifact.reused}
+    log.info("vocab %d, %.3f bytes/token on validation%s", len(tok.vocab), report["bytes_per_token"],
+             " (existing tokenizer)" if files.reused else f", trained in {report['train_seconds']:.2f}s")
+    if cfg.tokenizer.compare:
+        for c in report["comparison"]:
+            log.info("  %-24s vocab %8d  %.3f bytes/token", c["unit"], c["vocab_size"], c["bytes_per_token"])
+    return {**summary, "cached": files.reused}

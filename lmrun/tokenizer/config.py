@@ -8,32 +8,47 @@ from lmrun.errors import check, check_choice
 
 @dataclass
 class TokenizerConfig:
-    """Byte-level BPE tokenizer.
+    """Which tokenizer the stages train or load, and how bulk encoding runs.
 
-    kind: "bpe" (trained from scratch by ``lmrun.tokenizer.bpe.train_bpe``).
-    vocab_size: total tokens including the 256 bytes and the special tokens.
+    kind: "bpe" (byte-level BPE trained by ``lmrun.tokenizer.bpe.train_bpe``) or "bytes"
+        (raw UTF-8 bytes, no merges: the tokenizer-free baseline).
+    vocab_size: total tokens including the 256 bytes and the special tokens (for "bytes" it
+        must be exactly 256 + the number of special tokens).
     special_tokens: strings never split or merged; the first one separates documents.
+    path: null (train, or reuse from the cache) or an existing tokenizer: a folder holding
+        ``vocab.json`` and ``merges.txt`` (a ``stage=tokenizer`` run directory, a cache entry)
+        or a tokenizer cache key.
+    backend: bulk encoder for ``stage=encode``: "tiktoken" (our vocab and merges exported to
+        tiktoken; identical ids, faster) or "native" (our pure-Python encoder).
     train_backend: BPE merge-loop implementation, "c" (compiled extension), "python" or "auto".
-    num_workers: pre-tokenization processes (null: all CPU cores).
+    num_workers: processes for pre-tokenization and bulk encoding (null: all CPU cores).
     report_max_bytes: bytes of the validation split encoded for the compression report.
+    compare: also report bytes per token for characters, bytes, words and BPE (stage tokenizer).
     """
 
     kind: str = "bpe"
     vocab_size: int = 4096
     special_tokens: list[str] = field(default_factory=lambda: ["<|endoftext|>"])
+    path: str | None = None
+    backend: str = "tiktoken"
     train_backend: str = "auto"
     num_workers: int | None = None
     report_max_bytes: int = 16 * 1024 * 1024
+    compare: bool = False
 
 
 def validate_tokenizer(cfg: TokenizerConfig) -> None:
     """Raise ConfigError for values the schema's types cannot exclude."""
-    check_choice("tokenizer.kind", cfg.kind, ["bpe"])
+    check_choice("tokenizer.kind", cfg.kind, ["bpe", "bytes"])
+    check_choice("tokenizer.backend", cfg.backend, ["tiktoken", "native"])
     check_choice("tokenizer.train_backend", cfg.train_backend, ["auto", "c", "python"])
     specials = list(cfg.special_tokens)
     check("tokenizer.special_tokens", specials, all(isinstance(s, str) and s for s in specials), "non-empty strings")
     check("tokenizer.special_tokens", specials, len(set(specials)) == len(specials), "distinct strings")
     minimum = 256 + len(specials)
+    if cfg.kind == "bytes":
+        check("tokenizer.vocab_size", cfg.vocab_size, cfg.vocab_size == minimum,
+              f"{minimum} with tokenizer.kind=bytes (256 bytes + {len(specials)} special tokens)")
     check("tokenizer.vocab_size", cfg.vocab_size, minimum <= cfg.vocab_size <= 2**31 - 1,
           f"an integer >= {minimum} (256 bytes + {len(specials)} special tokens)")
     if cfg.num_workers is not None:

@@ -39,7 +39,7 @@ __all__ = ["Tokenizer", "UnknownTokenError", "pretokenize"]
 _NO_RANK = 1 << 62
 #: pre-tokens longer than this many bytes are merged with a heap (O(n log n)) instead of the
 #: quadratic rescanning loop (same result, see ``Tokenizer._bpe_heap``)
-_HEAP_MIN_BYTES = 64
+_HEAP_MIN_BYTES = 128
 #: pre-tokens longer than this many characters are not cached (they rarely repeat)
 _CACHE_MAX_CHARS = 256
 
@@ -178,6 +178,18 @@ class Tokenizer:
             self._pair_rank.setdefault(ia * self._stride + ib, rank)
             self._merge_info.append((ia, ib, tid[a + b]))
         self._byte_id: list[int | None] = [tid.get(bytes([x])) for x in range(256)]
+        # Fast path: a pre-token that is itself a one-byte token or a merge result encodes to
+        # that token, as in tiktoken. For merges from BPE training this is exactly what applying
+        # the merges gives (inside a span that ends as one token, the merge loop makes the same
+        # choices whatever surrounds the span, and training made each token inside some span).
+        self._whole: dict[str, int] = {}
+        for t in [bytes([x]) for x in range(256)] + [a + b for a, b in self.merges]:
+            i = tid.get(t)
+            if i is not None:
+                try:
+                    self._whole.setdefault(t.decode("utf-8"), i)
+                except UnicodeDecodeError:
+                    pass
         # The heap merge equals the rescanning loop when every merge only uses tokens that are
         # single bytes or results of earlier merges (true of BPE training output, and of GPT-2).
         made_at: dict[int, int] = {}  # token -> last rank that produces it
@@ -290,6 +302,14 @@ class Tokenizer:
 
     def _encode_pretoken(self, p: str) -> tuple[int, ...]:
         """Cache miss: BPE one pre-token and cache the result (bounded)."""
+        whole = self._whole.get(p)
+        if whole is not None:
+            t = (whole,)
+            if self._cache_size:
+                if len(self._cache) >= self._cache_size:
+                    self._cache.clear()
+                self._cache[p] = t
+            return t
         data = p.encode("utf-8")
         byte_id = self._byte_id
         try:
@@ -300,10 +320,12 @@ class Tokenizer:
             bad = next(x for x in data if byte_id[x] is None)
             raise DataError(f"cannot encode {p!r}: byte 0x{bad:02x} has no token in the vocabulary") from None
         if len(ids) > 1:
-            if len(ids) >= _HEAP_MIN_BYTES and self._heap_ok:
+            if not self._heap_ok:
+                ids = self._bpe_loop(ids)
+            elif len(ids) >= _HEAP_MIN_BYTES:
                 ids = self._bpe_heap(ids)
             else:
-                ids = self._bpe_loop(ids)
+                ids = self._bpe_leftmost(ids)
         t = tuple(ids)
         if len(p) <= _CACHE_MAX_CHARS and self._cache_size:
             if len(self._cache) >= self._cache_size:
@@ -332,6 +354,31 @@ class Tokenizer:
                     i += 1
             ids = out
         return ids
+
+    def _bpe_leftmost(self, ids: list[int]) -> list[int]:
+        """Same result as :meth:`_bpe_loop` when merges are ordered (checked at construction):
+        merge the leftmost lowest-rank pair, update the ranks of its two neighbour pairs, repeat.
+        Ordered merges never create a pair ranked below the one just merged, so this visits the
+        occurrences of each pair left to right, as the loop does."""
+        get = self._pair_rank.get
+        s = self._stride
+        info = self._merge_info
+        rs = [get(a * s + b, _NO_RANK) for a, b in zip(ids, ids[1:])]
+        while True:
+            best = min(rs)
+            if best == _NO_RANK:
+                return ids
+            i = rs.index(best)
+            new = info[best][2]
+            ids[i] = new
+            del ids[i + 1]
+            del rs[i]
+            if i:
+                rs[i - 1] = get(ids[i - 1] * s + new, _NO_RANK)
+            if i < len(rs):
+                rs[i] = get(new * s + ids[i + 1], _NO_RANK)
+            elif not rs:
+                return ids
 
     def _bpe_heap(self, ids: list[int]) -> list[int]:
         """Same result as :meth:`_bpe_loop` in O(n log n) for long pre-tokens: a heap of
