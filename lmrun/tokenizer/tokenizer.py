@@ -178,18 +178,6 @@ class Tokenizer:
             self._pair_rank.setdefault(ia * self._stride + ib, rank)
             self._merge_info.append((ia, ib, tid[a + b]))
         self._byte_id: list[int | None] = [tid.get(bytes([x])) for x in range(256)]
-        # Fast path: a pre-token that is itself a one-byte token or a merge result encodes to
-        # that token, as in tiktoken. For merges from BPE training this is exactly what applying
-        # the merges gives (inside a span that ends as one token, the merge loop makes the same
-        # choices whatever surrounds the span, and training made each token inside some span).
-        self._whole: dict[str, int] = {}
-        for t in [bytes([x]) for x in range(256)] + [a + b for a, b in self.merges]:
-            i = tid.get(t)
-            if i is not None:
-                try:
-                    self._whole.setdefault(t.decode("utf-8"), i)
-                except UnicodeDecodeError:
-                    pass
         # The heap merge equals the rescanning loop when every merge only uses tokens that are
         # single bytes or results of earlier merges (true of BPE training output, and of GPT-2).
         made_at: dict[int, int] = {}  # token -> last rank that produces it
@@ -302,14 +290,6 @@ class Tokenizer:
 
     def _encode_pretoken(self, p: str) -> tuple[int, ...]:
         """Cache miss: BPE one pre-token and cache the result (bounded)."""
-        whole = self._whole.get(p)
-        if whole is not None:
-            t = (whole,)
-            if self._cache_size:
-                if len(self._cache) >= self._cache_size:
-                    self._cache.clear()
-                self._cache[p] = t
-            return t
         data = p.encode("utf-8")
         byte_id = self._byte_id
         try:

@@ -62,3 +62,24 @@ def test_wandb_offline_inside_run_dir(small_text, isolated_workspace):
     assert info["wandb_run_id"]
     offline = list((run_dir / "wandb").glob(f"offline-run-*-{info['wandb_run_id']}"))
     assert len(offline) == 1
+
+
+def test_bytes_tokenizer_and_comparison_table(isolated_workspace):
+    summary = run_tokenizer("tokenizer=bytes", "tokenizer.compare=true")
+    report = json.loads((summary["run_dir"] / "report.json").read_text())
+    assert report["vocab_size"] == 257 and report["num_merges"] == 0 and report["bytes_per_token"] == 1.0
+    rows = {r["unit"]: r for r in report["comparison"]}
+    assert list(rows) == ["characters", "bytes", "words", "bytes (this tokenizer)"]
+    assert rows["bytes (this tokenizer)"]["tokens"] == rows["bytes"]["tokens"]
+    assert rows["bytes"]["bytes_per_token"] == 1.0 and rows["bytes"]["vocab_size"] == 257
+    assert rows["characters"]["bytes_per_token"] == 1.0  # Shakespeare is ASCII: one byte per character
+    assert rows["words"]["bytes_per_token"] > 3.0 and rows["words"]["unknown_rate"] > 0
+    assert "## Compression on the validation split" in (summary["run_dir"] / "report.md").read_text()
+
+
+def test_bpe_comparison_orders_units(isolated_workspace):
+    summary = run_tokenizer("tokenizer.vocab_size=2000", "tokenizer.compare=true")
+    rows = json.loads((summary["run_dir"] / "report.json").read_text())["comparison"]
+    bpt = {r["unit"].split(" ")[0]: r["bytes_per_token"] for r in rows}
+    # measured: characters 1.0 < bpe 2.7 < words 3.6
+    assert bpt["bytes"] == bpt["characters"] == 1.0 < bpt["bpe"] < bpt["words"]
