@@ -107,17 +107,29 @@ def explain(exc: BaseException) -> str:
 
 # --- pre-flight: compose and validate every job ---------------------------------------------------
 def _expand_jobs(overrides: list[str], multirun: bool) -> list[list[str]]:
+    """The override list of every job Hydra's basic sweeper will launch: the sweep in
+    ``hydra.sweeper.params`` (e.g. from an experiment preset) combined with the command line's
+    (which wins for the same key)."""
     if not multirun:
         return [list(overrides)]
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    parser = OverridesParser.create()
+    try:
+        parsed = parser.parse_overrides(overrides)
+    except Exception as e:
+        raise ConfigError(explain(e)) from None
+    probe = [f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}" if o.is_sweep_override() else o.input_line
+             for o in parsed]
+    params = compose(probe, with_hydra=True).hydra.sweeper.get("params") or {}
+    merged = parser.parse_overrides([f"{k}={v}" for k, v in params.items()] + list(overrides))
+    return [job for batch in BasicSweeper.split_arguments(merged, None) for job in batch]
 
 
-def compose(overrides: list[str]):
-    """Compose ``config.yaml`` with ``overrides`` (Compose API); ConfigError on any mistake."""
+def compose(overrides: list[str], with_hydra: bool = False):
+    """Compose ``config.yaml`` with ``overrides`` (Compose API); ConfigError on any mistake.
+    ``with_hydra`` keeps Hydra's own node (launcher, sweeper, ...) in the result."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -126,7 +138,7 @@ def compose(overrides: list[str]):
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="lmrun"):
-            return hydra_compose("config", overrides=overrides)
+            return hydra_compose("config", overrides=overrides, return_hydra_config=with_hydra)
     except LmrunError:
         raise
     except Exception as e:  # Hydra and OmegaConf raise many types; all are the user's input here
@@ -216,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     if not informational:
         try:
             jobs = _expand_jobs(args.overrides, args.multirun)
+            if args.multirun:
+                print(f"lmrun: checking {len(jobs)} job(s) before launching", file=sys.stderr)
             checked = [(job, *preflight(job)) for job in jobs]
         except LmrunError as e:
             print(f"lmrun: error: {e}", file=sys.stderr)

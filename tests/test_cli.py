@@ -38,7 +38,10 @@ def test_every_preset_composes_and_validates(group, preset):
     cfg = cli.compose(overrides)
     check_schema(cfg)
     validate(cfg)
-    assert cfg[group] is not None
+    if group == "experiment":  # experiment presets are global: they set keys of other groups
+        assert cfg.stage.name in cli.stage_names()
+    else:
+        assert cfg[group] is not None
 
 
 def test_presets_found():
@@ -63,7 +66,7 @@ def test_dry_run_every_stage_writes_nothing(stage, isolated_workspace, cache_dir
         (["stage=tokenizer", "tokenizer.vocab_size=abc"], r"tokenizer\.vocab_size='abc': .*expected int"),
         (["stage=tokenizer", "tokenizer.vocab_size=100"], r"tokenizer\.vocab_size=100: expected an integer >= 257"),
         (["stage=tokenizer", "data=nope"], r"data=nope: no such option; available: text_files, tinyshakespeare"),
-        (["stage=nope"], r"stage=nope: no such option; available: tokenizer"),
+        (["stage=nope"], r"stage=nope: no such option; available: encode, tokenizer"),
         ([], r"stage"),
         (["stage=tokenizer", "data=text_files"], r"data\.train=None: expected a UTF-8 text file path"),
         (["stage=tokenizer", "data=text_files", "data.train=/no/such/file.txt"], r"data\.train: file not found: /no/such/file\.txt"),
@@ -142,9 +145,20 @@ def test_cfg_job_prints_config(capsys):
 def test_help_lists_stages_and_groups(capsys):
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert "stage: tokenizer" in out and "data: text_files, tinyshakespeare" in out and "logger: none, wandb" in out
+    assert "stage: encode, tokenizer" in out and "data: text_files, tinyshakespeare" in out and "logger: none, wandb" in out
 
 
 def test_load_stage_rejects_unregistered():
     with pytest.raises(ConfigError):
         cli.load_stage("pretrain_not_built")
+
+
+def test_experiment_preset_sweep_is_expanded_and_checked(capsys, isolated_workspace):
+    assert cli.main(["-m", "experiment=tokenizer_vocab_sweep", "dry_run=true"]) == 0
+    out = capsys.readouterr().out
+    sizes = re.findall(r"tokenizer\.vocab_size=(\d+)", out)
+    assert sizes == ["512", "1024", "2048", "4096", "8192", "16384"]
+    # the command line wins over the preset's sweep for the same key
+    assert cli.main(["-m", "experiment=tokenizer_vocab_sweep", "tokenizer.vocab_size=300,100", "dry_run=true"]) == 2
+    assert "tokenizer.vocab_size=100: expected an integer >= 257" in capsys.readouterr().err
+    assert files_under(isolated_workspace) == []

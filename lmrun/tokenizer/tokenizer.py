@@ -178,12 +178,12 @@ class Tokenizer:
             self._pair_rank.setdefault(ia * self._stride + ib, rank)
             self._merge_info.append((ia, ib, tid[a + b]))
         self._byte_id: list[int | None] = [tid.get(bytes([x])) for x in range(256)]
-        # The heap merge equals the rescanning loop when every merge only uses tokens that are
-        # single bytes or results of earlier merges (true of BPE training output, and of GPT-2).
+        # "Ordered" merges only use tokens that no later merge produces (true of GPT-2's files and
+        # of most trained merge lists); for them the faster leftmost-pair merge equals the loop.
         made_at: dict[int, int] = {}  # token -> last rank that produces it
         for rank, (_, _, ir) in enumerate(self._merge_info):
             made_at[ir] = rank
-        self._heap_ok = all(made_at.get(ia, -1) < rank and made_at.get(ib, -1) < rank
+        self._ordered = all(made_at.get(ia, -1) < rank and made_at.get(ib, -1) < rank
                             for rank, (ia, ib, _) in enumerate(self._merge_info))
 
         if self.special_tokens:
@@ -300,12 +300,12 @@ class Tokenizer:
             bad = next(x for x in data if byte_id[x] is None)
             raise DataError(f"cannot encode {p!r}: byte 0x{bad:02x} has no token in the vocabulary") from None
         if len(ids) > 1:
-            if not self._heap_ok:
-                ids = self._bpe_loop(ids)
-            elif len(ids) >= _HEAP_MIN_BYTES:
+            if len(ids) >= _HEAP_MIN_BYTES:
                 ids = self._bpe_heap(ids)
-            else:
+            elif self._ordered:
                 ids = self._bpe_leftmost(ids)
+            else:
+                ids = self._bpe_loop(ids)
         t = tuple(ids)
         if len(p) <= _CACHE_MAX_CHARS and self._cache_size:
             if len(self._cache) >= self._cache_size:
@@ -361,9 +361,11 @@ class Tokenizer:
                 return ids
 
     def _bpe_heap(self, ids: list[int]) -> list[int]:
-        """Same result as :meth:`_bpe_loop` in O(n log n) for long pre-tokens: a heap of
-        (rank, position) over a linked list of tokens; stale heap entries are skipped.
-        Exact when merges only use tokens made by earlier merges (checked at construction)."""
+        """Same result as :meth:`_bpe_loop` in O(n log n), for long pre-tokens: a heap of
+        (rank, position) over a linked list of tokens. Each round takes every heap entry of the
+        lowest rank and merges those still valid, left to right (an entry is stale once one of
+        its two tokens has been merged into a longer one); pairs created meanwhile wait for
+        the next round, as in the loop."""
         ranks = self._pair_rank
         s = self._stride
         info = self._merge_info
@@ -376,25 +378,29 @@ class Tokenizer:
         heapq.heapify(heap)
         push, pop = heapq.heappush, heapq.heappop
         while heap:
-            r, i = pop(heap)
+            r = heap[0][0]
+            batch = []
+            while heap and heap[0][0] == r:
+                batch.append(pop(heap)[1])
             a, b, new = info[r]
-            j = nxt[i]
-            if tok[i] != a or j < 0 or tok[j] != b:
-                continue  # stale: one of the two tokens has been merged since
-            tok[i] = new
-            tok[j] = -1
-            k = nxt[j]
-            nxt[i] = k
-            if k >= 0:
-                prv[k] = i
-                rr = ranks.get(new * s + tok[k])
-                if rr is not None:
-                    push(heap, (rr, i))
-            p = prv[i]
-            if p >= 0:
-                rr = ranks.get(tok[p] * s + new)
-                if rr is not None:
-                    push(heap, (rr, p))
+            for i in batch:
+                j = nxt[i]
+                if tok[i] != a or j < 0 or tok[j] != b:
+                    continue
+                tok[i] = new
+                tok[j] = -1
+                k = nxt[j]
+                nxt[i] = k
+                if k >= 0:
+                    prv[k] = i
+                    rr = ranks.get(new * s + tok[k])
+                    if rr is not None:
+                        push(heap, (rr, i))
+                p = prv[i]
+                if p >= 0:
+                    rr = ranks.get(tok[p] * s + new)
+                    if rr is not None:
+                        push(heap, (rr, p))
         out = []
         i = 0
         while i >= 0:
