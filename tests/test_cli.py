@@ -3,6 +3,7 @@ run directories with provenance, multirun."""
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -20,11 +21,11 @@ def presets() -> list[tuple[str, str]]:
     """(group, option) for every YAML under conf/ except the root config and Hydra's own,
     including nested groups such as model/norm."""
     out = []
-    for preset in sorted(cli.CONF_DIR.rglob("*.yaml")):
-        group = preset.parent.relative_to(cli.CONF_DIR).as_posix()
-        if group not in (".", "") and not group.startswith("hydra"):
-            out.append((group, preset.stem))
-    return out
+    for folder, _, names in os.walk(cli.CONF_DIR, followlinks=True):  # conf/experiment links to experiments/
+        group = Path(folder).relative_to(cli.CONF_DIR).as_posix()
+        if group != "." and not group.startswith("hydra"):
+            out.extend((group, Path(n).stem) for n in names if n.endswith(".yaml"))
+    return sorted(out)
 
 
 EXTRA = {("data", "text_files"): ["data.train=/dev/null"]}
@@ -50,7 +51,7 @@ def test_every_preset_composes_and_validates(group, preset):
 
 def test_presets_found():
     groups = {g for g, _ in presets()}
-    assert {"stage", "data", "tokenizer", "logger"} <= groups
+    assert {"stage", "data", "tokenizer", "logger", "experiment"} <= groups
 
 
 @pytest.mark.parametrize("stage", cli.stage_names())
