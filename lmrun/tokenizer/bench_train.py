@@ -245,8 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             "backend": args.backend, "num_workers": args.num_workers or os.cpu_count(), "repeats": args.repeats,
             "load_avg_before": os.getloadavg()}
     results = []
-    header = f"{'input':<28} {'vocab':>6} {'ours s':>7} {'(pretok':>8} {'merge)':>7} {'HF s':>7} {'ours/HF':>7} {'ours MB':>8} {'HF MB':>7} {'overlap':>7}"
-    print(header)
+    print(f"{'input':<28} {'vocab':>6} {'ours s':>7} {'(pretok':>8} {'merge)':>7} {'HF s':>7} "
+          f"{'ours/HF':>7} {'ours MB':>8} {'HF MB':>7} {'overlap':>7}")
     with tempfile.TemporaryDirectory() as td:
         tmp = Path(td)
         for path in inputs:

@@ -18,12 +18,17 @@ The rules both backends follow (checked against a naive reference in the tests):
 - a merge replaces the non-overlapping occurrences of the pair left to right in every
   pre-token;
 - tokens are identified by their bytes: a merge whose result equals the bytes of an existing
-  (non-special) token reuses that token (the merge is still recorded, the vocab does not grow);
+  (non-special) token reuses that token (the merge is still recorded, the vocab does not grow).
+  With left-to-right merging this never actually happens: the bytes of a token always split
+  the same way at every earlier step (its outer boundaries persist, so its inside evolves as
+  the word of its bytes alone), hence each token is made by exactly one pair at one step; the
+  rule is kept as a guard and matches HF ``tokenizers``;
 - training stops when the vocab has ``vocab_size`` entries or no pair is left.
 """
 from __future__ import annotations
 
 import heapq
+import importlib
 import logging
 import os
 from array import array
@@ -59,7 +64,7 @@ def _resolve_backend(backend: str) -> str:
     if backend == "python":
         return "python"
     try:
-        from lmrun.tokenizer import _bpe  # noqa: F401
+        importlib.import_module("lmrun.tokenizer._bpe")
     except ImportError as e:
         if backend == "c":
             raise LmrunError(
@@ -90,7 +95,9 @@ def train_bpe(
             never part of a pre-token or a merge.
         vocab_size: the final number of vocab entries (special tokens + 256 bytes + merged
             tokens); fewer if the text runs out of pairs first.
-        special_tokens: strings that get their own ids, first, in the given order.
+        special_tokens: strings that get their own ids, first, in the given order (a repeated
+            string is kept once). Their occurrences are cut out of the text before
+            pre-tokenization, so no learned token contains one.
         num_workers: processes for pre-tokenization (None: ``os.cpu_count()``).
         backend: ``"c"`` (the C extension), ``"python"`` (pure Python, same algorithm),
             ``"auto"`` (C if built, else Python with a one-time warning).
@@ -134,8 +141,7 @@ def train_bpe_from_counts(
     backend = _resolve_backend(backend)
     max_new = vocab_size - 256 - len(specials)
     if backend == "c":
-        from lmrun.tokenizer import _bpe
-
+        _bpe = importlib.import_module("lmrun.tokenizer._bpe")
         words = list(word_counts)
         offsets = array("q", [0])
         offsets.extend(accumulate(map(len, words)))

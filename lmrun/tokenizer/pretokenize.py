@@ -29,6 +29,7 @@ DEFAULT_CHUNK_BYTES = 16 << 20
 _BLOCK_BYTES = 1 << 16  # how much find_chunk_boundaries reads at a time
 _MAX_WINDOW_BYTES = 1 << 20  # how far past a nominal boundary it looks for a cut
 _SEGMENT_CHARS = 1 << 20  # a worker runs the regex over pieces of about this many characters
+_MIN_PARALLEL_BYTES = 256 << 10  # smaller files are counted in-process when num_workers is None
 
 # A safe cut without special tokens: just after a "\n" that sits between two ASCII letters or
 # digits. The GPT-2 pattern ends every match that holds the left character at the "\n" (no
@@ -194,10 +195,10 @@ def count_pretokens(
     pre-token), then each piece is split by :data:`PRETOKEN_RE`. The file is cut by
     :func:`find_chunk_boundaries` into chunks of about ``chunk_bytes`` bytes (at most about a
     quarter of the file per worker, so every worker gets work); ``num_workers`` processes
-    (None: ``os.cpu_count()``; 1: in this process, no pool) each read and count their own
-    chunks, and the counts are merged as chunks finish, so memory is bounded by the number of
-    distinct pre-tokens plus a few chunks, not by the file size. ``progress`` shows a tqdm bar
-    in MB.
+    (None: ``os.cpu_count()``, or 1 for files under 256 KiB; 1: in this process, no pool)
+    each read and count their own chunks, and the counts are merged as chunks finish, so
+    memory is bounded by the number of distinct pre-tokens plus a few chunks, not by the file
+    size. ``progress`` shows a tqdm bar in MB.
 
     Raises DataError if the file is missing, empty, or not valid UTF-8 (naming the absolute
     byte offset).
@@ -207,7 +208,8 @@ def count_pretokens(
     if size == 0:
         raise DataError(f"input file is empty: {path}")
     if num_workers is None:
-        num_workers = os.cpu_count() or 1
+        # below this size starting worker processes costs more than it saves
+        num_workers = 1 if size < _MIN_PARALLEL_BYTES else os.cpu_count() or 1
     num_workers = max(1, int(num_workers))
     if chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
@@ -225,8 +227,10 @@ def count_pretokens(
         bar = tqdm(total=round(size / 1e6, 1), unit="MB", desc="pre-tokenizing", leave=False)
 
     total: dict[bytes, int] = {}
+    done = 0
 
     def merge(result: tuple[int, dict[bytes, int]]) -> None:
+        nonlocal done
         nbytes, counts = result
         if not total:
             total.update(counts)
@@ -234,8 +238,9 @@ def count_pretokens(
             get = total.get
             for w, c in counts.items():
                 total[w] = get(w, 0) + c
+        done += nbytes
         if bar is not None:
-            bar.update(round(nbytes / 1e6, 1))
+            bar.update(round(done / 1e6, 1) - bar.n)
 
     try:
         if num_workers == 1 or len(tasks) == 1:
