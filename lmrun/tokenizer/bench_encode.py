@@ -9,7 +9,9 @@ checked to be equal. Reported in MB/s of UTF-8 input (1 MB = 10^6 bytes):
 - ``tiktoken``: ``Encoding.encode(text, allowed_special="all")``, single call, one thread;
 - ``ratio_cold`` / ``ratio_warm``: ours / tiktoken.
 
-Each figure is the median of ``--repeats`` runs. Usage::
+The three are timed in turn in each of ``--repeats`` rounds; each figure is the median over
+rounds, each ratio the median of the per-round ratios (robust to load from other processes).
+Usage::
 
     python -m lmrun.tokenizer.bench_encode                       # GPT-2 files + real corpora
     python -m lmrun.tokenizer.bench_encode --text a.txt --text b.txt --json out.json
@@ -42,15 +44,6 @@ def _shared_data() -> Path:
     return Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
-def _median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def run_benchmark(vocab_path: Path, merges_path: Path, texts: list[Path], special_tokens: list[str],
                   repeats: int = 3) -> dict:
     """Time both encoders on the concatenation of ``texts``; returns the result dict (MB/s,
@@ -68,15 +61,20 @@ def run_benchmark(vocab_path: Path, merges_path: Path, texts: list[Path], specia
         first = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), min(len(ours), len(ref)))
         raise LmrunError(f"lmrun and tiktoken disagree at token {first} of {len(ref)}")
 
-    tiktoken_s = _median_time(lambda: enc.encode(text, allowed_special="all"), repeats)
-
-    def cold():
+    # interleaved, so that load from other processes hits both sides alike; ratios per round
+    tt, cold, warm = [], [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        enc.encode(text, allowed_special="all")
+        tt.append(time.perf_counter() - t)
         tok._cache.clear()
+        t = time.perf_counter()
         tok.encode(text)
-
-    cold_s = _median_time(cold, repeats)
-    tok.encode(text)  # fill the cache
-    warm_s = _median_time(lambda: tok.encode(text), repeats)
+        cold.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        tok.encode(text)
+        warm.append(time.perf_counter() - t)
+    tiktoken_s, cold_s, warm_s = (statistics.median(x) for x in (tt, cold, warm))
     mb = nbytes / 1e6
     return {
         "text": [str(p) for p in texts],
@@ -92,8 +90,8 @@ def run_benchmark(vocab_path: Path, merges_path: Path, texts: list[Path], specia
         "tiktoken_mb_s": round(mb / tiktoken_s, 3),
         "ours_cold_mb_s": round(mb / cold_s, 3),
         "ours_warm_mb_s": round(mb / warm_s, 3),
-        "ratio_cold": round(tiktoken_s / cold_s, 3),
-        "ratio_warm": round(tiktoken_s / warm_s, 3),
+        "ratio_cold": round(statistics.median(a / b for a, b in zip(tt, cold)), 3),
+        "ratio_warm": round(statistics.median(a / b for a, b in zip(tt, warm)), 3),
         "python": platform.python_version(),
         "machine": f"{platform.machine()} {os.cpu_count()} cpus",
     }

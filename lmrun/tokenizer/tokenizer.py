@@ -55,6 +55,9 @@ _WS = r"\t\n\x0b\x0c\r "
 _ASCII_RE = re.compile(
     rf"'(?:[sdmt]|ll|ve|re)| ?[A-Za-z]+| ?[0-9]+| ?[^{_WS}A-Za-z0-9]+|[{_WS}]+(?![^{_WS}])|[{_WS}]+")
 _NON_ASCII_RE = re.compile(r"[^\x00-\x7f]")
+#: text whose UTF-8 has more than 1 extra byte per this many characters is split by PRETOKEN_RE
+#: alone (0: always cut out the non-ASCII stretches; the tests use that)
+_SPARSE_NON_ASCII = 200
 # A printable non-space ASCII character followed by whitespace: every pre-token ends at the
 # boundary between the two (no alternative of the pattern runs from non-space into whitespace),
 # and the pre-tokens before it are the same whether the text ends there or goes on (the
@@ -67,7 +70,8 @@ def pretokenize(text: str, pos: int = 0, endpos: int | None = None) -> list[str]
     ``PRETOKEN_RE.findall(text, pos, endpos)`` (:mod:`lmrun.tokenizer.pretokenize`), faster.
 
     ASCII stretches are split by an equivalent stdlib ``re`` pattern; stretches around non-ASCII
-    characters, cut at pre-token boundaries that do not depend on what follows, by ``PRETOKEN_RE``.
+    characters, cut at pre-token boundaries that do not depend on what follows, by ``PRETOKEN_RE``
+    (all of it when more than about 1 character in 200 is non-ASCII).
     Returns the pre-tokens in order (their concatenation is the input). Source: GPT-2 regex."""
     n = len(text) if endpos is None else min(endpos, len(text))
     if pos >= n:
@@ -75,6 +79,11 @@ def pretokenize(text: str, pos: int = 0, endpos: int | None = None) -> list[str]
     m = _NON_ASCII_RE.search(text, pos, n)
     if m is None:
         return _ASCII_RE.findall(text, pos, n)
+    # each call of the ``regex`` module costs ~8 us, so cut out non-ASCII stretches only where
+    # they are rare (e.g. an accented name in English text); else split it all with PRETOKEN_RE
+    part = text[pos:n] if pos or n < len(text) else text
+    if (len(part.encode("utf-8", "surrogatepass")) - len(part)) * _SPARSE_NON_ASCII > len(part):
+        return PRETOKEN_RE.findall(text, pos, n)
     out: list[str] = []
     while m is not None:
         c = m.start()
@@ -143,12 +152,25 @@ class Tokenizer:
     ) -> None:
         self.vocab: dict[int, bytes] = dict(vocab)
         self.merges: list[tuple[bytes, bytes]] = [(bytes(a), bytes(b)) for a, b in merges]
-        check_consistent(self.vocab, self.merges)
 
         # bytes -> id; where two ids hold the same bytes, the lowest id is used
         self._token_id: dict[bytes, int] = {}
         for i in sorted(self.vocab, reverse=True):
             self._token_id[self.vocab[i]] = i
+
+        # merges as id pairs: key left * stride + right -> rank; rank -> (left, right, result)
+        self._stride = max(self.vocab, default=0) + 1
+        self._pair_rank: dict[int, int] = {}
+        self._merge_info: list[tuple[int, int, int]] = []
+        tid = self._token_id
+        try:
+            for rank, (a, b) in enumerate(self.merges):
+                ia, ib = tid[a], tid[b]
+                self._pair_rank.setdefault(ia * self._stride + ib, rank)
+                self._merge_info.append((ia, ib, tid[a + b]))
+        except KeyError:
+            check_consistent(self.vocab, self.merges)  # raises FormatError naming the merge
+            raise
 
         self.special_tokens: list[str] = []
         self.special_ids: dict[str, int] = {}
@@ -159,24 +181,15 @@ class Tokenizer:
             if s in self.special_ids:
                 continue
             b = s.encode("utf-8")
-            i = self._token_id.get(b)
+            i = tid.get(b)
             if i is None:
                 i = next_id
                 next_id += 1
                 self.vocab[i] = b
-                self._token_id[b] = i
+                tid[b] = i
             self.special_tokens.append(s)
             self.special_ids[s] = i
 
-        # merges as id pairs: key left * stride + right -> rank; rank -> (left, right, result)
-        self._stride = max(self.vocab, default=0) + 1
-        self._pair_rank: dict[int, int] = {}
-        self._merge_info: list[tuple[int, int, int]] = []
-        tid = self._token_id
-        for rank, (a, b) in enumerate(self.merges):
-            ia, ib = tid[a], tid[b]
-            self._pair_rank.setdefault(ia * self._stride + ib, rank)
-            self._merge_info.append((ia, ib, tid[a + b]))
         self._byte_id: list[int | None] = [tid.get(bytes([x])) for x in range(256)]
         # "Ordered" merges only use tokens that no later merge produces (true of GPT-2's files and
         # of most trained merge lists); for them the faster leftmost-pair merge equals the loop.
@@ -246,11 +259,15 @@ class Tokenizer:
         pre-token that spans two chunks is encoded whole.
 
         Memory is bounded by the longest chunk plus a few pre-tokens (and the longest special
-        token), independent of the total size. Errors as :meth:`encode`."""
+        token), independent of the total size. Errors as :meth:`encode`; DataError for a chunk
+        that is not a str (e.g. a file opened in binary mode)."""
         buf = ""
         for chunk in iterable:
             if not chunk:
                 continue
+            if not isinstance(chunk, str):
+                raise DataError(f"encode_iterable needs str chunks, got {type(chunk).__name__} "
+                                "(open the file in text mode, encoding='utf-8')")
             buf += chunk
             try:
                 ids, keep = self._encode_stable_prefix(buf)
@@ -477,10 +494,14 @@ class Tokenizer:
 
         Call ``encode(text, allowed_special="all")`` to treat special tokens as this
         tokenizer does. Vocabulary entries that are neither a byte, a merge result nor a
-        special token cannot be produced by encoding and are left out. tiktoken tries
-        overlapping special tokens in no fixed order (ours: longest first), and on merge lists
-        not produced by BPE training it may merge pairs that are not merges; on those inputs
-        the two can differ.
+        special token cannot be produced by encoding and are left out.
+
+        tiktoken is not the merge loop: it returns a pre-token whole when its bytes are a
+        token, merges any two adjacent parts whose concatenation is a token, and tries
+        overlapping special tokens in no fixed order (ours: longest first). None of this
+        matters for GPT-2's files or merge lists from BPE training (tested), but merge lists
+        in which a token's own bytes do not encode to that token, or in which one token is
+        made by two different merges, can encode differently, as can overlapping specials.
 
         Raises FormatError if a byte 0..255 has no one-byte token. Needs the ``tiktoken`` package.
         Source: tiktoken (OpenAI), ``tiktoken/core.py`` and ``load.py``."""

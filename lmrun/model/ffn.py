@@ -1,0 +1,139 @@
+"""Position-wise feed-forward networks: gated (``SwiGLU``, GeGLU) and ungated MLPs.
+
+Gated (Shazeer 2020, "GLU Variants Improve Transformer"): ``w2(act(w1 x) * w3 x)`` with
+``w1, w3: (d_ff, d_model)``, ``w2: (d_model, d_ff)``. Ungated (Vaswani et al. 2017 / GPT-2):
+``w2(act(w1 x))`` with ``w1: (d_ff, d_model)``, ``w2: (d_model, d_ff)``. ReLU² is from So et
+al. 2021 ("Primer"). Activations are written out here and checked against
+``torch.nn.functional`` in the tests.
+
+Default widths (``d_ff: null``): gated kinds ``8/3·d_model`` rounded to the nearest multiple of
+64 (CS336: d_model 512 -> 1344); ungated kinds ``4·d_model``. The two then have about the same
+parameter count (3·d·8/3·d = 2·d·4·d), which is the CS336 SwiGLU-vs-SiLU ablation's matching.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lmrun.errors import check_choice
+from lmrun.model.layers import Linear
+
+GATED = {"swiglu": "silu", "geglu": "gelu"}
+UNGATED = ["gelu", "relu", "silu", "relu2"]
+FFN_KINDS = list(GATED) + UNGATED
+
+
+@dataclass
+class FFNConfig:
+    """``model.ffn`` (sub-group ``conf/model/ffn/``).
+
+    kind: swiglu | geglu (gated, three matrices w1, w2, w3) or gelu | relu | silu | relu2
+        (ungated MLP, two matrices w1, w2). The width is ``model.d_ff`` (null: the default
+        width for the kind, see ``default_d_ff``).
+    """
+
+    kind: str = "swiglu"
+
+
+def validate_ffn(cfg: FFNConfig, prefix: str = "model.ffn") -> None:
+    check_choice(f"{prefix}.kind", cfg.kind, FFN_KINDS)
+
+
+def is_gated(kind: str) -> bool:
+    return kind in GATED
+
+
+def default_d_ff(d_model: int, kind: str) -> int:
+    """``round(8/3·d_model / 64)·64`` (at least 64) for gated kinds, ``4·d_model`` otherwise."""
+    if is_gated(kind):
+        return max(64, int(math.floor(8 * d_model / 3 / 64 + 0.5)) * 64)
+    return 4 * d_model
+
+
+# --- activations (elementwise; shapes unchanged) -------------------------------------------------
+def silu(x: torch.Tensor) -> torch.Tensor:
+    """SiLU / swish: ``x·sigmoid(x)`` (Hendrycks & Gimpel 2016; Ramachandran et al. 2017)."""
+    return x * torch.sigmoid(x)
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """Exact GELU: ``x·Φ(x) = 0.5·x·(1 + erf(x/√2))`` (Hendrycks & Gimpel 2016)."""
+    return 0.5 * x * (1.0 + torch.erf(x * (1.0 / math.sqrt(2.0))))
+
+
+def relu(x: torch.Tensor) -> torch.Tensor:
+    """``max(x, 0)``."""
+    return torch.clamp_min(x, 0.0)
+
+
+def relu2(x: torch.Tensor) -> torch.Tensor:
+    """Squared ReLU ``max(x, 0)²`` (So et al. 2021, Primer)."""
+    return torch.square(torch.clamp_min(x, 0.0))
+
+
+ACTIVATIONS = {"silu": silu, "gelu": gelu, "relu": relu, "relu2": relu2}
+
+
+class GatedFFN(nn.Module):
+    """``w2(act(w1 x) * w3 x)``; shapes ``(..., d_model)`` -> ``(..., d_model)``."""
+
+    def __init__(self, d_model: int, d_ff: int, device=None, dtype=None, *,
+                 activation: str = "silu", bias: bool = False):
+        super().__init__()
+        self.activation = activation
+        self.act = ACTIVATIONS[activation]
+        self.w1 = Linear(d_model, d_ff, device, dtype, bias=bias)
+        self.w2 = Linear(d_ff, d_model, device, dtype, bias=bias)
+        self.w3 = Linear(d_model, d_ff, device, dtype, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(self.act(self.w1(x)) * self.w3(x))
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation}"
+
+
+class SwiGLU(GatedFFN):
+    """SwiGLU feed-forward ``w2(silu(w1 x) * w3 x)`` (Shazeer 2020; Llama).
+
+    Shapes: ``(..., d_model)`` -> ``(..., d_model)``; weights w1, w3 ``(d_ff, d_model)``,
+    w2 ``(d_model, d_ff)``. ``d_ff=None`` uses ``default_d_ff(d_model, "swiglu")``.
+    """
+
+    def __init__(self, d_model: int, d_ff: int | None = None, device=None, dtype=None, *, bias: bool = False):
+        super().__init__(d_model, d_ff or default_d_ff(d_model, "swiglu"), device, dtype, activation="silu", bias=bias)
+
+
+class MLP(nn.Module):
+    """Ungated feed-forward ``w2(act(w1 x))``; shapes ``(..., d_model)`` -> ``(..., d_model)``.
+
+    activation: gelu | relu | silu | relu2.
+    """
+
+    def __init__(self, d_model: int, d_ff: int, device=None, dtype=None, *,
+                 activation: str = "gelu", bias: bool = False):
+        super().__init__()
+        self.activation = activation
+        self.act = ACTIVATIONS[activation]
+        self.w1 = Linear(d_model, d_ff, device, dtype, bias=bias)
+        self.w2 = Linear(d_ff, d_model, device, dtype, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(self.act(self.w1(x)))
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation}"
+
+
+def build_ffn(kind: str, d_model: int, d_ff: int | None = None, bias: bool = False,
+              device=None, dtype=None) -> nn.Module:
+    """The feed-forward module for ``kind`` (see ``FFN_KINDS``); ValueError otherwise."""
+    if kind not in FFN_KINDS:
+        raise ValueError(f"ffn kind {kind!r}: expected one of {', '.join(FFN_KINDS)}")
+    d_ff = d_ff or default_d_ff(d_model, kind)
+    if is_gated(kind):
+        return GatedFFN(d_model, d_ff, device, dtype, activation=GATED[kind], bias=bias)
+    return MLP(d_model, d_ff, device, dtype, activation=kind, bias=bias)

@@ -1,0 +1,78 @@
+"""Parameterised building blocks: ``Linear`` and ``Embedding`` (own implementations, no ``nn.Linear``).
+
+Initialisation follows CS336 assignment 1: a linear weight ``(d_out, d_in)`` is drawn from a
+normal with std ``sqrt(2 / (d_in + d_out))`` truncated at ±3 std; an embedding from N(0, 1)
+truncated at ±3.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def trunc_normal_(tensor: torch.Tensor, std: float) -> torch.Tensor:
+    """Fill ``tensor`` in place from N(0, std²) truncated to [-3·std, 3·std]; returns it."""
+    return nn.init.trunc_normal_(tensor, mean=0.0, std=std, a=-3.0 * std, b=3.0 * std)
+
+
+def linear_init_std(d_in: int, d_out: int) -> float:
+    """The std of a linear weight's init: ``sqrt(2 / (d_in + d_out))`` (Glorot-style)."""
+    return math.sqrt(2.0 / (d_in + d_out))
+
+
+class Linear(nn.Module):
+    """``y = x Wᵀ (+ b)``: weight ``(out_features, in_features)``, no bias by default.
+
+    Shapes: input ``(..., in_features)`` -> output ``(..., out_features)``.
+    Init: weight ~ truncated N(0, 2/(d_in+d_out)) clipped at 3 std; bias zeros.
+    """
+
+    def __init__(self, in_features: int, out_features: int,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None, *, bias: bool = False):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        trunc_normal_(self.weight, linear_init_std(self.in_features, self.out_features))
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x @ self.weight.T
+        return y + self.bias if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Embedding(nn.Module):
+    """A lookup table: weight ``(num_embeddings, embedding_dim)``.
+
+    Shapes: integer ids ``(...)`` -> vectors ``(..., embedding_dim)``.
+    Init: truncated N(0, std²) clipped at 3 std, ``std=1`` by default.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None, *,
+                 init_std: float = 1.0):
+        super().__init__()
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.init_std = init_std
+        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        trunc_normal_(self.weight, self.init_std)
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.weight[token_ids]
+
+    def extra_repr(self) -> str:
+        return f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}"

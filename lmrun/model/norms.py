@@ -1,0 +1,107 @@
+"""Normalisation layers and where they sit in a block: ``RMSNorm``, ``LayerNorm``, none.
+
+Sources: RMSNorm — Zhang & Sennrich 2019, "Root Mean Square Layer Normalization";
+LayerNorm — Ba et al. 2016; pre-norm vs post-norm — Xiong et al. 2020 and Vaswani et al. 2017
+(post-norm, the original Transformer). Both norms compute in float32 and cast back to the
+input dtype.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lmrun.errors import check, check_choice
+
+NORM_KINDS = ["rmsnorm", "layernorm", "none"]
+NORM_PLACEMENTS = ["pre", "post", "none"]
+
+
+@dataclass
+class NormConfig:
+    """``model.norm`` (sub-group ``conf/model/norm/``).
+
+    kind: rmsnorm | layernorm | none (none: no norm anywhere, no parameters).
+    eps: added to the variance / mean square before the square root.
+    placement: where a block's two norms sit — ``pre``: ``x + f(norm(x))`` (GPT-2, Llama);
+        ``post``: ``norm(x + f(x))`` (Vaswani et al. 2017); ``none``: no norm inside blocks.
+    final: apply ``ln_final`` after the last block (ignored when kind is none).
+    """
+
+    kind: str = "rmsnorm"
+    eps: float = 1e-5
+    placement: str = "pre"
+    final: bool = True
+
+
+def validate_norm(cfg: NormConfig, prefix: str = "model.norm") -> None:
+    check_choice(f"{prefix}.kind", cfg.kind, NORM_KINDS)
+    check_choice(f"{prefix}.placement", cfg.placement, NORM_PLACEMENTS)
+    check(f"{prefix}.eps", cfg.eps, cfg.eps > 0, "a number > 0")
+
+
+class RMSNorm(nn.Module):
+    """``y = x / sqrt(mean(x², -1) + eps) * weight`` over the last dimension.
+
+    Shapes: ``(..., d_model)`` -> same. Computed in float32, returned in the input dtype.
+    Parameters: ``weight (d_model,)`` initialised to ones.
+    """
+
+    def __init__(self, d_model: int, eps: float = 1e-5,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d_model, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        in_dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return (x * self.weight.float()).to(in_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class LayerNorm(nn.Module):
+    """``y = (x - mean) / sqrt(var + eps) * weight + bias`` over the last dimension (biased var).
+
+    Shapes: ``(..., d_model)`` -> same. Computed in float32, returned in the input dtype.
+    Parameters: ``weight (d_model,)`` ones, ``bias (d_model,)`` zeros.
+    """
+
+    def __init__(self, d_model: int, eps: float = 1e-5,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d_model, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(d_model, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        in_dtype = x.dtype
+        x = x.float()
+        mean = x.mean(dim=-1, keepdim=True)
+        centered = x - mean
+        var = centered.pow(2).mean(dim=-1, keepdim=True)
+        y = centered * torch.rsqrt(var + self.eps)
+        return (y * self.weight.float() + self.bias.float()).to(in_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def build_norm(kind: str, d_model: int, eps: float = 1e-5, device=None, dtype=None) -> nn.Module:
+    """``RMSNorm``, ``LayerNorm`` or ``nn.Identity`` (kind ``none``); ValueError otherwise."""
+    if kind == "rmsnorm":
+        return RMSNorm(d_model, eps, device=device, dtype=dtype)
+    if kind == "layernorm":
+        return LayerNorm(d_model, eps, device=device, dtype=dtype)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"norm kind {kind!r}: expected one of {', '.join(NORM_KINDS)}")
+
+
+def norm_params(kind: str, d_model: int) -> int:
+    """Parameters of one norm layer: d (RMSNorm), 2d (LayerNorm), 0 (none)."""
+    return {"rmsnorm": d_model, "layernorm": 2 * d_model, "none": 0}[kind]

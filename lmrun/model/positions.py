@@ -1,0 +1,100 @@
+"""Position information: rotary (RoPE), sinusoidal absolute, learned absolute, or none (NoPE).
+
+Sources: RoPE — Su et al. 2021, "RoFormer: Enhanced Transformer with Rotary Position
+Embedding" (the adjacent-pair convention of CS336 assignment 1: dimensions (2k, 2k+1) of a
+head are rotated by angle ``position · theta^(-2k/d_k)``); sinusoidal — Vaswani et al. 2017;
+learned — GPT-2 (Radford et al. 2019); NoPE — Kazemnejad et al. 2023 (causal attention alone
+carries position).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lmrun.errors import check, check_choice
+
+POSITION_KINDS = ["rope", "sinusoidal", "learned", "none"]
+
+
+@dataclass
+class PositionConfig:
+    """``model.position`` (sub-group ``conf/model/position/``).
+
+    kind: rope (rotates q and k in every layer) | sinusoidal (fixed table added to the token
+        embeddings) | learned (``position_embeddings.weight (context_length, d_model)`` added
+        to the token embeddings) | none (NoPE).
+    theta: the base of the frequencies, for rope and sinusoidal (10000 in both papers).
+    """
+
+    kind: str = "rope"
+    theta: float = 10000.0
+
+
+def validate_position(cfg: PositionConfig, prefix: str = "model.position") -> None:
+    check_choice(f"{prefix}.kind", cfg.kind, POSITION_KINDS)
+    check(f"{prefix}.theta", cfg.theta, cfg.theta > 0, "a number > 0")
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding applied to the last dimension of queries or keys.
+
+    ``forward(x, token_positions)``: x ``(..., seq_len, d_k)``, token_positions integer
+    ``(..., seq_len)`` broadcastable to ``x.shape[:-1]`` (any positions in
+    ``[0, max_seq_len)``, e.g. offsets of a KV cache) -> rotated x, same shape and dtype.
+    Pair ``(x[2k], x[2k+1])`` at position p is rotated by ``p · theta^(-2k/d_k)``.
+    cos/sin tables ``(max_seq_len, d_k/2)`` are float32 non-persistent buffers (no
+    state-dict keys). Raises ValueError for an odd ``d_k``.
+    """
+
+    def __init__(self, theta: float, d_k: int, max_seq_len: int, device: torch.device | str | None = None):
+        super().__init__()
+        if d_k % 2:
+            raise ValueError(f"RotaryEmbedding needs an even head dimension, got d_k={d_k}")
+        self.theta, self.d_k, self.max_seq_len = theta, d_k, max_seq_len
+        cos, sin = self._tables(device)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _tables(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self.theta ** (-torch.arange(0, self.d_k, 2, device=device, dtype=torch.float64) / self.d_k)
+        angles = torch.outer(torch.arange(self.max_seq_len, device=device, dtype=torch.float64), inv_freq)
+        return torch.cos(angles).float(), torch.sin(angles).float()
+
+    def forward(self, x: torch.Tensor, token_positions: torch.Tensor) -> torch.Tensor:
+        cos = self.cos[token_positions]  # (..., seq_len, d_k/2)
+        sin = self.sin[token_positions]
+        x1 = x[..., 0::2].float()
+        x2 = x[..., 1::2].float()
+        out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+        return out.flatten(-2).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"theta={self.theta}, d_k={self.d_k}, max_seq_len={self.max_seq_len}"
+
+
+def sinusoidal_table(max_seq_len: int, d_model: int, theta: float = 10000.0,
+                     device: torch.device | str | None = None) -> torch.Tensor:
+    """``(max_seq_len, d_model)`` float32: ``PE[p, 2i] = sin(p / theta^(2i/d))``,
+    ``PE[p, 2i+1] = cos(p / theta^(2i/d))`` (Vaswani et al. 2017, section 3.5). Works for odd d."""
+    pos = torch.arange(max_seq_len, device=device, dtype=torch.float64)[:, None]
+    i2 = torch.arange(0, d_model, 2, device=device, dtype=torch.float64)
+    angles = pos * theta ** (-i2 / d_model)
+    table = torch.zeros(max_seq_len, d_model, device=device, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(angles)
+    table[:, 1::2] = torch.cos(angles[:, : d_model // 2])
+    return table.float()
+
+
+class SinusoidalPositionalEmbedding(nn.Module):
+    """Fixed sinusoidal absolute positions: ``token_positions (...)`` -> ``(..., d_model)``.
+
+    The table is a non-persistent buffer (no state-dict keys, no parameters)."""
+
+    def __init__(self, max_seq_len: int, d_model: int, theta: float = 10000.0, device=None):
+        super().__init__()
+        self.register_buffer("table", sinusoidal_table(max_seq_len, d_model, theta, device), persistent=False)
+
+    def forward(self, token_positions: torch.Tensor) -> torch.Tensor:
+        return self.table[token_positions]

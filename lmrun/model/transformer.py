@@ -1,0 +1,157 @@
+"""The decoder-only Transformer LM: embeddings -> blocks -> final norm -> LM head.
+
+Sources: Vaswani et al. 2017; Radford et al. 2019 (GPT-2: pre-norm, learned positions, tied
+embeddings); Touvron et al. 2023 (Llama: pre-RMSNorm, SwiGLU, RoPE); Gemma 2 team 2024 (logit
+soft-capping); CS336 assignment 1 (the interface, init and checkpoint key names).
+
+State-dict keys (``TransformerLM.state_dict()``): ``token_embeddings.weight``,
+``[position_embeddings.weight]`` (learned positions), ``layers.{i}.attn.{q_proj,k_proj,v_proj,
+output_proj}.weight``, ``[layers.{i}.attn.{q_norm,k_norm}.weight]`` (QK-norm),
+``layers.{i}.ln1.weight``, ``layers.{i}.ln2.weight``, ``layers.{i}.ffn.{w1,w2[,w3]}.weight``,
+``ln_final.weight``, ``lm_head.weight``; LayerNorm adds ``.bias`` to its norms and
+``bias=True`` adds ``.bias`` to attention/FFN linears; norm kind/placement ``none`` removes the
+norm keys. RoPE and sinusoidal tables are non-persistent buffers (no keys).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lmrun.model.attention import MultiHeadSelfAttention
+from lmrun.model.config import ModelConfig, as_model_config, resolved_d_ff, validate_model
+from lmrun.model.ffn import build_ffn, default_d_ff
+from lmrun.model.layers import Embedding, Linear, linear_init_std
+from lmrun.model.norms import build_norm
+from lmrun.model.positions import RotaryEmbedding, SinusoidalPositionalEmbedding
+
+
+class TransformerBlock(nn.Module):
+    """One block: causal self-attention then feed-forward, each with a residual connection.
+
+    ``norm_placement``: ``pre`` — ``x + attn(ln1(x))``, ``x + ffn(ln2(x))``; ``post`` —
+    ``ln1(x + attn(x))``, ``ln2(x + ffn(x))``; ``none`` — no norms (no ln1/ln2 modules).
+    Shapes: ``x (..., seq_len, d_model)`` -> same.
+    """
+
+    def __init__(self, d_model: int, num_heads: int, d_ff: int, *, n_kv_heads: int | None = None,
+                 norm: str = "rmsnorm", norm_placement: str = "pre", norm_eps: float = 1e-5,
+                 ffn: str = "swiglu", rope: RotaryEmbedding | None = None, attn_impl: str = "sdpa",
+                 qk_norm: bool = False, bias: bool = False, device=None, dtype=None):
+        super().__init__()
+        if norm_placement not in ("pre", "post", "none"):
+            raise ValueError(f"norm_placement {norm_placement!r}: expected pre, post or none")
+        self.norm_placement = norm_placement if norm != "none" else "none"
+        self.attn = MultiHeadSelfAttention(d_model, num_heads, n_kv_heads, rope=rope, impl=attn_impl,
+                                           qk_norm=qk_norm, bias=bias, norm_eps=norm_eps, device=device, dtype=dtype)
+        self.ffn = build_ffn(ffn, d_model, d_ff, bias=bias, device=device, dtype=dtype)
+        if self.norm_placement != "none":
+            self.ln1 = build_norm(norm, d_model, norm_eps, device=device, dtype=dtype)
+            self.ln2 = build_norm(norm, d_model, norm_eps, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, token_positions: torch.Tensor | None = None) -> torch.Tensor:
+        if self.norm_placement == "pre":
+            x = x + self.attn(self.ln1(x), token_positions)
+            return x + self.ffn(self.ln2(x))
+        if self.norm_placement == "post":
+            x = self.ln1(x + self.attn(x, token_positions))
+            return self.ln2(x + self.ffn(x))
+        x = x + self.attn(x, token_positions)
+        return x + self.ffn(x)
+
+
+class TransformerLM(nn.Module):
+    """A decoder-only Transformer language model.
+
+    ``forward(token_ids, token_positions=None)``: token_ids integer ``(batch, seq_len)`` (any
+    leading dims), ``seq_len <= context_length``; token_positions integer, broadcastable to
+    token_ids (default ``0..seq_len-1``) -> logits ``(batch, seq_len, vocab_size)``
+    (unnormalised, float32 for float32 weights). Raises ValueError for a sequence longer than
+    ``context_length``.
+
+    The positional arguments follow CS336's ``TransformerLM(vocab_size, context_length,
+    d_model, num_layers, num_heads, d_ff, rope_theta)``; the keyword arguments select variants
+    (defaults: the Llama-style pre-RMSNorm / SwiGLU / RoPE model). ``rope_theta`` is also the
+    base of the sinusoidal table. ``d_ff=None`` picks ``default_d_ff(d_model, ffn)``.
+
+    Init: linears truncated N(0, 2/(d_in+d_out)); token (and learned position) embeddings
+    truncated N(0, 1); with ``tie_embeddings`` the shared matrix uses the LM head's linear
+    init (std ``sqrt(2/(vocab_size+d_model))``), learned positions the same std.
+    ``build_model(cfg)`` / ``TransformerLM.from_config(cfg)`` construct one from a ModelConfig.
+    """
+
+    def __init__(self, vocab_size: int, context_length: int, d_model: int, num_layers: int, num_heads: int,
+                 d_ff: int | None = None, rope_theta: float = 10000.0, *, n_kv_heads: int | None = None,
+                 norm: str = "rmsnorm", norm_placement: str = "pre", final_norm: bool = True,
+                 norm_eps: float = 1e-5, ffn: str = "swiglu", position: str = "rope", attn_impl: str = "sdpa",
+                 qk_norm: bool = False, bias: bool = False, tie_embeddings: bool = False,
+                 logit_softcap: float | None = None, device=None, dtype=None):
+        super().__init__()
+        if position not in ("rope", "sinusoidal", "learned", "none"):
+            raise ValueError(f"position {position!r}: expected rope, sinusoidal, learned or none")
+        d_ff = d_ff or default_d_ff(d_model, ffn)
+        self.vocab_size, self.context_length, self.d_model = vocab_size, context_length, d_model
+        self.position, self.tie_embeddings, self.logit_softcap = position, tie_embeddings, logit_softcap
+        emb_std = linear_init_std(d_model, vocab_size) if tie_embeddings else 1.0
+        self.token_embeddings = Embedding(vocab_size, d_model, device, dtype, init_std=emb_std)
+        if position == "learned":
+            self.position_embeddings = Embedding(context_length, d_model, device, dtype, init_std=emb_std)
+        elif position == "sinusoidal":
+            self.position_table = SinusoidalPositionalEmbedding(context_length, d_model, rope_theta, device)
+        rope = RotaryEmbedding(rope_theta, d_model // num_heads, context_length, device) if position == "rope" else None
+        self.layers = nn.ModuleList(
+            TransformerBlock(d_model, num_heads, d_ff, n_kv_heads=n_kv_heads, norm=norm, norm_placement=norm_placement,
+                             norm_eps=norm_eps, ffn=ffn, rope=rope, attn_impl=attn_impl, qk_norm=qk_norm, bias=bias,
+                             device=device, dtype=dtype)
+            for _ in range(num_layers))
+        self.ln_final = build_norm(norm if final_norm else "none", d_model, norm_eps, device=device, dtype=dtype)
+        if tie_embeddings:
+            self.lm_head = Linear(d_model, vocab_size, "meta", dtype)  # no memory; its weight is replaced
+            self.lm_head.weight = self.token_embeddings.weight  # one Parameter, two state-dict keys
+        else:
+            self.lm_head = Linear(d_model, vocab_size, device, dtype)
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, device=None, dtype=None) -> "TransformerLM":
+        """Build from a ``ModelConfig`` (or the composed ``cfg.model`` node); call
+        ``validate_model`` first for one-line errors."""
+        cfg = as_model_config(cfg)
+        return cls(cfg.vocab_size, cfg.context_length, cfg.d_model, cfg.num_layers, cfg.num_heads,
+                   resolved_d_ff(cfg), cfg.position.theta, n_kv_heads=cfg.n_kv_heads, norm=cfg.norm.kind,
+                   norm_placement=cfg.norm.placement, final_norm=cfg.norm.final, norm_eps=cfg.norm.eps,
+                   ffn=cfg.ffn.kind, position=cfg.position.kind, attn_impl=cfg.attention.impl,
+                   qk_norm=cfg.attention.qk_norm, bias=cfg.bias, tie_embeddings=cfg.tie_embeddings,
+                   logit_softcap=cfg.logit_softcap, device=device, dtype=dtype)
+
+    def forward(self, token_ids: torch.Tensor, token_positions: torch.Tensor | None = None) -> torch.Tensor:
+        seq_len = token_ids.shape[-1]
+        if seq_len > self.context_length:
+            raise ValueError(f"sequence of {seq_len} tokens is longer than context_length={self.context_length}")
+        x = self.token_embeddings(token_ids)
+        if self.position in ("learned", "sinusoidal"):
+            pos = token_positions if token_positions is not None else torch.arange(seq_len, device=token_ids.device)
+            table = self.position_embeddings if self.position == "learned" else self.position_table
+            x = x + table(pos).to(x.dtype)
+        for layer in self.layers:
+            x = layer(x, token_positions)
+        logits = self.lm_head(self.ln_final(x))
+        if self.logit_softcap is not None:
+            logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
+        return logits
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameters (a tied matrix counted once); ``non_embedding`` leaves out the token and
+        learned position embeddings (a tied LM head goes with them)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.token_embeddings.weight.numel()
+            if self.position == "learned":
+                n -= self.position_embeddings.weight.numel()
+        return n
+
+
+def build_model(cfg: ModelConfig, device=None, dtype=None) -> TransformerLM:
+    """``TransformerLM.from_config(cfg)``: validates ``cfg`` (ConfigError on a bad value) and
+    builds the model on ``device`` (``"meta"`` builds it without allocating memory)."""
+    cfg = as_model_config(cfg)
+    validate_model(cfg)
+    return TransformerLM.from_config(cfg, device=device, dtype=dtype)
