@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lmrun.data.corpora import DataConfig, validate_data
+from lmrun.model.config import ModelConfig, validate_model
 from lmrun.tokenizer.config import TokenizerConfig, validate_tokenizer
 from lmrun.tracking.logger import LoggerConfig, validate_logger
 
@@ -44,6 +45,7 @@ class LmrunConfig:
     stage: StageConfig = field(default_factory=StageConfig)
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -80,4 +82,5 @@ def validate(cfg) -> None:
     """Check values and combinations of a composed config; raise ConfigError naming the key."""
     validate_data(cfg.data)
     validate_tokenizer(cfg.tokenizer)
+    validate_model(cfg.model)
     validate_logger(cfg.logger)

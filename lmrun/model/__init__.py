@@ -7,22 +7,36 @@ Layers: ``Linear``, ``Embedding``, ``RMSNorm``, ``LayerNorm``, ``SwiGLU`` / ``Ga
 ``PositionConfig``, ``AttentionConfig``), ``validate_model``, ``build_model``.
 Accounting: ``lmrun.model.flops`` (``count_params``, ``forward_flops_per_token``,
 ``model_summary``).
-"""
-from lmrun.model.attention import (AttentionConfig, MultiHeadSelfAttention, scaled_dot_product_attention,
-                                   softmax)
-from lmrun.model.config import ModelConfig, as_model_config, resolved_d_ff, resolved_kv_heads, validate_model
-from lmrun.model.ffn import MLP, FFNConfig, GatedFFN, SwiGLU, default_d_ff, gelu, relu, relu2, silu
-from lmrun.model.flops import count_params, forward_flops_per_token, model_summary, training_flops
-from lmrun.model.layers import Embedding, Linear
-from lmrun.model.norms import LayerNorm, NormConfig, RMSNorm
-from lmrun.model.positions import PositionConfig, RotaryEmbedding, SinusoidalPositionalEmbedding, sinusoidal_table
-from lmrun.model.transformer import TransformerBlock, TransformerLM, build_model
 
-__all__ = [
-    "AttentionConfig", "Embedding", "FFNConfig", "GatedFFN", "LayerNorm", "Linear", "MLP", "ModelConfig",
-    "MultiHeadSelfAttention", "NormConfig", "PositionConfig", "RMSNorm", "RotaryEmbedding",
-    "SinusoidalPositionalEmbedding", "SwiGLU", "TransformerBlock", "TransformerLM", "as_model_config",
-    "build_model", "count_params", "default_d_ff", "forward_flops_per_token", "gelu", "model_summary", "relu",
-    "relu2", "resolved_d_ff", "resolved_kv_heads", "scaled_dot_product_attention", "silu", "sinusoidal_table",
-    "softmax", "training_flops", "validate_model",
-]
+Names are imported on first use, so ``lmrun.model.config`` and ``lmrun.model.flops`` (used by
+the CLI to compose, validate and plan) do not import torch.
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "attention": ["MultiHeadSelfAttention", "scaled_dot_product_attention", "softmax"],
+    "config": ["AttentionConfig", "FFNConfig", "ModelConfig", "NormConfig", "PositionConfig", "as_model_config",
+               "default_d_ff", "resolved_d_ff", "resolved_kv_heads", "validate_model"],
+    "ffn": ["MLP", "GatedFFN", "SwiGLU", "build_ffn", "gelu", "relu", "relu2", "silu"],
+    "flops": ["count_params", "forward_flops_per_token", "model_summary", "training_flops"],
+    "layers": ["Embedding", "Linear"],
+    "norms": ["LayerNorm", "RMSNorm", "build_norm"],
+    "positions": ["RotaryEmbedding", "SinusoidalPositionalEmbedding", "sinusoidal_table"],
+    "transformer": ["TransformerBlock", "TransformerLM", "build_model"],
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        value = getattr(importlib.import_module(f"lmrun.model.{_WHERE[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lmrun.model' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

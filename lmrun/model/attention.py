@@ -14,39 +14,15 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmrun.errors import check_choice
+from lmrun.model.config import ATTENTION_IMPLS, AttentionConfig, validate_attention  # noqa: F401
 from lmrun.model.layers import Linear
 from lmrun.model.norms import RMSNorm
 from lmrun.model.positions import RotaryEmbedding
-
-ATTENTION_IMPLS = ["naive", "sdpa"]
-
-
-@dataclass
-class AttentionConfig:
-    """``model.attention`` (sub-group ``conf/model/attention/``).
-
-    impl: naive (this module's ``scaled_dot_product_attention``: explicit scores, mask and
-        softmax) | sdpa (``torch.nn.functional.scaled_dot_product_attention``, fused kernels
-        where the device has them). Both compute the same function.
-    qk_norm: RMSNorm over the head dimension of q and k before RoPE (adds
-        ``attn.q_norm.weight`` and ``attn.k_norm.weight``, each ``(head_dim,)``).
-    The number of key/value heads is ``model.n_kv_heads``.
-    """
-
-    impl: str = "sdpa"
-    qk_norm: bool = False
-
-
-def validate_attention(cfg: AttentionConfig, prefix: str = "model.attention") -> None:
-    check_choice(f"{prefix}.impl", cfg.impl, ATTENTION_IMPLS)
-
 
 def softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """``exp(x - max) / sum(exp(x - max))`` along ``dim``: shape unchanged, no overflow for

@@ -1,26 +1,91 @@
-"""Config schema of the `model` group (presets in ``conf/model/``, sub-groups ``conf/model/{norm,
-ffn,position,attention,size}/``) and its validation.
+"""Config schema of the `model` group and its validation (no torch import: the CLI loads this to
+compose and validate, and ``lmrun.model.flops`` counts from it without building a model).
 
-A preset such as ``conf/model/swiglu_rope.yaml`` picks one option per sub-group in its defaults
-list, so ``model=swiglu_rope model/norm=layernorm model/position=sinusoidal`` swaps parts; the
-size sub-group (``model/size=small``) sets the shape keys (``d_model``, ``num_layers``,
-``num_heads``, ``d_ff``) of ``model`` itself. ``validate_model`` rejects impossible
-combinations before anything is built.
+Presets live in ``conf/model/``; each picks one option per sub-group in its defaults list —
+``conf/model/{norm,ffn,position,attention}/`` fill ``model.norm``, ``model.ffn``,
+``model.position``, ``model.attention``, and ``conf/model/size/`` sets the shape keys
+(``d_model``, ``num_layers``, ``num_heads``, ``d_ff``) of ``model`` itself — so
+``model=swiglu_rope model/norm=layernorm model/position=sinusoidal model/size=small`` swaps
+parts. ``validate_model`` rejects impossible combinations before anything is built.
+The layer modules (``norms``, ``ffn``, ``positions``, ``attention``) re-export their configs.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
-from lmrun.errors import check
-from lmrun.model.attention import AttentionConfig, validate_attention
-from lmrun.model.ffn import FFNConfig, default_d_ff, validate_ffn
-from lmrun.model.norms import NormConfig, validate_norm
-from lmrun.model.positions import PositionConfig, validate_position
+from lmrun.errors import check, check_choice
+
+NORM_KINDS = ["rmsnorm", "layernorm", "none"]
+NORM_PLACEMENTS = ["pre", "post", "none"]
+GATED = {"swiglu": "silu", "geglu": "gelu"}  # gated FFN kind -> its activation
+UNGATED = ["gelu", "relu", "silu", "relu2"]
+FFN_KINDS = list(GATED) + UNGATED
+POSITION_KINDS = ["rope", "sinusoidal", "learned", "none"]
+ATTENTION_IMPLS = ["naive", "sdpa"]
+
+
+@dataclass
+class NormConfig:
+    """``model.norm`` (sub-group ``conf/model/norm/``; ``lmrun.model.norms``).
+
+    kind: rmsnorm | layernorm | none (none: no norm anywhere, no parameters).
+    eps: added to the variance / mean square before the square root.
+    placement: where a block's two norms sit — ``pre``: ``x + f(norm(x))`` (GPT-2, Llama);
+        ``post``: ``norm(x + f(x))`` (Vaswani et al. 2017); ``none``: no norm inside blocks.
+    final: apply ``ln_final`` after the last block (ignored when kind is none).
+    """
+
+    kind: str = "rmsnorm"
+    eps: float = 1e-5
+    placement: str = "pre"
+    final: bool = True
+
+
+@dataclass
+class FFNConfig:
+    """``model.ffn`` (sub-group ``conf/model/ffn/``; ``lmrun.model.ffn``).
+
+    kind: swiglu | geglu (gated: three matrices w1, w2, w3) or gelu | relu | silu | relu2
+        (ungated MLP: two matrices w1, w2). The width is ``model.d_ff`` (null: ``default_d_ff``).
+    """
+
+    kind: str = "swiglu"
+
+
+@dataclass
+class PositionConfig:
+    """``model.position`` (sub-group ``conf/model/position/``; ``lmrun.model.positions``).
+
+    kind: rope (rotates q and k in every layer) | sinusoidal (fixed table added to the token
+        embeddings) | learned (``position_embeddings.weight (context_length, d_model)`` added
+        to the token embeddings) | none (NoPE).
+    theta: the base of the frequencies, for rope and sinusoidal (10000 in both papers).
+    """
+
+    kind: str = "rope"
+    theta: float = 10000.0
+
+
+@dataclass
+class AttentionConfig:
+    """``model.attention`` (sub-group ``conf/model/attention/``; ``lmrun.model.attention``).
+
+    impl: naive (``lmrun.model.scaled_dot_product_attention``: explicit scores, mask and
+        softmax) | sdpa (``torch.nn.functional.scaled_dot_product_attention``, fused kernels
+        where the device has them). Both compute the same function.
+    qk_norm: RMSNorm over the head dimension of q and k before RoPE (adds
+        ``attn.q_norm.weight`` and ``attn.k_norm.weight``, each ``(head_dim,)``).
+    The number of key/value heads is ``model.n_kv_heads``.
+    """
+
+    impl: str = "sdpa"
+    qk_norm: bool = False
 
 
 @dataclass
 class ModelConfig:
-    """A decoder-only Transformer LM (``lmrun.model.TransformerLM``).
+    """A decoder-only Transformer LM (``lmrun.model.TransformerLM``), the `model` group.
 
     name: the preset's name (a label). size: the size preset's name (a label; the shape keys
         below are what counts).
@@ -29,8 +94,7 @@ class ModelConfig:
         and learned position tables.
     d_model, num_layers, num_heads: width, depth, attention heads (head dim = d_model/num_heads).
     n_kv_heads: key/value heads — null: num_heads (multi-head); 1: multi-query; else grouped-query.
-    d_ff: feed-forward width; null: ``default_d_ff(d_model, ffn.kind)`` (8/3·d_model rounded to a
-        multiple of 64 for gated FFNs, 4·d_model otherwise).
+    d_ff: feed-forward width; null: ``default_d_ff(d_model, ffn.kind)``.
     bias: biases in every attention and FFN linear (GPT-2 style); the LM head never has one.
     tie_embeddings: ``lm_head.weight`` is ``token_embeddings.weight`` (one parameter).
     logit_softcap: null, or c > 0: logits become ``c·tanh(logits/c)`` (Gemma 2).
@@ -55,6 +119,25 @@ class ModelConfig:
     attention: AttentionConfig = field(default_factory=AttentionConfig)
 
 
+def is_gated(kind: str) -> bool:
+    """True for the gated FFN kinds (three weight matrices)."""
+    return kind in GATED
+
+
+def default_d_ff(d_model: int, kind: str) -> int:
+    """The FFN width when ``d_ff`` is null: for gated kinds ``8/3·d_model`` rounded to the nearest
+    multiple of 64 (at least 64; CS336: 512 -> 1344), else ``4·d_model``. The two have about the
+    same parameter count (3·d·8d/3 = 2·d·4d): the CS336 SwiGLU-vs-SiLU ablation's matching."""
+    if is_gated(kind):
+        return max(64, int(math.floor(8 * d_model / 3 / 64 + 0.5)) * 64)
+    return 4 * d_model
+
+
+def norm_params(kind: str, d_model: int) -> int:
+    """Parameters of one norm layer: d (RMSNorm), 2d (LayerNorm), 0 (none)."""
+    return {"rmsnorm": d_model, "layernorm": 2 * d_model, "none": 0}[kind]
+
+
 def resolved_d_ff(cfg: ModelConfig) -> int:
     """``cfg.d_ff``, or the default width for ``cfg.ffn.kind`` when it is null."""
     return int(cfg.d_ff) if cfg.d_ff is not None else default_d_ff(int(cfg.d_model), cfg.ffn.kind)
@@ -65,12 +148,31 @@ def resolved_kv_heads(cfg: ModelConfig) -> int:
     return int(cfg.n_kv_heads) if cfg.n_kv_heads is not None else int(cfg.num_heads)
 
 
+def validate_norm(cfg: NormConfig, prefix: str = "model.norm") -> None:
+    check_choice(f"{prefix}.kind", cfg.kind, NORM_KINDS)
+    check_choice(f"{prefix}.placement", cfg.placement, NORM_PLACEMENTS)
+    check(f"{prefix}.eps", cfg.eps, cfg.eps > 0, "a number > 0")
+
+
+def validate_ffn(cfg: FFNConfig, prefix: str = "model.ffn") -> None:
+    check_choice(f"{prefix}.kind", cfg.kind, FFN_KINDS)
+
+
+def validate_position(cfg: PositionConfig, prefix: str = "model.position") -> None:
+    check_choice(f"{prefix}.kind", cfg.kind, POSITION_KINDS)
+    check(f"{prefix}.theta", cfg.theta, cfg.theta > 0, "a number > 0")
+
+
+def validate_attention(cfg: AttentionConfig, prefix: str = "model.attention") -> None:
+    check_choice(f"{prefix}.impl", cfg.impl, ATTENTION_IMPLS)
+
+
 def validate_model(cfg: ModelConfig) -> None:
     """Raise ConfigError (one line: key, value, what is allowed) for an impossible model config.
 
     Checks every choice key, positive sizes, ``d_model % num_heads == 0``,
-    ``num_heads % n_kv_heads == 0``, an even head dimension with RoPE, ``logit_softcap > 0``.
-    Accepts a ``ModelConfig`` or the composed ``cfg.model`` node.
+    ``num_heads % n_kv_heads == 0``, an even head dimension with RoPE, ``d_ff >= 1``,
+    ``logit_softcap > 0``. Accepts a ``ModelConfig`` or the composed ``cfg.model`` node.
     """
     for key in ("vocab_size", "context_length", "d_model", "num_layers", "num_heads"):
         value = getattr(cfg, key)

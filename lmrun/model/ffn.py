@@ -13,44 +13,14 @@ parameter count (3·d·8/3·d = 2·d·4·d), which is the CS336 SwiGLU-vs-SiLU a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from lmrun.errors import check_choice
+from lmrun.model.config import (FFN_KINDS, GATED, UNGATED, FFNConfig, default_d_ff, is_gated,  # noqa: F401
+                                validate_ffn)
 from lmrun.model.layers import Linear
 
-GATED = {"swiglu": "silu", "geglu": "gelu"}
-UNGATED = ["gelu", "relu", "silu", "relu2"]
-FFN_KINDS = list(GATED) + UNGATED
-
-
-@dataclass
-class FFNConfig:
-    """``model.ffn`` (sub-group ``conf/model/ffn/``).
-
-    kind: swiglu | geglu (gated, three matrices w1, w2, w3) or gelu | relu | silu | relu2
-        (ungated MLP, two matrices w1, w2). The width is ``model.d_ff`` (null: the default
-        width for the kind, see ``default_d_ff``).
-    """
-
-    kind: str = "swiglu"
-
-
-def validate_ffn(cfg: FFNConfig, prefix: str = "model.ffn") -> None:
-    check_choice(f"{prefix}.kind", cfg.kind, FFN_KINDS)
-
-
-def is_gated(kind: str) -> bool:
-    return kind in GATED
-
-
-def default_d_ff(d_model: int, kind: str) -> int:
-    """``round(8/3·d_model / 64)·64`` (at least 64) for gated kinds, ``4·d_model`` otherwise."""
-    if is_gated(kind):
-        return max(64, int(math.floor(8 * d_model / 3 / 64 + 0.5)) * 64)
-    return 4 * d_model
 
 
 # --- activations (elementwise; shapes unchanged) -------------------------------------------------

@@ -25,9 +25,7 @@ module and against ``torch.utils.flop_counter.FlopCounterMode`` on a forward pas
 """
 from __future__ import annotations
 
-from lmrun.model.config import ModelConfig, as_model_config, resolved_d_ff, resolved_kv_heads
-from lmrun.model.ffn import is_gated
-from lmrun.model.norms import norm_params
+from lmrun.model.config import ModelConfig, as_model_config, is_gated, norm_params, resolved_d_ff, resolved_kv_heads
 
 
 def count_params(cfg: ModelConfig) -> dict[str, int]:

@@ -7,38 +7,11 @@ input dtype.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from lmrun.errors import check, check_choice
-
-NORM_KINDS = ["rmsnorm", "layernorm", "none"]
-NORM_PLACEMENTS = ["pre", "post", "none"]
-
-
-@dataclass
-class NormConfig:
-    """``model.norm`` (sub-group ``conf/model/norm/``).
-
-    kind: rmsnorm | layernorm | none (none: no norm anywhere, no parameters).
-    eps: added to the variance / mean square before the square root.
-    placement: where a block's two norms sit — ``pre``: ``x + f(norm(x))`` (GPT-2, Llama);
-        ``post``: ``norm(x + f(x))`` (Vaswani et al. 2017); ``none``: no norm inside blocks.
-    final: apply ``ln_final`` after the last block (ignored when kind is none).
-    """
-
-    kind: str = "rmsnorm"
-    eps: float = 1e-5
-    placement: str = "pre"
-    final: bool = True
-
-
-def validate_norm(cfg: NormConfig, prefix: str = "model.norm") -> None:
-    check_choice(f"{prefix}.kind", cfg.kind, NORM_KINDS)
-    check_choice(f"{prefix}.placement", cfg.placement, NORM_PLACEMENTS)
-    check(f"{prefix}.eps", cfg.eps, cfg.eps > 0, "a number > 0")
+from lmrun.model.config import NORM_KINDS, NORM_PLACEMENTS, NormConfig, norm_params, validate_norm  # noqa: F401
 
 
 class RMSNorm(nn.Module):
@@ -100,8 +73,3 @@ def build_norm(kind: str, d_model: int, eps: float = 1e-5, device=None, dtype=No
     if kind == "none":
         return nn.Identity()
     raise ValueError(f"norm kind {kind!r}: expected one of {', '.join(NORM_KINDS)}")
-
-
-def norm_params(kind: str, d_model: int) -> int:
-    """Parameters of one norm layer: d (RMSNorm), 2d (LayerNorm), 0 (none)."""
-    return {"rmsnorm": d_model, "layernorm": 2 * d_model, "none": 0}[kind]

@@ -8,33 +8,10 @@ carries position).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from lmrun.errors import check, check_choice
-
-POSITION_KINDS = ["rope", "sinusoidal", "learned", "none"]
-
-
-@dataclass
-class PositionConfig:
-    """``model.position`` (sub-group ``conf/model/position/``).
-
-    kind: rope (rotates q and k in every layer) | sinusoidal (fixed table added to the token
-        embeddings) | learned (``position_embeddings.weight (context_length, d_model)`` added
-        to the token embeddings) | none (NoPE).
-    theta: the base of the frequencies, for rope and sinusoidal (10000 in both papers).
-    """
-
-    kind: str = "rope"
-    theta: float = 10000.0
-
-
-def validate_position(cfg: PositionConfig, prefix: str = "model.position") -> None:
-    check_choice(f"{prefix}.kind", cfg.kind, POSITION_KINDS)
-    check(f"{prefix}.theta", cfg.theta, cfg.theta > 0, "a number > 0")
+from lmrun.model.config import POSITION_KINDS, PositionConfig, validate_position  # noqa: F401
 
 
 class RotaryEmbedding(nn.Module):

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from lmrun.model.attention import MultiHeadSelfAttention
-from lmrun.model.config import ModelConfig, as_model_config, resolved_d_ff, validate_model
-from lmrun.model.ffn import build_ffn, default_d_ff
+from lmrun.model.config import ModelConfig, as_model_config, default_d_ff, resolved_d_ff, validate_model
+from lmrun.model.ffn import build_ffn
 from lmrun.model.layers import Embedding, Linear, linear_init_std
 from lmrun.model.norms import build_norm
 from lmrun.model.positions import RotaryEmbedding, SinusoidalPositionalEmbedding

@@ -9,6 +9,10 @@ checked to be equal. Reported in MB/s of UTF-8 input (1 MB = 10^6 bytes):
 - ``tiktoken``: ``Encoding.encode(text, allowed_special="all")``, single call, one thread;
 - ``ratio_cold`` / ``ratio_warm``: ours / tiktoken.
 
+With ``--bulk``, also the bulk path of ``lmrun stage=encode`` (:func:`lmrun.tokenizer.bulk.encode_file`:
+the file cut at document boundaries, chunks encoded in worker processes) for both backends
+with 1 and 2 processes, and the speed-up from processes (MB/s with N / MB/s with 1).
+
 The three are timed in turn in each of ``--repeats`` rounds; each figure is the median over
 rounds, each ratio the median of the per-round ratios (robust to load from other processes).
 Usage::
@@ -97,6 +101,38 @@ def run_benchmark(vocab_path: Path, merges_path: Path, texts: list[Path], specia
     }
 
 
+def run_bulk_benchmark(vocab_path: Path, merges_path: Path, texts: list[Path], special_tokens: list[str],
+                       workers: tuple[int, ...] = (1, 2), chunk_bytes: int = 1 << 20) -> dict:
+    """MB/s of ``encode_file`` per backend and process count on the concatenation of ``texts``
+    (documents joined by the first special token); checks every run writes identical ids."""
+    import tempfile
+
+    from lmrun.tokenizer.bulk import encode_file
+
+    tok = Tokenizer.from_files(vocab_path, merges_path, special_tokens)
+    sep = special_tokens[0] if special_tokens else ""
+    out: dict = {"chunk_bytes": chunk_bytes, "runs": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "corpus.txt"
+        src.write_text(sep.join(Path(p).read_text(encoding="utf-8") for p in texts), encoding="utf-8")
+        reference = None
+        for backend in ("native", "tiktoken"):
+            base = None
+            for n in workers:
+                dst = Path(tmp) / f"{backend}-{n}.bin"
+                stats = encode_file(src, tok, dst, backend=backend, num_workers=n, chunk_bytes=chunk_bytes)
+                data = dst.read_bytes()
+                if reference is None:
+                    reference = data
+                elif data != reference:
+                    raise LmrunError(f"bulk encoding with backend={backend}, {n} processes differs from the first run")
+                base = base or stats["mb_per_s"]
+                out["runs"].append({"backend": backend, "processes": n, "mb_per_s": stats["mb_per_s"],
+                                    "speedup": round(stats["mb_per_s"] / base, 3), "tokens": stats["tokens"]})
+        out["bytes"] = src.stat().st_size
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     shared = _shared_data()
     ap = argparse.ArgumentParser(prog="python -m lmrun.tokenizer.bench_encode", description=__doc__.split("\n\n")[0])
@@ -106,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--special", action="append", default=None, help="special token (repeatable); default <|endoftext|>")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", type=Path, default=None, help="also write the result here")
+    ap.add_argument("--bulk", action="store_true", help="also time stage=encode's parallel bulk path (1 and 2 processes)")
     args = ap.parse_args(argv)
     texts = args.text or [shared / p for p in DEFAULT_TEXTS]
     missing = [str(p) for p in [args.vocab, args.merges, *texts] if not Path(p).is_file()]
@@ -123,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tiktoken          {r['tiktoken_mb_s']:8.2f} MB/s")
     print(f"lmrun (cold cache) {r['ours_cold_mb_s']:7.2f} MB/s   ratio {r['ratio_cold']:.2f}")
     print(f"lmrun (warm cache) {r['ours_warm_mb_s']:7.2f} MB/s   ratio {r['ratio_warm']:.2f}")
+    if args.bulk:
+        r["bulk"] = run_bulk_benchmark(args.vocab, args.merges, texts, args.special or ["<|endoftext|>"])
+        for b in r["bulk"]["runs"]:
+            print(f"bulk {b['backend']:9s} {b['processes']} process(es) {b['mb_per_s']:7.2f} MB/s   x{b['speedup']:.2f}")
     if args.json:
         atomic_write_json(args.json, r)
         print(f"wrote {args.json}")

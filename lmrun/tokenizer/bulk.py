@@ -104,7 +104,12 @@ def encode_file(path: str | os.PathLike, tokenizer: Tokenizer, out_path: str | o
             else:
                 method = "fork" if sys.platform.startswith("linux") else "spawn"
                 ctx = multiprocessing.get_context(method)
-                with ctx.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
+                if method == "fork":  # build the encoder once here; forked workers inherit it
+                    _init_worker(*init_args)
+                    pool_args = {}
+                else:
+                    pool_args = {"initializer": _init_worker, "initargs": init_args}
+                with ctx.Pool(workers, **pool_args) as pool:
                     for result in pool.imap(_encode_range, tasks):  # in order: appended as they come
                         append(result)
     except BaseException:

@@ -28,13 +28,13 @@ from typing import TYPE_CHECKING
 
 from lmrun.errors import ConfigError, DataError, FormatError, LmrunError
 from lmrun.tokenizer.formats import check_consistent, load_merges, load_vocab, token_to_str
-from lmrun.tokenizer.pretokenize import GPT2_PATTERN, PRETOKEN_RE
+from lmrun.tokenizer.pretokenize import GPT2_PATTERN, pretokenize
 from lmrun.tracking.files import atomic_write_text
 
 if TYPE_CHECKING:  # pragma: no cover
     import tiktoken
 
-__all__ = ["Tokenizer", "UnknownTokenError", "pretokenize"]
+__all__ = ["Tokenizer", "UnknownTokenError"]
 
 _NO_RANK = 1 << 62
 #: pre-tokens longer than this many bytes are merged with a heap (O(n log n)) instead of the
@@ -46,72 +46,6 @@ _CACHE_MAX_CHARS = 256
 
 class UnknownTokenError(LmrunError, ValueError):
     """A token id given to :meth:`Tokenizer.decode` is not in the vocabulary."""
-
-
-# GPT-2's pattern for ASCII-only text, for the stdlib ``re`` engine (about 2.5x faster than the
-# ``regex`` module on this pattern). On ASCII, \p{L} = [A-Za-z], \p{N} = [0-9] and \s (Unicode
-# White_Space, as in ``regex`` and in tiktoken) = [\t\n\v\f\r ]; \x1c-\x1f are not whitespace.
-_WS = r"\t\n\x0b\x0c\r "
-_ASCII_RE = re.compile(
-    rf"'(?:[sdmt]|ll|ve|re)| ?[A-Za-z]+| ?[0-9]+| ?[^{_WS}A-Za-z0-9]+|[{_WS}]+(?![^{_WS}])|[{_WS}]+")
-_NON_ASCII_RE = re.compile(r"[^\x00-\x7f]")
-#: text whose UTF-8 has more than 1 extra byte per this many characters is split by PRETOKEN_RE
-#: alone (0: always cut out the non-ASCII stretches; the tests use that)
-_SPARSE_NON_ASCII = 200
-# A printable non-space ASCII character followed by whitespace: every pre-token ends at the
-# boundary between the two (no alternative of the pattern runs from non-space into whitespace),
-# and the pre-tokens before it are the same whether the text ends there or goes on (the
-# characters the pattern looks at past them are whitespace or the end, which it treats alike).
-_BOUNDARY_RE = re.compile(rf"[!-~](?=[{_WS}])")
-
-
-def pretokenize(text: str, pos: int = 0, endpos: int | None = None) -> list[str]:
-    """Split ``text[pos:endpos]`` into GPT-2 pre-tokens; equals
-    ``PRETOKEN_RE.findall(text, pos, endpos)`` (:mod:`lmrun.tokenizer.pretokenize`), faster.
-
-    ASCII stretches are split by an equivalent stdlib ``re`` pattern; stretches around non-ASCII
-    characters, cut at pre-token boundaries that do not depend on what follows, by ``PRETOKEN_RE``
-    (all of it when more than about 1 character in 200 is non-ASCII).
-    Returns the pre-tokens in order (their concatenation is the input). Source: GPT-2 regex."""
-    n = len(text) if endpos is None else min(endpos, len(text))
-    if pos >= n:
-        return []
-    m = _NON_ASCII_RE.search(text, pos, n)
-    if m is None:
-        return _ASCII_RE.findall(text, pos, n)
-    # each call of the ``regex`` module costs ~8 us, so cut out non-ASCII stretches only where
-    # they are rare (e.g. an accented name in English text); else split it all with PRETOKEN_RE
-    part = text[pos:n] if pos or n < len(text) else text
-    if (len(part.encode("utf-8", "surrogatepass")) - len(part)) * _SPARSE_NON_ASCII > len(part):
-        return PRETOKEN_RE.findall(text, pos, n)
-    out: list[str] = []
-    while m is not None:
-        c = m.start()
-        # region [lo, hi) around the non-ASCII character c, from the boundary before it to the one after
-        lo = pos
-        window = 64
-        while True:
-            start = max(pos, c - window)
-            last = None
-            for last in _BOUNDARY_RE.finditer(text, start, c):
-                pass
-            if last is not None:
-                lo = last.end()
-                break
-            if start == pos:
-                break
-            window *= 4
-        if lo > pos:
-            out += _ASCII_RE.findall(text, pos, lo)
-        b = _BOUNDARY_RE.search(text, c + 1, n)
-        hi = b.end() if b is not None else n
-        out += PRETOKEN_RE.findall(text, lo, hi)
-        pos = hi
-        if pos >= n:
-            return out
-        m = _NON_ASCII_RE.search(text, pos, n)
-    out += _ASCII_RE.findall(text, pos, n)
-    return out
 
 
 class Tokenizer:

@@ -24,8 +24,9 @@ from hypothesis import strategies as st
 from lmrun.errors import ConfigError, DataError, FormatError, LmrunError
 from lmrun.tokenizer.formats import save_merges, save_vocab
 from lmrun.tokenizer.pretokenize import PRETOKEN_RE
-from lmrun.tokenizer import tokenizer as tokmod
-from lmrun.tokenizer.tokenizer import Tokenizer, UnknownTokenError, pretokenize
+from lmrun.tokenizer import pretokenize as pretokmod
+from lmrun.tokenizer.pretokenize import pretokenize
+from lmrun.tokenizer.tokenizer import Tokenizer, UnknownTokenError
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 EOT = "<|endoftext|>"
@@ -329,8 +330,8 @@ def test_unordered_merges_use_the_loop_semantics():
        cut=st.integers(0, 80))
 def test_pretokenize_equals_gpt2_regex(text, cut):
     end = min(cut, len(text))
-    for sparse in (tokmod._SPARSE_NON_ASCII, 0):  # 0: the ASCII fast path around every non-ASCII char
-        with mock.patch.object(tokmod, "_SPARSE_NON_ASCII", sparse):
+    for sparse in (pretokmod._SPARSE_NON_ASCII, 0):  # 0: the ASCII fast path around every non-ASCII char
+        with mock.patch.object(pretokmod, "_SPARSE_NON_ASCII", sparse):
             assert pretokenize(text) == PRETOKEN_RE.findall(text)
             assert pretokenize(text, 0, end) == PRETOKEN_RE.findall(text, 0, end)
             assert pretokenize(text, end) == PRETOKEN_RE.findall(text, end)
@@ -350,13 +351,13 @@ def test_pretokenize_mostly_ascii_text(inserts):
 @pytest.mark.parametrize("name", TEXT_FILES)
 def test_pretokenize_equals_gpt2_regex_on_real_text(name):
     text = fixture_text(name)
-    for sparse in (tokmod._SPARSE_NON_ASCII, 0):
-        with mock.patch.object(tokmod, "_SPARSE_NON_ASCII", sparse):
+    for sparse in (pretokmod._SPARSE_NON_ASCII, 0):
+        with mock.patch.object(pretokmod, "_SPARSE_NON_ASCII", sparse):
             assert pretokenize(text) == PRETOKEN_RE.findall(text)
     # every ASCII character next to every other, and next to a non-ASCII one
     chars = [chr(c) for c in range(128)] + ["é"]
     probe = "".join(a + b for a in chars for b in chars)
-    with mock.patch.object(tokmod, "_SPARSE_NON_ASCII", 0):
+    with mock.patch.object(pretokmod, "_SPARSE_NON_ASCII", 0):
         assert pretokenize(probe) == PRETOKEN_RE.findall(probe)
 
 
