@@ -66,7 +66,7 @@ def run(cfg) -> dict:
         meta = {"format_version": FORMAT_VERSION, "dtype": token_dtype(vocab_size).name, "vocab_size": vocab_size,
                 "special_tokens": {s: tok.special_ids[s] for s in tok.special_tokens},
                 "eot_id": tok.special_ids[specials[0]] if specials else None,
-                "tokenizer": {"dir": str(files.folder), **files.identity}, "backend": cfg.tokenizer.backend,
+                "tokenizer": {"vocab": str(files.vocab), "merges": str(files.merges), **files.identity}, "backend": cfg.tokenizer.backend,
                 "sources": corpus.sources, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "splits": {}}
         for split in SPLITS:
             src = corpus.train if split == "train" else corpus.val

@@ -81,9 +81,10 @@ def get_or_train_tokenizer(cfg, cache: ArtifactCache, corpus: Corpus) -> Artifac
 
 @dataclass
 class TokenizerFiles:
-    """A tokenizer on disk: its folder (vocab.json, merges.txt), identity, and provenance."""
+    """A tokenizer on disk: its vocab.json and merges.txt, identity, and provenance."""
 
-    folder: Path
+    vocab: Path
+    merges: Path
     identity: dict  # content digests of the two files and the special tokens (for cache keys)
     reused: bool  # found (cache hit or a given path) rather than trained by this run
     built: dict  # what training recorded (empty for a given path)
@@ -91,18 +92,28 @@ class TokenizerFiles:
     def load(self, special_tokens: list[str]):
         from lmrun.tokenizer.tokenizer import Tokenizer
 
-        return Tokenizer.from_files(self.folder / "vocab.json", self.folder / "merges.txt", special_tokens)
+        return Tokenizer.from_files(self.vocab, self.merges, special_tokens)
+
+    @property
+    def folder(self) -> Path:
+        return self.vocab.parent
 
 
-def _given_tokenizer_folder(cfg, cache: ArtifactCache) -> Path:
+def _given_tokenizer_files(cfg, cache: ArtifactCache) -> tuple[Path, Path]:
+    """(vocab.json, merges.txt) of ``tokenizer.path``: a folder holding ``vocab.json`` and
+    ``merges.txt`` (or exactly one ``*vocab*.json`` and one ``*merges*.txt``, as GPT-2's files
+    are named), or the key of a cached tokenizer. DataError otherwise."""
     value = str(cfg.tokenizer.path)
     folder = Path(value).expanduser()
     if not folder.is_dir() and re.fullmatch(r"[0-9a-f]{32}", value):
         folder = cache.path("tokenizer", value)
-    if not ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()):
-        raise DataError(f"tokenizer.path={value}: not a folder holding vocab.json and merges.txt, "
-                        "nor the key of a cached tokenizer")
-    return folder.absolute()
+    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        return (folder / "vocab.json").absolute(), (folder / "merges.txt").absolute()
+    vocabs, merges = sorted(folder.glob("*vocab*.json")), sorted(folder.glob("*merges*.txt"))
+    if folder.is_dir() and len(vocabs) == 1 and len(merges) == 1:
+        return vocabs[0].absolute(), merges[0].absolute()
+    raise DataError(f"tokenizer.path={value}: not a folder holding vocab.json and merges.txt (GPT-2 format), "
+                    "nor the key of a cached tokenizer")
 
 
 def get_tokenizer(cfg, cache: ArtifactCache, corpus: Corpus, dry_run: bool = False) -> TokenizerFiles:
@@ -111,17 +122,18 @@ def get_tokenizer(cfg, cache: ArtifactCache, corpus: Corpus, dry_run: bool = Fal
     trained and the folder may not exist yet (identity then holds the would-be cache key)."""
     specials = list(cfg.tokenizer.special_tokens)
     if cfg.tokenizer.path:
-        folder = _given_tokenizer_folder(cfg, cache)
-        identity = {"vocab": file_digest(folder / "vocab.json"), "merges": file_digest(folder / "merges.txt"),
-                    "special_tokens": specials}
-        return TokenizerFiles(folder, identity, True, {})
+        vocab, merges = _given_tokenizer_files(cfg, cache)
+        identity = {"vocab_digest": file_digest(vocab), "merges_digest": file_digest(merges), "special_tokens": specials}
+        return TokenizerFiles(vocab, merges, identity, True, {})
     if dry_run:
         key = cache.key("tokenizer", tokenizer_material(cfg, corpus))
         found = cache.lookup("tokenizer", key) if not cfg.cache.rebuild else None
-        return TokenizerFiles(cache.path("tokenizer", key), {"tokenizer_key": key}, found is not None, {})
+        where = cache.path("tokenizer", key)
+        return TokenizerFiles(where / "vocab.json", where / "merges.txt", {"tokenizer_key": key}, found is not None, {})
     artifact = get_or_train_tokenizer(cfg, cache, corpus)
     identity = {"tokenizer_key": artifact.key, "special_tokens": specials}
-    return TokenizerFiles(artifact.path, identity, artifact.reused, artifact.manifest["result"])
+    return TokenizerFiles(artifact.path / "vocab.json", artifact.path / "merges.txt", identity, artifact.reused,
+                          artifact.manifest["result"])
 
 
 def plan(cfg) -> dict:
@@ -207,8 +219,8 @@ def run(cfg) -> dict:
     cache = open_cache(cfg)
     corpus = prepare_corpus(cfg.data, cache)
     files = get_tokenizer(cfg, cache, corpus)
-    for name in ("vocab.json", "merges.txt"):
-        shutil.copy2(files.folder / name, run.dir / name)
+    shutil.copy2(files.vocab, run.dir / "vocab.json")
+    shutil.copy2(files.merges, run.dir / "merges.txt")
     specials = list(cfg.tokenizer.special_tokens)
     tok = files.load(specials)
     built = files.built

@@ -38,8 +38,7 @@ def test_arrays_equal_tokenizer_ids_and_backends_agree(docs_file):
     tokens_dir = Path(first["tokens_dir"])
     meta = json.loads((tokens_dir / "meta.json").read_text())
     assert meta["dtype"] == "uint16" and meta["eot_id"] == 0
-    tok = Tokenizer.from_files(Path(meta["tokenizer"]["dir"]) / "vocab.json", Path(meta["tokenizer"]["dir"]) / "merges.txt",
-                               ["<|endoftext|>"])
+    tok = Tokenizer.from_files(meta["tokenizer"]["vocab"], meta["tokenizer"]["merges"], ["<|endoftext|>"])
     for split in ("train", "val"):
         ids = np.memmap(tokens_dir / f"{split}.bin", dtype=meta["dtype"], mode="r")
         assert len(ids) == meta["splits"][split]["tokens"] == first[f"{split}_tokens"]
@@ -59,7 +58,25 @@ def test_default_corpus_and_given_tokenizer_path(isolated_workspace):
     (tok_run,) = (isolated_workspace / "runs" / "tokenizer").iterdir()
     summary = run_encode(f"tokenizer.path={tok_run}")
     assert summary["train_tokens"] > 100_000 and 1.5 < summary["val_bytes_per_token"] < 2.5  # 1.86 measured at vocab 500
-    assert summary["meta"]["tokenizer"]["dir"] == str(tok_run)
+    assert summary["meta"]["tokenizer"]["vocab"] == str(tok_run / "vocab.json")
+
+
+def test_gpt2_files_as_given_tokenizer(docs_file, tmp_path):
+    import gzip
+
+    folder = tmp_path / "gpt2"
+    folder.mkdir()
+    fixtures = Path(__file__).resolve().parent.parent / "fixtures"
+    for name in ("gpt2_vocab.json", "gpt2_merges.txt"):
+        (folder / name).write_bytes(gzip.decompress((fixtures / f"enc_{name}.gz").read_bytes()))
+    summary = run_encode("data=text_files", f"data.train={docs_file}", f"tokenizer.path={folder}")
+    meta = summary["meta"]
+    assert meta["vocab_size"] == 50257 and meta["dtype"] == "uint16" and meta["eot_id"] == 50256
+    tok = Tokenizer.from_files(folder / "gpt2_vocab.json", folder / "gpt2_merges.txt", ["<|endoftext|>"])
+    ids = np.fromfile(Path(summary["tokens_dir"]) / "train.bin", dtype=np.uint16)
+    train_text = Path(meta["sources"][0]["path"]).read_text(encoding="utf-8")
+    assert ids.tolist() == tok.encode(train_text)[: len(ids)]
+    assert cli.main(["stage=encode", *FAST, f"tokenizer.path={tmp_path / 'nope'}"]) == 2
 
 
 def test_chunked_parallel_encoding_is_exact(docs_file, tmp_path):
