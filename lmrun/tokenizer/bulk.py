@@ -19,6 +19,7 @@ import numpy as np
 from lmrun.errors import DataError
 from lmrun.tokenizer.pretokenize import DEFAULT_CHUNK_BYTES, find_chunk_boundaries
 from lmrun.tokenizer.tokenizer import Tokenizer
+from lmrun.tracking.progress import byte_progress
 
 BACKENDS = ("native", "tiktoken")
 
@@ -74,13 +75,7 @@ def encode_file(path: str | os.PathLike, tokenizer: Tokenizer, out_path: str | o
     workers = max(1, min(num_workers or os.cpu_count() or 1, len(tasks)))
     init_args = (tokenizer.vocab, tokenizer.merges, tokenizer.special_tokens, backend)
     dtype = token_dtype(max(tokenizer.vocab) + 1)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=bounds[-1] / 1e6, unit="MB", unit_scale=False, desc=f"encoding {path.name}",
-                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} MB [{elapsed}<{remaining}, {rate_fmt}]",
-                   leave=False, file=sys.stderr)
+    bar = byte_progress(bounds[-1], f"encoding {path.name}", progress)
     t0 = time.perf_counter()
     n_tokens = 0
     try:
@@ -95,7 +90,7 @@ def encode_file(path: str | os.PathLike, tokenizer: Tokenizer, out_path: str | o
                 part.unlink()
                 n_tokens += count
                 if bar is not None:
-                    bar.update(nbytes / 1e6)
+                    bar.update(nbytes)
 
             if workers == 1:
                 _init_worker(*init_args)

@@ -17,6 +17,7 @@ from typing import Iterator
 import regex
 
 from lmrun.errors import DataError
+from lmrun.tracking.progress import byte_progress
 
 #: GPT-2's pre-tokenizer pattern: contractions, letter runs, number runs, punctuation runs
 #: (each with one optional leading space), then whitespace.
@@ -286,17 +287,11 @@ def count_pretokens(
     bounds = find_chunk_boundaries(path, chunk_bytes, [s.encode("utf-8") for s in special_tokens])
     tasks = [(path, a, b, special_re) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=round(size / 1e6, 1), unit="MB", desc="pre-tokenizing", leave=False)
+    bar = byte_progress(size, "pre-tokenizing", progress)
 
     total: dict[bytes, int] = {}
-    done = 0
 
     def merge(result: tuple[int, dict[bytes, int]]) -> None:
-        nonlocal done
         nbytes, counts = result
         if not total:
             total.update(counts)
@@ -304,9 +299,8 @@ def count_pretokens(
             get = total.get
             for w, c in counts.items():
                 total[w] = get(w, 0) + c
-        done += nbytes
         if bar is not None:
-            bar.update(round(done / 1e6, 1) - bar.n)
+            bar.update(nbytes)
 
     try:
         if num_workers == 1 or len(tasks) == 1:
