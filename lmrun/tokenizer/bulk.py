@@ -8,16 +8,13 @@ output. Memory is bounded by a few chunks, not by the file's size.
 """
 from __future__ import annotations
 
-import multiprocessing
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from lmrun.errors import DataError
-from lmrun.tokenizer.pretokenize import DEFAULT_CHUNK_BYTES, find_chunk_boundaries
+from lmrun.tokenizer.pretokenize import DEFAULT_CHUNK_BYTES, find_chunk_boundaries, mp_context, read_text_range
 from lmrun.tokenizer.tokenizer import Tokenizer
 from lmrun.tracking.progress import byte_progress
 
@@ -44,14 +41,7 @@ def _init_worker(vocab, merges, special_tokens, backend: str) -> None:
 
 def _encode_range(task: tuple[str, int, int, int, str]) -> tuple[int, int, int]:
     path, index, start, end, part = task
-    with open(path, "rb") as f:
-        f.seek(start)
-        data = f.read(end - start)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"not valid UTF-8 at byte {start + e.start}: {path}") from None
-    ids = np.asarray(_worker["encode"](text), dtype=_worker["dtype"])
+    ids = np.asarray(_worker["encode"](read_text_range(path, start, end)), dtype=_worker["dtype"])
     ids.tofile(part)
     return index, len(ids), end - start
 
@@ -97,9 +87,8 @@ def encode_file(path: str | os.PathLike, tokenizer: Tokenizer, out_path: str | o
                 for task in tasks:
                     append(_encode_range(task))
             else:
-                method = "fork" if sys.platform.startswith("linux") else "spawn"
-                ctx = multiprocessing.get_context(method)
-                if method == "fork":  # build the encoder once here; forked workers inherit it
+                ctx = mp_context()
+                if ctx.get_start_method() == "fork":  # build the encoder once here; forked workers inherit it
                     _init_worker(*init_args)
                     pool_args = {}
                 else:

@@ -219,17 +219,31 @@ def _segments(text: str, n: int) -> Iterator[str]:
     yield text[start:] if start else text
 
 
-def _count_range(args: tuple[str, int, int, "re.Pattern[str] | None"]) -> tuple[int, dict[bytes, int]]:
-    """Worker: pre-token counts of bytes [start, end) of the file. Returns (bytes read, counts)."""
-    path, start, end, special_re = args
+def read_text_range(path: str | os.PathLike, start: int, end: int) -> str:
+    """Bytes [start, end) of a file decoded as UTF-8 (a chunk from ``find_chunk_boundaries``).
+
+    Raises DataError naming the file and the absolute byte offset of invalid UTF-8."""
     with open(path, "rb") as f:
         f.seek(start)
         data = f.read(end - start)
     try:
-        text = data.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not valid UTF-8 at byte offset {start + e.start} ({e.reason})") from None
-    del data
+        raise DataError(f"{os.fspath(path)}: not valid UTF-8 at byte offset {start + e.start} ({e.reason})") from None
+
+
+def mp_context():
+    """The multiprocessing context for worker pools: fork on Linux (workers inherit what the
+    parent built), spawn elsewhere."""
+    if sys.platform.startswith("linux"):
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
+
+
+def _count_range(args: tuple[str, int, int, "re.Pattern[str] | None"]) -> tuple[int, dict[bytes, int]]:
+    """Worker: pre-token counts of bytes [start, end) of the file. Returns (bytes read, counts)."""
+    path, start, end, special_re = args
+    text = read_text_range(path, start, end)
     counts: Counter[str] = Counter()
     findall = pretokenize
     pieces = special_re.split(text) if special_re is not None else (text,)
@@ -240,12 +254,6 @@ def _count_range(args: tuple[str, int, int, "re.Pattern[str] | None"]) -> tuple[
             for seg in _segments(piece, _SEGMENT_CHARS):
                 counts.update(findall(seg))
     return end - start, {w.encode("utf-8"): c for w, c in counts.items()}
-
-
-def _mp_context():
-    if sys.platform.startswith("linux"):
-        return multiprocessing.get_context("fork")
-    return multiprocessing.get_context("spawn")
 
 
 def count_pretokens(
@@ -307,7 +315,7 @@ def count_pretokens(
             for t in tasks:
                 merge(_count_range(t))
         else:
-            ctx = _mp_context()
+            ctx = mp_context()
             with ctx.Pool(min(num_workers, len(tasks))) as pool:
                 for result in pool.imap_unordered(_count_range, tasks):
                     merge(result)
