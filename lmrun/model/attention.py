@@ -24,6 +24,7 @@ from lmrun.model.layers import Linear
 from lmrun.model.norms import RMSNorm
 from lmrun.model.positions import RotaryEmbedding
 
+
 def softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """``exp(x - max) / sum(exp(x - max))`` along ``dim``: shape unchanged, no overflow for
     large inputs. ``-inf`` entries get probability 0 (a row of only ``-inf`` gives NaN, as
@@ -48,11 +49,21 @@ def scaled_dot_product_attention(Q: torch.Tensor, K: torch.Tensor, V: torch.Tens
     return torch.matmul(softmax(scores, dim=-1).to(V.dtype), V)
 
 
-@functools.lru_cache(maxsize=16)
-def _causal_mask(seq_len: int, groups: int, device: torch.device) -> torch.Tensor:
-    """Boolean ``(groups·seq_len, seq_len)``: row ``g·seq_len + i`` may attend to columns ``<= i``."""
+def _build_causal_mask(seq_len: int, groups: int, device: torch.device) -> torch.Tensor:
     mask = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
     return mask.repeat(groups, 1) if groups > 1 else mask
+
+
+_cached_causal_mask = functools.lru_cache(maxsize=16)(_build_causal_mask)
+
+
+def causal_mask(seq_len: int, groups: int, device: torch.device) -> torch.Tensor:
+    """Boolean ``(groups·seq_len, seq_len)``: row ``g·seq_len + i`` may attend to columns ``<= i``.
+
+    Cached per (seq_len, groups, device) in eager mode; built in the graph under torch.compile."""
+    if torch.compiler.is_compiling():
+        return _build_causal_mask(seq_len, groups, device)
+    return _cached_causal_mask(seq_len, groups, device)
 
 
 class MultiHeadSelfAttention(nn.Module):
@@ -118,7 +129,7 @@ class MultiHeadSelfAttention(nn.Module):
         else:
             g = h // kvh  # fold the query heads of a group into the row dimension: K, V are not copied
             q = q.reshape(b, kvh, g * s, d_k)
-            out = scaled_dot_product_attention(q, k, v, _causal_mask(s, g, x.device)).view(b, h, s, d_k)
+            out = scaled_dot_product_attention(q, k, v, causal_mask(s, g, x.device)).view(b, h, s, d_k)
         out = out.transpose(1, 2).reshape(b, s, h * d_k)
         return self.output_proj(out).view(*lead, s, self.d_model)
 

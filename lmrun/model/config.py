@@ -129,7 +129,7 @@ def default_d_ff(d_model: int, kind: str) -> int:
     multiple of 64 (at least 64; CS336: 512 -> 1344), else ``4·d_model``. The two have about the
     same parameter count (3·d·8d/3 = 2·d·4d): the CS336 SwiGLU-vs-SiLU ablation's matching."""
     if is_gated(kind):
-        return max(64, int(math.floor(8 * d_model / 3 / 64 + 0.5)) * 64)
+        return max(64, math.floor(8 * d_model / 3 / 64 + 0.5) * 64)
     return 4 * d_model
 
 
@@ -201,7 +201,9 @@ def as_model_config(cfg) -> ModelConfig:
     plain dict; unknown keys and wrong types raise OmegaConf's errors."""
     if isinstance(cfg, ModelConfig):
         return cfg
-    from omegaconf import OmegaConf
+    from omegaconf import DictConfig, OmegaConf
 
+    if isinstance(cfg, DictConfig):  # resolve interpolations (``${tokenizer.vocab_size}``) against its root
+        cfg = OmegaConf.to_container(cfg, resolve=True)
     merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), cfg)
     return OmegaConf.to_object(merged)

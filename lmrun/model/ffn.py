@@ -17,10 +17,8 @@ import math
 import torch
 from torch import nn
 
-from lmrun.model.config import (FFN_KINDS, GATED, UNGATED, FFNConfig, default_d_ff, is_gated,  # noqa: F401
-                                validate_ffn)
+from lmrun.model.config import FFN_KINDS, GATED, UNGATED, FFNConfig, default_d_ff, is_gated, validate_ffn  # noqa: F401
 from lmrun.model.layers import Linear
-
 
 
 # --- activations (elementwise; shapes unchanged) -------------------------------------------------

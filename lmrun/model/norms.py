@@ -7,7 +7,6 @@ input dtype.
 """
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 

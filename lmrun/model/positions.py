@@ -22,7 +22,8 @@ class RotaryEmbedding(nn.Module):
     ``[0, max_seq_len)``, e.g. offsets of a KV cache) -> rotated x, same shape and dtype.
     Pair ``(x[2k], x[2k+1])`` at position p is rotated by ``p · theta^(-2k/d_k)``.
     cos/sin tables ``(max_seq_len, d_k/2)`` are float32 non-persistent buffers (no
-    state-dict keys). Raises ValueError for an odd ``d_k``.
+    state-dict keys), recomputed in float32 on ``.to()`` / ``.to_empty()`` so a bf16 model or
+    one initialised on the meta device keeps exact tables. Raises ValueError for an odd ``d_k``.
     """
 
     def __init__(self, theta: float, d_k: int, max_seq_len: int, device: torch.device | str | None = None):
@@ -38,6 +39,12 @@ class RotaryEmbedding(nn.Module):
         inv_freq = self.theta ** (-torch.arange(0, self.d_k, 2, device=device, dtype=torch.float64) / self.d_k)
         angles = torch.outer(torch.arange(self.max_seq_len, device=device, dtype=torch.float64), inv_freq)
         return torch.cos(angles).float(), torch.sin(angles).float()
+
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) / .half() / .to_empty(): keep float32 tables with real values on the new device
+        super()._apply(fn, recurse)
+        self.cos, self.sin = self._tables(self.cos.device)
+        return self
 
     def forward(self, x: torch.Tensor, token_positions: torch.Tensor) -> torch.Tensor:
         cos = self.cos[token_positions]  # (..., seq_len, d_k/2)
@@ -67,11 +74,18 @@ def sinusoidal_table(max_seq_len: int, d_model: int, theta: float = 10000.0,
 class SinusoidalPositionalEmbedding(nn.Module):
     """Fixed sinusoidal absolute positions: ``token_positions (...)`` -> ``(..., d_model)``.
 
-    The table is a non-persistent buffer (no state-dict keys, no parameters)."""
+    The table is a float32 non-persistent buffer (no state-dict keys, no parameters)."""
 
     def __init__(self, max_seq_len: int, d_model: int, theta: float = 10000.0, device=None):
         super().__init__()
+        self.max_seq_len, self.d_model, self.theta = max_seq_len, d_model, theta
         self.register_buffer("table", sinusoidal_table(max_seq_len, d_model, theta, device), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # like RotaryEmbedding: a float32 table with real values after .to(dtype) or .to_empty()
+        super()._apply(fn, recurse)
+        self.table = sinusoidal_table(self.max_seq_len, self.d_model, self.theta, self.table.device)
+        return self
 
     def forward(self, token_positions: torch.Tensor) -> torch.Tensor:
         return self.table[token_positions]

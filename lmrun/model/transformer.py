@@ -111,7 +111,7 @@ class TransformerLM(nn.Module):
             self.lm_head = Linear(d_model, vocab_size, device, dtype)
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig, device=None, dtype=None) -> "TransformerLM":
+    def from_config(cls, cfg: ModelConfig, device=None, dtype=None) -> TransformerLM:
         """Build from a ``ModelConfig`` (or the composed ``cfg.model`` node); call
         ``validate_model`` first for one-line errors."""
         cfg = as_model_config(cfg)

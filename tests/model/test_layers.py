@@ -8,8 +8,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmrun.model import (MLP, Embedding, GatedFFN, LayerNorm, Linear, RMSNorm, RotaryEmbedding,
-                         SinusoidalPositionalEmbedding, SwiGLU, default_d_ff, gelu, relu, relu2, silu, sinusoidal_table)
+from lmrun.model import (
+    MLP,
+    Embedding,
+    GatedFFN,
+    LayerNorm,
+    Linear,
+    RMSNorm,
+    RotaryEmbedding,
+    SinusoidalPositionalEmbedding,
+    SwiGLU,
+    default_d_ff,
+    gelu,
+    relu,
+    relu2,
+    silu,
+    sinusoidal_table,
+)
 from lmrun.model.ffn import build_ffn
 
 RTOL, ATOL = 1e-5, 1e-6
@@ -185,7 +200,7 @@ def test_rope_hand_computed_and_relative():
     torch.manual_seed(0)
     rope = RotaryEmbedding(theta=10000.0, d_k=16, max_seq_len=128)
     q, k = torch.randn(16), torch.randn(16)
-    dot = lambda m, n: (rope(q[None], torch.tensor([m])) * rope(k[None], torch.tensor([n]))).sum()  # noqa: E731
+    dot = lambda m, n: (rope(q[None], torch.tensor([m])) * rope(k[None], torch.tensor([n]))).sum()
     close(dot(5, 2), dot(105, 102), rtol=1e-4, atol=1e-5)  # depends on m - n only
     assert rope(q[None], torch.tensor([3])).norm().item() == pytest.approx(q.norm().item(), rel=1e-6)
 

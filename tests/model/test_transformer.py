@@ -55,7 +55,7 @@ def test_every_preset_and_variant_builds_runs_and_trains(overrides):
     logits = model(torch.randint(0, 97, (2, 32)))
     assert logits.shape == (2, 32, 97) and torch.isfinite(logits).all()
     losses = train_steps(model)
-    assert losses[-1] < 0.8 * losses[0], losses
+    assert losses[-1] < 0.5 * losses[0], losses
 
 
 def test_presets_found():
@@ -166,8 +166,10 @@ def reference_forward(sd: dict, x: torch.Tensor, *, L: int, h: int, norm: str, f
 
 
 def random_state_dict(shapes: dict[str, tuple], seed: int) -> dict[str, torch.Tensor]:
+    """Matrices N(0, 0.2²); 1-D weights (norm gains) 1 + N(0, 0.1²); biases N(0, 0.1²)."""
     g = torch.Generator().manual_seed(seed)
-    return {k: torch.randn(shape, generator=g) * (0.2 if len(shape) == 2 else 1.0) + (1.0 if k.endswith("ln1.weight") else 0.0)
+    return {k: 0.2 * torch.randn(shape, generator=g) if len(shape) == 2
+            else (1.0 if k.endswith("weight") else 0.0) + 0.1 * torch.randn(shape, generator=g)
             for k, shape in shapes.items()}
 
 
@@ -236,3 +238,17 @@ def test_token_positions_and_bf16():
         torch.testing.assert_close(model(x, torch.arange(10) + 5), model(x), rtol=1e-4, atol=1e-4)  # RoPE is relative
         y = model.to(torch.bfloat16)(x)
     assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+    assert model.layers[0].attn.rope.cos.dtype == torch.float32  # position tables stay exact
+
+
+@pytest.mark.parametrize("position", ["rope", "sinusoidal"])
+def test_meta_init_then_to_empty_matches_a_normal_build(position):
+    """Build on the meta device, materialise with to_empty, load weights: same logits (the
+    non-persistent RoPE / sinusoidal tables are recomputed, not left uninitialised)."""
+    cfg = model_cfg(f"model/position={position}")
+    torch.manual_seed(0)
+    ref = build_model(cfg)
+    lazy = build_model(cfg, device="meta").to_empty(device="cpu")
+    lazy.load_state_dict(ref.state_dict())
+    x = torch.randint(0, 97, (2, 16))
+    torch.testing.assert_close(lazy(x), ref(x), rtol=0, atol=0)
