@@ -189,11 +189,12 @@ def _task(cfg) -> dict:
 
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
-    run = start_run(cfg, hc.runtime.output_dir, list(hc.overrides.task))
+    stage = load_stage(cfg.stage.name)
+    run = start_run(cfg, hc.runtime.output_dir, list(hc.overrides.task), resumable=getattr(stage, "RESUMABLE", False))
     log.info("stage %s -> %s", cfg.stage.name, run.dir)
     try:
         validate(cfg)
-        summary = load_stage(cfg.stage.name).run(cfg)
+        summary = stage.run(cfg)
     except LmrunError as e:
         run.finish({}, status="failed", error=str(e))
         end_run()

@@ -10,8 +10,10 @@ from dataclasses import dataclass, field
 
 from lmrun.data.corpora import DataConfig, validate_data
 from lmrun.model.config import ModelConfig, validate_model
+from lmrun.optim.config import OptimizerConfig, ScheduleConfig, validate_optimizer, validate_schedule
 from lmrun.tokenizer.config import TokenizerConfig, validate_tokenizer
 from lmrun.tracking.logger import LoggerConfig, validate_logger
+from lmrun.train.config import TrainConfig, validate_train
 
 
 @dataclass
@@ -46,6 +48,9 @@ class LmrunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -83,4 +88,7 @@ def validate(cfg) -> None:
     validate_data(cfg.data)
     validate_tokenizer(cfg.tokenizer)
     validate_model(cfg.model)
+    validate_optimizer(cfg.optimizer)
+    validate_schedule(cfg.schedule)
+    validate_train(cfg.train)
     validate_logger(cfg.logger)

@@ -71,7 +71,7 @@ def test_dry_run_every_stage_writes_nothing(stage, isolated_workspace, cache_dir
         (["stage=tokenizer", "tokenizer.vocab_size=abc"], r"tokenizer\.vocab_size='abc': .*expected int"),
         (["stage=tokenizer", "tokenizer.vocab_size=100"], r"tokenizer\.vocab_size=100: expected an integer >= 257"),
         (["stage=tokenizer", "data=nope"], r"data=nope: no such option; available: text_files, tinyshakespeare"),
-        (["stage=nope"], r"stage=nope: no such option; available: encode, tokenizer"),
+        (["stage=nope"], r"stage=nope: no such option; available: encode, pretrain, tokenizer"),
         ([], r"stage"),
         (["stage=tokenizer", "data=text_files"], r"data\.train=None: expected a UTF-8 text file path"),
         (["stage=tokenizer", "data=text_files", "data.train=/no/such/file.txt"], r"data\.train: file not found: /no/such/file\.txt"),
@@ -150,7 +150,7 @@ def test_cfg_job_prints_config(capsys):
 def test_help_lists_stages_and_groups(capsys):
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert "stage: encode, tokenizer" in out and "data: text_files, tinyshakespeare" in out and "logger: none, wandb" in out
+    assert "stage: encode, pretrain, tokenizer" in out and "data: text_files, tinyshakespeare" in out and "logger: none, wandb" in out
 
 
 def test_load_stage_rejects_unregistered():

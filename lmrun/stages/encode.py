@@ -53,11 +53,9 @@ def plan(cfg) -> dict:
     }
 
 
-def run(cfg) -> dict:
-    run = active_run()
-    cache = open_cache(cfg)
-    corpus = prepare_corpus(cfg.data, cache)
-    files = get_tokenizer(cfg, cache, corpus)
+def get_or_encode_tokens(cfg, cache, corpus, files):
+    """The cached token arrays (``tokens/<key>``: train.bin, val.bin, meta.json) for this corpus
+    and tokenizer, encoded first if absent. Returns the cache Artifact."""
     specials = list(cfg.tokenizer.special_tokens)
     tok = files.load(specials)
     vocab_size = max(tok.vocab) + 1
@@ -66,8 +64,9 @@ def run(cfg) -> dict:
         meta = {"format_version": FORMAT_VERSION, "dtype": token_dtype(vocab_size).name, "vocab_size": vocab_size,
                 "special_tokens": {s: tok.special_ids[s] for s in tok.special_tokens},
                 "eot_id": tok.special_ids[specials[0]] if specials else None,
-                "tokenizer": {"vocab": str(files.vocab), "merges": str(files.merges), **files.identity}, "backend": cfg.tokenizer.backend,
-                "sources": corpus.sources, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "splits": {}}
+                "tokenizer": {"vocab": str(files.vocab), "merges": str(files.merges), **files.identity},
+                "backend": cfg.tokenizer.backend, "sources": corpus.sources,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "splits": {}}
         for split in SPLITS:
             src = corpus.train if split == "train" else corpus.val
             stats = encode_file(src, tok, out / f"{split}.bin", backend=cfg.tokenizer.backend,
@@ -79,11 +78,19 @@ def run(cfg) -> dict:
         atomic_write_json(out / "meta.json", meta)
         return {"splits": meta["splits"]}
 
-    artifact = cache.get_or_build("tokens", _material(corpus, files.identity), build)
-    meta_path = artifact.path / "meta.json"
-    run_meta = {**json.loads(meta_path.read_text()), "path": str(artifact.path), "cached": artifact.reused}
+    return cache.get_or_build("tokens", _material(corpus, files.identity), build)
+
+
+def run(cfg) -> dict:
+    run = active_run()
+    cache = open_cache(cfg)
+    corpus = prepare_corpus(cfg.data, cache)
+    files = get_tokenizer(cfg, cache, corpus)
+    artifact = get_or_encode_tokens(cfg, cache, corpus, files)
+    run_meta = {**json.loads((artifact.path / "meta.json").read_text()), "path": str(artifact.path),
+                "cached": artifact.reused}
     atomic_write_json(run.dir / "meta.json", run_meta)
-    summary = {"vocab_size": vocab_size}
+    summary = {"vocab_size": run_meta["vocab_size"]}
     for split, stats in run_meta["splits"].items():
         summary.update({f"{split}_tokens": stats["tokens"], f"{split}_bytes": stats["bytes"],
                         f"{split}_bytes_per_token": stats["bytes_per_token"], f"{split}_mb_per_s": stats["mb_per_s"]})

@@ -129,7 +129,8 @@ def get_tokenizer(cfg, cache: ArtifactCache, corpus: Corpus, dry_run: bool = Fal
         key = cache.key("tokenizer", tokenizer_material(cfg, corpus))
         found = cache.lookup("tokenizer", key) if not cfg.cache.rebuild else None
         where = cache.path("tokenizer", key)
-        return TokenizerFiles(where / "vocab.json", where / "merges.txt", {"tokenizer_key": key}, found is not None, {})
+        return TokenizerFiles(where / "vocab.json", where / "merges.txt", {"tokenizer_key": key, "special_tokens": specials},
+                              found is not None, {})
     artifact = get_or_train_tokenizer(cfg, cache, corpus)
     identity = {"tokenizer_key": artifact.key, "special_tokens": specials}
     return TokenizerFiles(artifact.path / "vocab.json", artifact.path / "merges.txt", identity, artifact.reused,

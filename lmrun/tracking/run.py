@@ -88,8 +88,9 @@ def seed_everything(seed: int) -> None:
 class Run:
     """One run directory. Use :func:`start_run`; then :meth:`log` per step and :meth:`finish`."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None):
+    def __init__(self, cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, resumable: bool = False):
         self.cfg = cfg
+        self.resumable = resumable
         self.dir = Path(run_dir)
         self.overrides = list(overrides or [])
         self.info: dict[str, Any] = {}
@@ -100,8 +101,14 @@ class Run:
     # lifecycle -------------------------------------------------------------------------------
     def start(self) -> "Run":
         self.dir.mkdir(parents=True, exist_ok=True)
+        previous = None
         if (self.dir / "run.json").exists():
-            raise LmrunError(f"run directory already used: {self.dir} (runs are never overwritten)")
+            if not self.resumable:
+                raise LmrunError(f"run directory already used: {self.dir} (runs are never overwritten)")
+            try:
+                previous = json.loads((self.dir / "run.json").read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise LmrunError(f"cannot resume: corrupt {self.dir / 'run.json'} ({e})") from None
         seed_everything(int(self.cfg.seed))
         resolved = resolved_config(self.cfg)
         self.info = {
@@ -121,6 +128,13 @@ class Run:
             "platform": platform.platform(),
             "slurm": {k.lower().removeprefix("slurm_"): os.environ[k] for k in SLURM_VARS if k in os.environ},
         }
+        if previous is not None:  # a restart in the same directory (resume): keep its identity
+            if previous.get("config_hash") != self.info["config_hash"]:
+                log.warning("resuming %s with a different config (hash %s, was %s)", self.dir,
+                            self.info["config_hash"], previous.get("config_hash"))
+            self.info.update(first_started=previous.get("first_started", previous.get("started")),
+                             restarts=int(previous.get("restarts", 0)) + 1,
+                             wandb_run_id=previous.get("wandb_run_id"))
         self._metrics = open(self.dir / "metrics.jsonl", "a", encoding="utf-8")
         if self.cfg.logger.name == "wandb":
             self._start_wandb(resolved)
@@ -170,10 +184,14 @@ class Run:
         atomic_write_json(self.dir / "run.json", self.info)
 
 
-def start_run(cfg: DictConfig, run_dir: str | os.PathLike, overrides: list[str] | None = None) -> Run:
-    """Create the run directory's files and make the run active for :func:`active_run`."""
+def start_run(cfg: DictConfig, run_dir: str | os.PathLike, overrides: list[str] | None = None,
+              resumable: bool = False) -> Run:
+    """Create the run directory's files and make the run active for :func:`active_run`.
+
+    An existing run directory is an error unless ``resumable`` (a stage that resumes from its
+    checkpoints): then run.json records the restart and metrics.jsonl is appended to."""
     global _ACTIVE
-    _ACTIVE = Run(cfg, Path(run_dir), overrides).start()
+    _ACTIVE = Run(cfg, Path(run_dir), overrides, resumable).start()
     return _ACTIVE
 
 

@@ -1,0 +1,51 @@
+"""Optimizers, learning-rate schedules and gradient clipping, from scratch (CS336 assignment 1
+and beyond), each checked against PyTorch where PyTorch has one.
+
+Optimizers: ``AdamW`` (Loshchilov & Hutter 2019), ``SGD`` (momentum / Nesterov), ``Muon``
+(Jordan et al. 2024; Liu et al. 2025) with ``newton_schulz``, ``SOAP`` (Vyas et al. 2024).
+Schedules (pure functions of the step): ``cosine_schedule``, ``wsd_schedule``,
+``constant_schedule``, ``linear_schedule``. ``clip_grad_norm`` (global L2, in place).
+From configs: ``OptimizerConfig``, ``ScheduleConfig``, ``validate_optimizer``,
+``validate_schedule``, ``build_optimizer``, ``param_groups``, ``build_schedule``, ``set_lr``.
+
+Typical loop::
+
+    opt = build_optimizer(model, cfg.optimizer)
+    lr_at = build_schedule(cfg.schedule, max_lr=cfg.optimizer.lr, total_steps=steps)
+    for step in range(steps):
+        set_lr(opt, lr_at(step))
+        loss.backward(); clip_grad_norm(model.parameters(), 1.0); opt.step(); opt.zero_grad()
+
+Names are imported on first use, so ``lmrun.optim.config`` (loaded by the CLI) and
+``lmrun.optim.schedules`` do not import torch.
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "adamw": ["AdamW", "adamw_update"],
+    "sgd": ["SGD"],
+    "muon": ["Muon", "newton_schulz", "muon_scale"],
+    "soap": ["SOAP"],
+    "clip": ["clip_grad_norm"],
+    "schedules": ["cosine_schedule", "wsd_schedule", "constant_schedule", "linear_schedule", "build_schedule",
+                  "warmup_steps"],
+    "config": ["OptimizerConfig", "ScheduleConfig", "validate_optimizer", "validate_schedule",
+               "as_optimizer_config", "as_schedule_config"],
+    "build": ["build_optimizer", "param_groups", "set_lr", "named_parameter_aliases"],
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = [name for names in _EXPORTS.values() for name in names]
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        value = getattr(importlib.import_module(f"lmrun.optim.{_WHERE[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lmrun.optim' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

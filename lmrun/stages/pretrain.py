@@ -1,0 +1,121 @@
+"""Stage ``pretrain``: tokenizer (cached) -> token arrays (cached) -> train -> evaluate -> sample.
+
+Run directory: ``run.json``, ``metrics.jsonl`` (loss, lr, grad norm, tokens/s, MFU, memory per
+log step; validation loss, perplexity, bits per byte per evaluation), ``summary.json``,
+``checkpoints/ckpt_<step>.pt`` (model, optimizer, data position, RNG states, tokenizer
+identity; the run resumes from the latest when restarted in the same directory),
+``loss_curve.png`` and ``samples.txt``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+
+from omegaconf import OmegaConf
+
+from lmrun.data.corpora import prepare_corpus
+from lmrun.errors import ConfigError
+from lmrun.model.flops import model_summary, training_flops
+from lmrun.stages.encode import _material as tokens_material
+from lmrun.stages.encode import get_or_encode_tokens
+from lmrun.stages.tokenizer import get_tokenizer, open_cache
+from lmrun.tracking.files import atomic_write_text
+from lmrun.tracking.run import active_run
+
+log = logging.getLogger(__name__)
+
+#: a checkpoint can be resumed: the CLI lets this stage continue in an existing run directory
+RESUMABLE = True
+
+
+def _budget(cfg) -> dict:
+    t, ctx = cfg.train, int(cfg.model.context_length)
+    per_step = int(t.batch_size) * ctx
+    if t.max_steps is not None:
+        return {"steps": int(t.max_steps), "tokens": int(t.max_steps) * per_step, "tokens_per_step": per_step}
+    if t.max_tokens is not None:
+        steps = -(-int(t.max_tokens) // per_step)
+        return {"steps": steps, "tokens": steps * per_step, "tokens_per_step": per_step}
+    return {"seconds": float(t.max_time), "tokens_per_step": per_step}
+
+
+def _check_vocab(cfg, tokenizer_vocab_size: int) -> None:
+    if int(cfg.model.vocab_size) < tokenizer_vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size}: expected >= {tokenizer_vocab_size}, the number of "
+                          "token ids of the tokenizer (set model.vocab_size or tokenizer.vocab_size)")
+
+
+def plan(cfg) -> dict:
+    cache = open_cache(cfg)
+    corpus = prepare_corpus(cfg.data, cache, dry_run=True)
+    tok = get_tokenizer(cfg, cache, corpus, dry_run=True)
+    if cfg.tokenizer.path:
+        _check_vocab(cfg, max(tok.load(list(cfg.tokenizer.special_tokens)).vocab) + 1)
+    else:
+        _check_vocab(cfg, int(cfg.tokenizer.vocab_size))
+    tokens_key = cache.key("tokens", tokens_material(corpus, tok.identity))
+    tokens_cached = cache.lookup("tokens", tokens_key) is not None and not cfg.cache.rebuild
+    summary = model_summary(cfg.model)
+    budget = _budget(cfg)
+    flops = training_flops(cfg.model, budget["tokens"]) if "tokens" in budget else None
+    return {
+        "stage": "pretrain",
+        "inputs": corpus.sources,
+        "tokenizer": str(tok.folder) + ("" if tok.reused else " (trained first)"),
+        "tokens": str(cache.path("tokens", tokens_key)) + ("" if tokens_cached else " (encoded first)"),
+        "model": {"architecture": summary["architecture"], "params": summary["params"],
+                  "forward_flops_per_token": summary["forward_flops_per_token"],
+                  "train_flops_per_token": summary["train_flops_per_token"],
+                  "six_n_flops_per_token": summary["six_n_flops_per_token"]},
+        "budget": budget,
+        "train_flops": flops,
+        "outputs": ["checkpoints/", "metrics.jsonl", "summary.json", "loss_curve.png", "samples.txt", "run.json"],
+    }
+
+
+def run(cfg) -> dict:
+    import numpy as np
+    import torch
+
+    from lmrun.inference import sample
+    from lmrun.tracking.run import seed_everything
+    from lmrun.train.trainer import Trainer, plot_loss_curve
+
+    run = active_run()
+    seed_everything(int(cfg.seed))
+    cache = open_cache(cfg)
+    corpus = prepare_corpus(cfg.data, cache)
+    files = get_tokenizer(cfg, cache, corpus)
+    artifact = get_or_encode_tokens(cfg, cache, corpus, files)
+    meta = json.loads((artifact.path / "meta.json").read_text())
+    _check_vocab(cfg, int(meta["vocab_size"]))
+    train = np.memmap(artifact.path / "train.bin", dtype=meta["dtype"], mode="r")
+    val = np.memmap(artifact.path / "val.bin", dtype=meta["dtype"], mode="r")
+    specials = list(cfg.tokenizer.special_tokens)
+    extra = {"model_config": OmegaConf.to_container(cfg.model, resolve=True),
+             "tokenizer": {"vocab": str(files.vocab), "merges": str(files.merges), "special_tokens": specials,
+                           **{k: v for k, v in files.identity.items() if k != "special_tokens"}},
+             "tokens_dir": str(artifact.path)}
+    trainer = Trainer(cfg, run, train, val, meta["splits"]["val"]["bytes_per_token"], extra_state=extra)
+    summary = trainer.fit()
+    plot_loss_curve(trainer.state.history, run.dir / "loss_curve.png",
+                    f"{cfg.model.name} on {corpus.name}: {summary['steps']} steps")
+
+    tok = files.load(specials)
+    texts = []
+    prompt = tok.encode("\n")
+    stop = tuple(tok.special_ids.values())
+    for i in range(int(cfg.train.samples)):
+        gen = torch.Generator().manual_seed(int(cfg.seed) + i)
+        ids = sample(trainer.model, prompt, int(cfg.train.sample_tokens), context_length=int(cfg.model.context_length),
+                     temperature=float(cfg.train.temperature), top_p=float(cfg.train.top_p), stop_ids=stop, generator=gen)
+        texts.append(tok.decode(ids))
+    if texts:
+        atomic_write_text(run.dir / "samples.txt", "".join(
+            f"--- sample {i} (temperature {cfg.train.temperature}, top-p {cfg.train.top_p}) ---\n{t}\n\n"
+            for i, t in enumerate(texts)))
+        log.info("sample 0:\n%s", texts[0])
+    log.info("validation: loss %.4f, perplexity %.2f, %.4f bits/byte; %.0f tokens/s; %.1f s of training",
+             summary["val_loss"], summary["val_perplexity"], summary["val_bpb"], summary["tokens_per_s"],
+             summary["train_seconds"])
+    return summary

@@ -1,0 +1,38 @@
+"""Training: token data loading, loss, checkpoints, evaluation, gradient noise scale (CS336
+assignment 1), and the training loop.
+
+Loss (``loss``): ``cross_entropy``, ``cross_entropy_with_z``, ``z_loss``, ``logsumexp``.
+Data (``data``): ``load_tokens``, ``get_batch``, ``MixtureSampler``, ``BatchStream``,
+``windows_to_tensors``. Checkpoints (``checkpoint``): ``save_checkpoint``, ``load_checkpoint``,
+``read_checkpoint``, ``CheckpointManager``, ``rng_state``, ``set_rng_state``, ``unwrap_model``.
+Evaluation (``evaluation``): ``evaluate_loss``, ``bits_per_byte``. Noise scale
+(``noise_scale``): ``GradientNoiseScale``, ``grad_sq_norm``, ``noise_scale_estimates``.
+
+Names are imported on first use (as in ``lmrun.model``), so importing ``lmrun.train`` is cheap.
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "checkpoint": ["CheckpointManager", "load_checkpoint", "read_checkpoint", "rng_state", "save_checkpoint",
+                   "set_rng_state", "unwrap_model"],
+    "data": ["BatchStream", "MixtureSampler", "get_batch", "load_tokens", "windows_to_tensors"],
+    "evaluation": ["bits_per_byte", "evaluate_loss"],
+    "loss": ["cross_entropy", "cross_entropy_with_z", "logsumexp", "z_loss"],
+    "noise_scale": ["GradientNoiseScale", "grad_sq_norm", "noise_scale_estimates"],
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = [name for names in _EXPORTS.values() for name in names]
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        value = getattr(importlib.import_module(f"lmrun.train.{_WHERE[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lmrun.train' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,85 @@
+"""Config schema of the `train` node (the pretraining loop's settings; see lmrun/train/trainer.py)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lmrun.errors import check, check_choice
+
+
+@dataclass
+class TrainConfig:
+    """Settings of ``stage=pretrain``'s training loop.
+
+    batch_size: sequences per optimizer step (tokens per step = batch_size × model.context_length).
+    grad_accum_steps: micro-batches per step (each of batch_size / grad_accum_steps sequences).
+    max_steps / max_tokens / max_time: the budget — exactly one is set; the learning-rate
+        schedule is defined against it (max_time in seconds of training wall time).
+    device: auto (CUDA if available, else CPU), cpu or cuda. precision: auto (bf16 autocast on
+        CUDA, fp32 on CPU), fp32 or bf16. compile: torch.compile the model.
+    grad_clip: global L2 norm clip (0 disables). z_loss: weight of the logit z-loss.
+    log_every / eval_every: steps between log lines / validation evaluations; eval_tokens:
+        validation tokens per periodic evaluation (null = all; the final one is always full).
+    checkpoint_every: steps between checkpoints (0: only at the end); keep_last: how many to keep.
+    resume: auto (continue from the run directory's latest checkpoint, if any) or never.
+    on_nan: stop (keep the last good checkpoint, fail with the step) or skip_step.
+    activation_checkpointing: recompute each block's activations in the backward pass.
+    deterministic: torch deterministic algorithms (slower).
+    samples / sample_tokens / temperature / top_p: text samples written at the end.
+    peak_flops: the device's peak FLOP/s for MFU (null: known GPUs only; set it for CPU).
+    noise_scale: log the gradient noise scale estimate (McCandlish et al. 2018).
+    """
+
+    batch_size: int = 32
+    grad_accum_steps: int = 1
+    max_steps: int | None = 2000
+    max_tokens: int | None = None
+    max_time: float | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    compile: bool = False
+    grad_clip: float = 1.0
+    z_loss: float = 0.0
+    log_every: int = 50
+    eval_every: int = 500
+    eval_tokens: int | None = 65536
+    checkpoint_every: int = 1000
+    keep_last: int = 2
+    resume: str = "auto"
+    on_nan: str = "stop"
+    activation_checkpointing: bool = False
+    deterministic: bool = False
+    samples: int = 3
+    sample_tokens: int = 128
+    temperature: float = 0.8
+    top_p: float = 0.95
+    peak_flops: float | None = None
+    noise_scale: bool = False
+
+
+def validate_train(cfg: TrainConfig) -> None:
+    """Raise ConfigError for values and combinations the types cannot exclude."""
+    budgets = {k: getattr(cfg, k) for k in ("max_steps", "max_tokens", "max_time") if getattr(cfg, k) is not None}
+    check("train.max_steps/max_tokens/max_time", budgets or None, len(budgets) == 1,
+          "exactly one budget (set the others to null)")
+    for key, value in budgets.items():
+        check(f"train.{key}", value, value > 0, "a positive number")
+    check("train.batch_size", cfg.batch_size, cfg.batch_size >= 1, "an integer >= 1")
+    check("train.grad_accum_steps", cfg.grad_accum_steps,
+          cfg.grad_accum_steps >= 1 and cfg.batch_size % cfg.grad_accum_steps == 0,
+          f"a divisor of train.batch_size={cfg.batch_size}")
+    check_choice("train.device", cfg.device, ["auto", "cpu", "cuda"])
+    check_choice("train.precision", cfg.precision, ["auto", "fp32", "bf16"])
+    check_choice("train.resume", cfg.resume, ["auto", "never"])
+    check_choice("train.on_nan", cfg.on_nan, ["stop", "skip_step"])
+    check("train.grad_clip", cfg.grad_clip, cfg.grad_clip >= 0, "a number >= 0 (0 disables clipping)")
+    check("train.z_loss", cfg.z_loss, cfg.z_loss >= 0, "a number >= 0")
+    for key in ("log_every", "eval_every"):
+        check(f"train.{key}", getattr(cfg, key), getattr(cfg, key) >= 1, "an integer >= 1")
+    check("train.checkpoint_every", cfg.checkpoint_every, cfg.checkpoint_every >= 0, "an integer >= 0")
+    check("train.keep_last", cfg.keep_last, cfg.keep_last >= 1, "an integer >= 1")
+    check("train.temperature", cfg.temperature, cfg.temperature >= 0, "a number >= 0 (0 = greedy)")
+    check("train.top_p", cfg.top_p, 0 < cfg.top_p <= 1, "a number in (0, 1]")
+    check("train.noise_scale", cfg.noise_scale, not cfg.noise_scale or cfg.grad_accum_steps >= 2,
+          "false unless train.grad_accum_steps >= 2 (the estimate compares micro-batch and full-batch gradients)")
+    if cfg.peak_flops is not None:
+        check("train.peak_flops", cfg.peak_flops, cfg.peak_flops > 0, "null or FLOP/s > 0")

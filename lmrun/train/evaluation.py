@@ -1,0 +1,84 @@
+"""Validation loss over a whole token array, and its conversion to bits per byte.
+
+The loss is the exact token-weighted mean of the per-token cross-entropy (nats per predicted
+token) over consecutive, non-overlapping windows — every token after the first is predicted once.
+Each window starts with an empty context, so this is the standard "chunked" validation loss
+(nanoGPT, CS336), a little higher than a sliding-window evaluation with a full context per token.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import numpy as np
+import torch
+
+from lmrun.errors import DataError
+from lmrun.train.data import _gather, windows_to_tensors
+from lmrun.train.loss import cross_entropy
+
+__all__ = ["bits_per_byte", "evaluate_loss"]
+
+
+def evaluate_loss(model: torch.nn.Module, dataset: np.ndarray, batch_size: int, context_length: int,
+                  device="cpu", max_tokens: int | None = None, autocast_dtype: torch.dtype | None = None) -> dict:
+    """Mean next-token cross-entropy of ``model`` over a token array, in one sequential pass.
+
+    Args:
+        model: maps int64 token ids ``(batch, seq)`` to logits ``(batch, seq, vocab)``.
+        dataset: 1-D token array (a ``numpy.memmap`` works; read window by window).
+        batch_size: windows per forward pass. context_length: tokens per window (inputs).
+        device: where the model lives; batches are moved there.
+        max_tokens: evaluate only the first ``max_tokens`` tokens of the array (None: all).
+        autocast_dtype: e.g. ``torch.bfloat16`` to run the forward pass under ``torch.autocast``
+            (None: the model's own precision). The loss is accumulated in float64 either way.
+
+    The ``n`` tokens evaluated give ``n - 1`` predictions: windows ``[s, s + context_length)`` at
+    ``s = 0, context_length, 2·context_length, ...`` predict tokens ``s + 1 ... s + context_length``;
+    the last, partial window (fewer than ``context_length`` predictions) is included, so every
+    token ``1 ... n - 1`` is predicted exactly once.
+
+    Returns ``{"loss": nats per predicted token, "perplexity": exp(loss), "tokens": n - 1}``.
+    Runs under ``torch.no_grad`` with ``model.eval()`` and restores the model's train/eval mode.
+    Raises DataError if fewer than 2 tokens are evaluated; ValueError for batch_size or
+    context_length < 1.
+    """
+    if batch_size < 1 or context_length < 1:
+        raise ValueError(f"batch_size={batch_size}, context_length={context_length}: expected integers >= 1")
+    n = len(dataset) if max_tokens is None else min(int(max_tokens), len(dataset))
+    if n < 2:
+        raise DataError(f"validation data has {n} token(s) to evaluate: at least 2 are needed for one prediction")
+    device = device if isinstance(device, torch.device) else torch.device(device)
+    full, rest = divmod(n - 1, context_length)
+    autocast = (torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                else contextlib.nullcontext())
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    try:
+        with torch.no_grad(), autocast:
+            for first in range(0, full, batch_size):
+                starts = np.arange(first, min(first + batch_size, full), dtype=np.int64) * context_length
+                x, y = windows_to_tensors(_gather(dataset, starts, context_length + 1), device)
+                total += cross_entropy(model(x), y, reduction="sum").item()
+            if rest:
+                s = full * context_length
+                window = np.asarray(dataset[s:s + rest + 1])[None, :]
+                x, y = windows_to_tensors(window, device)
+                total += cross_entropy(model(x), y, reduction="sum").item()
+    finally:
+        model.train(was_training)
+    loss = total / (n - 1)
+    return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf, "tokens": n - 1}
+
+
+def bits_per_byte(loss_nats_per_token: float, bytes_per_token: float) -> float:
+    """Convert a loss in nats per token to bits per byte of text: ``loss / ln 2 / bytes_per_token``.
+
+    ``bytes_per_token``: UTF-8 bytes of the evaluated text divided by its token count (the
+    ``encode`` stage records it per split in ``meta.json``). Bits per byte compares models with
+    different tokenizers. Raises ValueError if ``bytes_per_token <= 0``.
+    """
+    if not bytes_per_token > 0:
+        raise ValueError(f"bytes_per_token={bytes_per_token}: expected a number > 0")
+    return float(loss_nats_per_token) / math.log(2) / float(bytes_per_token)

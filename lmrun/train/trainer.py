@@ -1,0 +1,325 @@
+"""The pretraining loop: batches from token arrays, forward/backward with gradient accumulation,
+clipping, the optimizer and schedule from their config groups, periodic evaluation,
+checkpoints with exact resume, non-finite handling, logging (loss, lr, grad norm, tokens/s,
+MFU, memory; validation loss, perplexity, bits per byte), a loss-curve PNG and text samples.
+
+Source: CS336 assignment 1 (training loop); nanoGPT; Chowdhery et al. 2022 (MFU).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmrun.errors import LmrunError
+from lmrun.model import build_model
+from lmrun.model.flops import model_summary
+from lmrun.optim import build_optimizer, build_schedule, clip_grad_norm, set_lr
+from lmrun.train.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
+from lmrun.train.data import BatchStream
+from lmrun.train.evaluation import bits_per_byte, evaluate_loss
+from lmrun.train.loss import cross_entropy_with_z
+from lmrun.train.noise_scale import GradientNoiseScale, grad_sq_norm
+
+log = logging.getLogger(__name__)
+
+#: Dense bf16 peak FLOP/s of known accelerators, for MFU (vendor datasheets).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+NOMINAL_TIME_STEPS = 100_000  # schedule resolution for a time budget
+
+
+class NonFiniteError(LmrunError):
+    """The loss or the gradient norm became NaN or infinite."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise LmrunError("train.device=cuda: no CUDA device is available (use train.device=auto or cpu)")
+    return torch.device(name)
+
+
+def peak_flops(device: torch.device, configured: float | None) -> float | None:
+    if configured:
+        return float(configured)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    return None
+
+
+def memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint restores besides model and optimizer weights."""
+
+    step: int = 0
+    tokens: int = 0
+    train_seconds: float = 0.0
+    skipped_steps: int = 0
+    best_val_loss: float = math.inf
+    history: dict = field(default_factory=lambda: {"step": [], "loss": [], "val_step": [], "val_loss": []})
+
+
+class Trainer:
+    """Trains ``cfg.model`` on ``train_tokens`` with ``cfg.optimizer``/``cfg.schedule``/``cfg.train``.
+
+    train_tokens / val_tokens: 1-D token arrays (np.memmap). bytes_per_token: of the
+    validation split (for bits per byte). run: the active ``lmrun.tracking.run.Run``.
+    extra_state: JSON-able facts stored in every checkpoint (e.g. the tokenizer identity)."""
+
+    def __init__(self, cfg, run, train_tokens: np.ndarray, val_tokens: np.ndarray, bytes_per_token: float,
+                 extra_state: dict | None = None):
+        self.cfg, self.run, self.t = cfg, run, cfg.train
+        self.train_tokens, self.val_tokens = train_tokens, val_tokens
+        self.bytes_per_token = float(bytes_per_token)
+        self.extra_state = dict(extra_state or {})
+        from lmrun.tracking.run import resolved_config
+
+        self.config_container = resolved_config(cfg)
+        self.device = resolve_device(self.t.device)
+        precision = self.t.precision if self.t.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
+        self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+        self.precision = precision
+        if self.t.deterministic:
+            torch.use_deterministic_algorithms(True)
+        torch.manual_seed(int(cfg.seed))
+        self.context_length = int(cfg.model.context_length)
+        self.micro_batch = self.t.batch_size // self.t.grad_accum_steps
+        self.tokens_per_step = self.t.batch_size * self.context_length
+
+        self.model = build_model(cfg.model, device=self.device)
+        self.summary = model_summary(cfg.model)
+        if self.t.activation_checkpointing:
+            self._checkpoint_blocks()
+        self.forward = torch.compile(self.model) if self.t.compile else self.model
+        self.optimizer = build_optimizer(self.model, cfg.optimizer)
+        self.total_steps = self._total_steps()
+        self.schedule = build_schedule(cfg.schedule, float(cfg.optimizer.lr), self.total_steps)
+        self.stream = BatchStream(train_tokens, self.micro_batch, self.context_length, seed=int(cfg.seed))
+        self.ckpt = CheckpointManager(Path(run.dir) / "checkpoints", keep_last=self.t.keep_last)
+        self.state = TrainState()
+        self.peak = peak_flops(self.device, self.t.peak_flops)
+        self.noise_scale = GradientNoiseScale() if self.t.noise_scale else None
+        self.last_noise_scale = None
+
+    # --- setup ----------------------------------------------------------------------------
+    def _total_steps(self) -> int:
+        if self.t.max_steps is not None:
+            return int(self.t.max_steps)
+        if self.t.max_tokens is not None:
+            return max(1, math.ceil(int(self.t.max_tokens) / self.tokens_per_step))
+        return NOMINAL_TIME_STEPS
+
+    def _checkpoint_blocks(self) -> None:
+        from torch.utils.checkpoint import checkpoint
+
+        for block in self.model.layers:
+            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+    def _done(self) -> bool:
+        s = self.state
+        if self.t.max_steps is not None:
+            return s.step >= self.t.max_steps
+        if self.t.max_tokens is not None:
+            return s.tokens >= self.t.max_tokens
+        return s.train_seconds >= self.t.max_time
+
+    def _schedule_step(self) -> int:
+        if self.t.max_time is not None:
+            return min(NOMINAL_TIME_STEPS, int(self.state.train_seconds / self.t.max_time * NOMINAL_TIME_STEPS))
+        return self.state.step
+
+    # --- checkpoints ------------------------------------------------------------------------
+    def save(self) -> Path:
+        s = self.state
+        extra = {"train_state": {"step": s.step, "tokens": s.tokens, "train_seconds": s.train_seconds,
+                                 "skipped_steps": s.skipped_steps, "best_val_loss": s.best_val_loss,
+                                 "history": s.history},
+                 "stream": self.stream.state_dict(), "rng": rng_state(), "config": self.config_container,
+                 **self.extra_state}
+        if self.noise_scale is not None:
+            extra["noise_scale"] = self.noise_scale.state_dict()
+        return self.ckpt.save(s.step, self.model, self.optimizer, **extra)
+
+    def maybe_resume(self) -> bool:
+        if self.t.resume != "auto":
+            return False
+        latest = self.ckpt.latest()
+        if latest is None:
+            return False
+        step, extra = load_checkpoint(latest, self.model, self.optimizer, return_extra=True)
+        ts = extra["train_state"]
+        self.state = TrainState(step=int(ts["step"]), tokens=int(ts["tokens"]), train_seconds=float(ts["train_seconds"]),
+                                skipped_steps=int(ts["skipped_steps"]), best_val_loss=float(ts["best_val_loss"]),
+                                history=ts["history"])
+        self.stream.load_state_dict(extra["stream"])
+        set_rng_state(extra["rng"])
+        if self.noise_scale is not None and "noise_scale" in extra:
+            self.noise_scale.load_state_dict(extra["noise_scale"])
+        log.info("resumed from %s (step %d, %d tokens)", latest, self.state.step, self.state.tokens)
+        return True
+
+    # --- evaluation -------------------------------------------------------------------------
+    def evaluate(self, max_tokens: int | None) -> dict:
+        r = evaluate_loss(self.model, self.val_tokens, self.micro_batch, self.context_length, self.device,
+                          max_tokens=max_tokens, autocast_dtype=self.autocast_dtype)
+        return {"val_loss": r["loss"], "val_perplexity": r["perplexity"],
+                "val_bpb": bits_per_byte(r["loss"], self.bytes_per_token), "val_tokens": r["tokens"]}
+
+    # --- the loop ----------------------------------------------------------------------------
+    def train_step(self) -> tuple[float, float, float]:
+        """One optimizer step over grad_accum_steps micro-batches. Returns (loss, z, grad norm).
+
+        With ``train.noise_scale`` the gradient's squared norm after the first micro-batch and
+        after all of them feed the gradient-noise-scale estimate (McCandlish et al. 2018)."""
+        t, accum = self.t, self.t.grad_accum_steps
+        total_loss = torch.zeros((), device=self.device)
+        total_z = torch.zeros((), device=self.device)
+        small_sq = None
+        for i in range(accum):
+            x, y = self.stream.next(self.device)
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                logits = self.forward(x)
+            ce, z = cross_entropy_with_z(logits, y, t.z_loss)
+            loss = ce + t.z_loss * z if t.z_loss else ce
+            (loss / accum).backward()
+            total_loss += ce.detach() / accum
+            total_z += z.detach() / accum
+            if self.noise_scale is not None and i == 0:
+                small_sq = accum**2 * grad_sq_norm(self.model.parameters())
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if small_sq is not None:
+            micro = self.micro_batch * self.context_length
+            self.last_noise_scale = self.noise_scale.update(small_sq, micro, grad_sq_norm(params), micro * accum)
+        grad_norm = clip_grad_norm(params, t.grad_clip if t.grad_clip > 0 else math.inf)
+        return float(total_loss), float(total_z), float(grad_norm)
+
+    def fit(self) -> dict:
+        resumed = self.maybe_resume()
+        t, s = self.t, self.state
+        log.info("model %s: %s parameters (%s non-embedding); %s train FLOPs/token; %d steps of %d tokens on %s (%s)",
+                 self.summary["architecture"], f"{self.summary['params']['total']:,}",
+                 f"{self.summary['params']['non_embedding']:,}", f"{self.summary['train_flops_per_token']:.3g}",
+                 self.total_steps, self.tokens_per_step, self.device, self.precision)
+        from tqdm import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        bar = tqdm(total=self.total_steps if t.max_time is None else None, initial=s.step, unit="step",
+                   desc="pretrain", disable=not self.cfg.progress, dynamic_ncols=True, leave=False)
+        window_loss, window_steps, window_t0, window_tokens = 0.0, 0, time.perf_counter(), 0
+        self.model.train()
+        with logging_redirect_tqdm():
+            while not self._done():
+                t0 = time.perf_counter()
+                lr = self.schedule(self._schedule_step())
+                set_lr(self.optimizer, lr)
+                loss, z, grad_norm = self.train_step()
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    if t.on_nan == "stop":
+                        last = self.ckpt.latest()
+                        raise NonFiniteError(f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} "
+                                             f"at step {s.step + 1} (loss={loss}, grad_norm={grad_norm}); last good "
+                                             f"checkpoint: {last or 'none'}")
+                    s.skipped_steps += 1
+                    log.warning("step %d: non-finite loss or gradients, step skipped (%d so far)", s.step + 1,
+                                s.skipped_steps)
+                    s.step += 1
+                    bar.update(1)
+                    continue
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                s.step += 1
+                s.tokens += self.tokens_per_step
+                s.train_seconds += time.perf_counter() - t0
+                window_loss += loss
+                window_steps += 1
+                window_tokens += self.tokens_per_step
+                bar.update(1)
+                if s.step % t.log_every == 0 or self._done():
+                    elapsed = time.perf_counter() - window_t0
+                    tps = window_tokens / max(elapsed, 1e-9)
+                    metrics = {"loss": window_loss / window_steps, "lr": lr, "grad_norm": grad_norm, "tokens": s.tokens,
+                               "tokens_per_s": tps, "memory_mb": memory_mb(self.device)}
+                    if t.z_loss:
+                        metrics["z_loss"] = z
+                    if self.last_noise_scale is not None:
+                        metrics["noise_scale_tokens"] = self.last_noise_scale
+                    if self.peak:
+                        metrics["mfu"] = tps * self.summary["train_flops_per_token"] / self.peak
+                    self.run.log(metrics, step=s.step)
+                    s.history["step"].append(s.step)
+                    s.history["loss"].append(metrics["loss"])
+                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tps:,.0f}")
+                    log.info("step %d: loss %.4f, lr %.3g, grad norm %.3f, %.0f tokens/s", s.step, metrics["loss"], lr,
+                             grad_norm, tps)
+                    window_loss, window_steps, window_t0, window_tokens = 0.0, 0, time.perf_counter(), 0
+                if s.step % t.eval_every == 0 and not self._done():
+                    self._log_eval(t.eval_tokens)
+                    window_t0 = time.perf_counter()  # evaluation time is not training throughput
+                if t.checkpoint_every and s.step % t.checkpoint_every == 0 and not self._done():
+                    self.save()
+                    window_t0 = time.perf_counter()
+        bar.close()
+        final = self._log_eval(None)
+        path = self.save()
+        summary = {"steps": s.step, "tokens": s.tokens, "train_seconds": round(s.train_seconds, 3),
+                   "tokens_per_s": s.tokens / max(s.train_seconds, 1e-9), "final_train_loss": s.history["loss"][-1]
+                   if s.history["loss"] else None, **final, "skipped_steps": s.skipped_steps,
+                   "params": self.summary["params"]["total"], "params_non_embedding": self.summary["params"]["non_embedding"],
+                   "train_flops": 3 * self.summary["forward_flops_per_token"]["total"] * s.tokens,
+                   "resumed": resumed, "checkpoint": str(path)}
+        if self.peak:
+            summary["mfu"] = summary["tokens_per_s"] * self.summary["train_flops_per_token"] / self.peak
+        return summary
+
+    def _log_eval(self, max_tokens: int | None) -> dict:
+        r = self.evaluate(max_tokens)
+        s = self.state
+        s.best_val_loss = min(s.best_val_loss, r["val_loss"])
+        s.history["val_step"].append(s.step)
+        s.history["val_loss"].append(r["val_loss"])
+        self.run.log(r, step=s.step)
+        log.info("step %d: validation loss %.4f, perplexity %.2f, %.4f bits/byte (%d tokens)", s.step, r["val_loss"],
+                 r["val_perplexity"], r["val_bpb"], r["val_tokens"])
+        return r
+
+
+def plot_loss_curve(history: dict, out: Path, title: str) -> None:
+    """Train (and validation) loss against step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    ax.plot(history["step"], history["loss"], label="train")
+    if history["val_step"]:
+        ax.plot(history["val_step"], history["val_loss"], "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = out.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(out)

@@ -1,0 +1,122 @@
+"""`lmrun stage=pretrain` end to end on the embedded corpus: it learns (validation loss below the
+unigram entropy), writes its outputs, resumes exactly, and handles non-finite losses."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lmrun import cli
+
+SMALL = ["logger=none", "progress=false", "tokenizer.vocab_size=512", "model/size=tiny", "model.context_length=64",
+         "train.batch_size=8", "train.eval_tokens=4096", "train.samples=1", "train.sample_tokens=16"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_pretrain(*overrides: str, expect: int = 0) -> Path:
+    runs = Path.cwd() / "runs" / "pretrain"
+    before = set(runs.iterdir()) if runs.exists() else set()
+    assert cli.main(["stage=pretrain", *SMALL, *overrides]) == expect
+    new = set(runs.iterdir()) - before
+    return new.pop() if new else None
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def unigram_entropy(tokens: np.ndarray) -> float:
+    counts = np.bincount(tokens.astype(np.int64))
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def test_pretrain_learns_and_writes_outputs(isolated_workspace):
+    run_dir = run_pretrain("train.max_steps=150", "train.eval_every=50", "train.log_every=25",
+                           "optimizer.lr=3e-3", "train.checkpoint_every=100")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 150 and summary["tokens"] == 150 * 8 * 64
+    # the model beats the best context-free predictor of the data: the unigram distribution
+    train = np.memmap(_tokens(run_dir) / "train.bin", dtype=np.uint16, mode="r")
+    assert summary["val_loss"] < unigram_entropy(np.asarray(train)) - 0.3
+    assert summary["val_bpb"] == pytest.approx(summary["val_loss"] / math.log(2) / _val_bytes_per_token(run_dir), rel=1e-6)
+    rows = metrics(run_dir)
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [25, 50, 75, 100, 125, 150]
+    assert all(k in train_rows[0] for k in ("lr", "grad_norm", "tokens_per_s", "memory_mb"))
+    assert train_rows[-1]["loss"] < train_rows[0]["loss"]
+    assert [r["step"] for r in rows if "val_bpb" in r] == [50, 100, 150]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["ckpt_00000100.pt", "ckpt_00000150.pt"]
+    assert (run_dir / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert "--- sample 0" in (run_dir / "samples.txt").read_text()
+
+
+def _tokens(run_dir: Path) -> Path:
+    ckpt = torch.load(sorted((run_dir / "checkpoints").iterdir())[-1], weights_only=True)
+    return Path(ckpt["extra"]["tokens_dir"] if "extra" in ckpt else ckpt["tokens_dir"])
+
+
+def _val_bytes_per_token(run_dir: Path) -> float:
+    return json.loads((_tokens(run_dir) / "meta.json").read_text())["splits"]["val"]["bytes_per_token"]
+
+
+def test_resume_continues_the_same_curve(isolated_workspace):
+    common = ["train.max_steps=12", "train.log_every=1", "train.eval_every=100", "train.checkpoint_every=6",
+              "train.keep_last=5", "train.samples=0"]
+    full = run_pretrain(*common)
+    full_losses = {r["step"]: r["loss"] for r in metrics(full) if "loss" in r}
+    assert sorted(full_losses) == list(range(1, 13))
+    # an interrupted copy: what the run directory held right after the checkpoint at step 6
+    cut = isolated_workspace / "interrupted"
+    shutil.copytree(full, cut)
+    (cut / "checkpoints" / "ckpt_00000012.pt").unlink()
+    kept = [line for line in (cut / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= 6]
+    (cut / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+    (cut / "summary.json").unlink()
+    assert cli.main(["stage=pretrain", *SMALL, *common, f"hydra.run.dir={cut}"]) == 0
+    resumed = {r["step"]: r["loss"] for r in metrics(cut) if "loss" in r}
+    assert sorted(resumed) == list(range(1, 13))
+    assert [resumed[s] for s in range(7, 13)] == [full_losses[s] for s in range(7, 13)]
+    info = json.loads((cut / "run.json").read_text())
+    assert info["restarts"] == 1 and info["status"] == "completed"
+    assert json.loads((cut / "summary.json").read_text())["resumed"] is True
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip_step"])
+def test_non_finite_loss(mode, isolated_workspace, monkeypatch, capsys):
+    import lmrun.train.trainer as trainer
+
+    real = trainer.cross_entropy_with_z
+    calls = {"n": 0}
+
+    def poisoned(logits, targets, z_weight, *args, **kwargs):
+        calls["n"] += 1
+        ce, z = real(logits, targets, z_weight, *args, **kwargs)
+        return (ce * float("nan"), z) if calls["n"] == 5 else (ce, z)
+
+    monkeypatch.setattr(trainer, "cross_entropy_with_z", poisoned)
+    common = ["train.max_steps=8", "train.log_every=1", "train.eval_every=100", "train.checkpoint_every=2",
+              "train.samples=0", f"train.on_nan={mode}"]
+    if mode == "stop":
+        run_dir = run_pretrain(*common, expect=1)
+        info = json.loads((run_dir / "run.json").read_text())
+        assert info["status"] == "failed" and "non-finite loss at step 5" in info["error"]
+        assert "ckpt_00000004.pt" in info["error"]
+        assert "non-finite loss at step 5" in capsys.readouterr().err
+        assert sorted(p.name for p in (run_dir / "checkpoints").iterdir())[-1] == "ckpt_00000004.pt"
+    else:
+        run_dir = run_pretrain(*common)
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["skipped_steps"] == 1 and summary["steps"] == 8 and math.isfinite(summary["val_loss"])
