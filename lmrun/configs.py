@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lmrun.data.corpora import DataConfig, validate_data
+from lmrun.eval.config import EvaluateConfig, validate_evaluate
 from lmrun.model.config import ModelConfig, validate_model
 from lmrun.optim.config import OptimizerConfig, ScheduleConfig, validate_optimizer, validate_schedule
 from lmrun.tokenizer.config import TokenizerConfig, validate_tokenizer
@@ -51,6 +52,7 @@ class LmrunConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -91,4 +93,5 @@ def validate(cfg) -> None:
     validate_optimizer(cfg.optimizer)
     validate_schedule(cfg.schedule)
     validate_train(cfg.train)
+    validate_evaluate(cfg.evaluate, cfg.stage.name)
     validate_logger(cfg.logger)

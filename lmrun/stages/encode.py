@@ -53,10 +53,11 @@ def plan(cfg) -> dict:
     }
 
 
-def get_or_encode_tokens(cfg, cache, corpus, files):
+def get_or_encode_tokens(cfg, cache, corpus, files, special_tokens: list[str] | None = None):
     """The cached token arrays (``tokens/<key>``: train.bin, val.bin, meta.json) for this corpus
-    and tokenizer, encoded first if absent. Returns the cache Artifact."""
-    specials = list(cfg.tokenizer.special_tokens)
+    and tokenizer, encoded first if absent. Returns the cache Artifact. ``special_tokens``
+    defaults to ``cfg.tokenizer.special_tokens``."""
+    specials = list(cfg.tokenizer.special_tokens if special_tokens is None else special_tokens)
     tok = files.load(specials)
     vocab_size = max(tok.vocab) + 1
 

@@ -120,3 +120,25 @@ def test_non_finite_loss(mode, isolated_workspace, monkeypatch, capsys):
         run_dir = run_pretrain(*common)
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["skipped_steps"] == 1 and summary["steps"] == 8 and math.isfinite(summary["val_loss"])
+
+
+def test_evaluate_stage_reproduces_the_final_validation_loss(isolated_workspace, tmp_path, capsys):
+    run_dir = run_pretrain("train.max_steps=20", "train.eval_every=100", "train.samples=0", "train.eval_tokens=null")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert cli.main(["stage=evaluate", f"evaluate.checkpoint={run_dir}", "dry_run=true"]) == 0
+    assert "ckpt_00000020.pt" in capsys.readouterr().out and not (isolated_workspace / "runs" / "evaluate").exists()
+    assert cli.main(["stage=evaluate", "logger=none", "progress=false", f"evaluate.checkpoint={run_dir}",
+                     "evaluate.split=both"]) == 0
+    (eval_dir,) = (isolated_workspace / "runs" / "evaluate").iterdir()
+    result = json.loads((eval_dir / "eval.json").read_text())
+    assert result["step"] == 20
+    assert result["val_loss"] == pytest.approx(summary["val_loss"], rel=1e-6)
+    assert result["val_bpb"] == pytest.approx(summary["val_bpb"], rel=1e-6)
+    assert result["train_loss"] > 0 and result["train_tokens"] > result["val_tokens"]
+    # another text with the checkpoint's tokenizer, and a bad checkpoint path
+    other = tmp_path / "other.txt"
+    other.write_text("To be, or not to be, that is the question.\n" * 200)
+    assert cli.main(["stage=evaluate", "logger=none", "progress=false", f"evaluate.checkpoint={run_dir}",
+                     "data=text_files", f"data.train={other}"]) == 0
+    assert cli.main(["stage=evaluate", "logger=none", f"evaluate.checkpoint={tmp_path / 'nope'}"]) == 2
+    assert "evaluate.checkpoint=" in capsys.readouterr().err

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity and bits per byte of checkpoints (task evaluations come with alignment)."""
