@@ -28,7 +28,8 @@ def presets() -> list[tuple[str, str]]:
     return sorted(out)
 
 
-EXTRA = {("data", "text_files"): ["data.train=/dev/null"], ("stage", "evaluate"): ["evaluate.checkpoint=ckpt.pt"]}
+EXTRA = {("data", "text_files"): ["data.train=/dev/null"], ("stage", "evaluate"): ["evaluate.checkpoint=ckpt.pt"],
+         ("experiment", "tinystories_a1"): ["data.train=/dev/null"], ("experiment", "owt_leaderboard"): ["data.train=/dev/null"]}
 
 
 def files_under(path: Path) -> list[Path]:
