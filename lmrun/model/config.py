@@ -98,6 +98,7 @@ class ModelConfig:
     bias: biases in every attention and FFN linear (GPT-2 style); the LM head never has one.
     tie_embeddings: ``lm_head.weight`` is ``token_embeddings.weight`` (one parameter).
     logit_softcap: null, or c > 0: logits become ``c·tanh(logits/c)`` (Gemma 2).
+    dropout: probability for embedding and residual dropout (0 disables; training mode only).
     norm, ffn, position, attention: the component configs (see their classes).
     """
 
@@ -113,6 +114,7 @@ class ModelConfig:
     bias: bool = False
     tie_embeddings: bool = False
     logit_softcap: float | None = None
+    dropout: float = 0.0
     norm: NormConfig = field(default_factory=NormConfig)
     ffn: FFNConfig = field(default_factory=FFNConfig)
     position: PositionConfig = field(default_factory=PositionConfig)
@@ -192,6 +194,7 @@ def validate_model(cfg: ModelConfig) -> None:
               f"(d_model/num_heads = {d}/{h} = {d // h})")
     if cfg.d_ff is not None:
         check("model.d_ff", cfg.d_ff, cfg.d_ff >= 1, "null (the default for model.ffn.kind) or an integer >= 1")
+    check("model.dropout", cfg.dropout, 0.0 <= cfg.dropout < 1.0, "a probability in [0, 1)")
     if cfg.logit_softcap is not None:
         check("model.logit_softcap", cfg.logit_softcap, cfg.logit_softcap > 0, "null or a number > 0")
 

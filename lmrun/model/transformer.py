@@ -28,6 +28,8 @@ from lmrun.model.positions import RotaryEmbedding, SinusoidalPositionalEmbedding
 class TransformerBlock(nn.Module):
     """One block: causal self-attention then feed-forward, each with a residual connection.
 
+    ``dropout``: probability of zeroing each element of the attention and FFN outputs before
+    they join the residual stream (training mode only; Srivastava et al. 2014, as in GPT-2).
     ``norm_placement``: ``pre`` — ``x + attn(ln1(x))``, ``x + ffn(ln2(x))``; ``post`` —
     ``ln1(x + attn(x))``, ``ln2(x + ffn(x))``; ``none`` — no norms (no ln1/ln2 modules).
     Shapes: ``x (..., seq_len, d_model)`` -> same.
@@ -36,7 +38,7 @@ class TransformerBlock(nn.Module):
     def __init__(self, d_model: int, num_heads: int, d_ff: int, *, n_kv_heads: int | None = None,
                  norm: str = "rmsnorm", norm_placement: str = "pre", norm_eps: float = 1e-5,
                  ffn: str = "swiglu", rope: RotaryEmbedding | None = None, attn_impl: str = "sdpa",
-                 qk_norm: bool = False, bias: bool = False, device=None, dtype=None):
+                 qk_norm: bool = False, bias: bool = False, dropout: float = 0.0, device=None, dtype=None):
         super().__init__()
         if norm_placement not in ("pre", "post", "none"):
             raise ValueError(f"norm_placement {norm_placement!r}: expected pre, post or none")
@@ -44,19 +46,21 @@ class TransformerBlock(nn.Module):
         self.attn = MultiHeadSelfAttention(d_model, num_heads, n_kv_heads, rope=rope, impl=attn_impl,
                                            qk_norm=qk_norm, bias=bias, norm_eps=norm_eps, device=device, dtype=dtype)
         self.ffn = build_ffn(ffn, d_model, d_ff, bias=bias, device=device, dtype=dtype)
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()  # residual dropout (GPT-2)
         if self.norm_placement != "none":
             self.ln1 = build_norm(norm, d_model, norm_eps, device=device, dtype=dtype)
             self.ln2 = build_norm(norm, d_model, norm_eps, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, token_positions: torch.Tensor | None = None) -> torch.Tensor:
+        drop = self.drop
         if self.norm_placement == "pre":
-            x = x + self.attn(self.ln1(x), token_positions)
-            return x + self.ffn(self.ln2(x))
+            x = x + drop(self.attn(self.ln1(x), token_positions))
+            return x + drop(self.ffn(self.ln2(x)))
         if self.norm_placement == "post":
-            x = self.ln1(x + self.attn(x, token_positions))
-            return self.ln2(x + self.ffn(x))
-        x = x + self.attn(x, token_positions)
-        return x + self.ffn(x)
+            x = self.ln1(x + drop(self.attn(x, token_positions)))
+            return self.ln2(x + drop(self.ffn(x)))
+        x = x + drop(self.attn(x, token_positions))
+        return x + drop(self.ffn(x))
 
 
 class TransformerLM(nn.Module):
@@ -70,7 +74,8 @@ class TransformerLM(nn.Module):
 
     The positional arguments follow CS336's ``TransformerLM(vocab_size, context_length,
     d_model, num_layers, num_heads, d_ff, rope_theta)``; the keyword arguments select variants
-    (defaults: the Llama-style pre-RMSNorm / SwiGLU / RoPE model). ``rope_theta`` is also the
+    (defaults: the Llama-style pre-RMSNorm / SwiGLU / RoPE model). ``dropout`` applies to the
+    embeddings and to each block's attention and FFN outputs (training mode only). ``rope_theta`` is also the
     base of the sinusoidal table. ``d_ff=None`` picks ``default_d_ff(d_model, ffn)``.
 
     Init: linears truncated N(0, 2/(d_in+d_out)); token (and learned position) embeddings
@@ -84,7 +89,7 @@ class TransformerLM(nn.Module):
                  norm: str = "rmsnorm", norm_placement: str = "pre", final_norm: bool = True,
                  norm_eps: float = 1e-5, ffn: str = "swiglu", position: str = "rope", attn_impl: str = "sdpa",
                  qk_norm: bool = False, bias: bool = False, tie_embeddings: bool = False,
-                 logit_softcap: float | None = None, device=None, dtype=None):
+                 logit_softcap: float | None = None, dropout: float = 0.0, device=None, dtype=None):
         super().__init__()
         if position not in ("rope", "sinusoidal", "learned", "none"):
             raise ValueError(f"position {position!r}: expected rope, sinusoidal, learned or none")
@@ -101,8 +106,9 @@ class TransformerLM(nn.Module):
         self.layers = nn.ModuleList(
             TransformerBlock(d_model, num_heads, d_ff, n_kv_heads=n_kv_heads, norm=norm, norm_placement=norm_placement,
                              norm_eps=norm_eps, ffn=ffn, rope=rope, attn_impl=attn_impl, qk_norm=qk_norm, bias=bias,
-                             device=device, dtype=dtype)
+                             dropout=dropout, device=device, dtype=dtype)
             for _ in range(num_layers))
+        self.embed_drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.ln_final = build_norm(norm if final_norm else "none", d_model, norm_eps, device=device, dtype=dtype)
         if tie_embeddings:
             self.lm_head = Linear(d_model, vocab_size, "meta", dtype)  # no memory; its weight is replaced
@@ -120,7 +126,7 @@ class TransformerLM(nn.Module):
                    norm_placement=cfg.norm.placement, final_norm=cfg.norm.final, norm_eps=cfg.norm.eps,
                    ffn=cfg.ffn.kind, position=cfg.position.kind, attn_impl=cfg.attention.impl,
                    qk_norm=cfg.attention.qk_norm, bias=cfg.bias, tie_embeddings=cfg.tie_embeddings,
-                   logit_softcap=cfg.logit_softcap, device=device, dtype=dtype)
+                   logit_softcap=cfg.logit_softcap, dropout=cfg.dropout, device=device, dtype=dtype)
 
     def forward(self, token_ids: torch.Tensor, token_positions: torch.Tensor | None = None) -> torch.Tensor:
         seq_len = token_ids.shape[-1]
@@ -131,6 +137,7 @@ class TransformerLM(nn.Module):
             pos = token_positions if token_positions is not None else torch.arange(seq_len, device=token_ids.device)
             table = self.position_embeddings if self.position == "learned" else self.position_table
             x = x + table(pos).to(x.dtype)
+        x = self.embed_drop(x)
         for layer in self.layers:
             x = layer(x, token_positions)
         logits = self.lm_head(self.ln_final(x))
