@@ -146,7 +146,7 @@ def test_multirun_validates_every_job_first(small_text, isolated_workspace, caps
 def test_cfg_job_prints_config(capsys):
     assert cli.main(["stage=tokenizer", "--cfg", "job"]) == 0
     out = capsys.readouterr().out
-    assert "vocab_size: 4096" in out and "name: tokenizer" in out
+    assert "vocab_size: 2048" in out and "name: tokenizer" in out
 
 
 def test_help_lists_stages_and_groups(capsys):

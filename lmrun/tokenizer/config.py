@@ -27,7 +27,7 @@ class TokenizerConfig:
     """
 
     kind: str = "bpe"
-    vocab_size: int = 4096
+    vocab_size: int = 2048
     special_tokens: list[str] = field(default_factory=lambda: ["<|endoftext|>"])
     path: str | None = None
     backend: str = "tiktoken"

@@ -31,7 +31,7 @@ class TrainConfig:
 
     batch_size: int = 32
     grad_accum_steps: int = 1
-    max_steps: int | None = 2000
+    max_steps: int | None = 450
     max_tokens: int | None = None
     max_time: float | None = None
     device: str = "auto"
@@ -39,9 +39,9 @@ class TrainConfig:
     compile: bool = False
     grad_clip: float = 1.0
     z_loss: float = 0.0
-    log_every: int = 50
-    eval_every: int = 500
-    eval_tokens: int | None = 65536
+    log_every: int = 25
+    eval_every: int = 150
+    eval_tokens: int | None = None
     checkpoint_every: int = 1000
     keep_last: int = 2
     resume: str = "auto"

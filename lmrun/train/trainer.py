@@ -220,7 +220,8 @@ class Trainer:
         from tqdm.contrib.logging import logging_redirect_tqdm
 
         bar = tqdm(total=self.total_steps if t.max_time is None else None, initial=s.step, unit="step",
-                   desc="pretrain", disable=not self.cfg.progress, dynamic_ncols=True, leave=False)
+                   desc="pretrain", disable=None if self.cfg.progress else True, dynamic_ncols=True,
+                   leave=False)  # disable=None: a bar only on a terminal
         window_loss, window_steps, window_t0, window_tokens = 0.0, 0, time.perf_counter(), 0
         self.model.train()
         with logging_redirect_tqdm():

@@ -23,6 +23,11 @@ VARIANTS = [
 
 
 def model_cfg(*overrides: str):
+    """A preset at the tiny CPU shape (tests; the presets' default size is the main job's)."""
+    overrides = list(overrides)
+    if not any(o.startswith("model/size=") for o in overrides):
+        preset = [o for o in overrides if o.startswith("model=")]
+        overrides = preset + ["model/size=tiny"] + [o for o in overrides if not o.startswith("model=")]
     return cli.compose(["stage=tokenizer", *SMALL, *overrides]).model
 
 
