@@ -10,6 +10,18 @@ REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def single_thread():
+    """Tests use tiny shapes: one intra-op thread is faster for them than two and avoids OpenMP
+    spin contention when other processes (pytest-xdist workers, CI) share the 2 cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def isolated_workspace(tmp_path, monkeypatch):
     """cwd = a fresh folder (runs/ and multiruns/ land there); LMRUN_CACHE = a fresh cache."""

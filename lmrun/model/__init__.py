@@ -13,7 +13,7 @@ the CLI to compose, validate and plan) do not import torch.
 """
 from __future__ import annotations
 
-import importlib
+from lmrun import lazy_exports
 
 _EXPORTS = {
     "attention": ["MultiHeadSelfAttention", "scaled_dot_product_attention", "softmax"],
@@ -26,17 +26,4 @@ _EXPORTS = {
     "positions": ["RotaryEmbedding", "SinusoidalPositionalEmbedding", "sinusoidal_table"],
     "transformer": ["TransformerBlock", "TransformerLM", "build_model"],
 }
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = [name for names in _EXPORTS.values() for name in names]
-
-
-def __getattr__(name: str):
-    if name in _WHERE:
-        value = getattr(importlib.import_module(f"lmrun.model.{_WHERE[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'lmrun.model' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

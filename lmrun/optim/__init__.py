@@ -21,7 +21,7 @@ Names are imported on first use, so ``lmrun.optim.config`` (loaded by the CLI) a
 """
 from __future__ import annotations
 
-import importlib
+from lmrun import lazy_exports
 
 _EXPORTS = {
     "adamw": ["AdamW", "adamw_update"],
@@ -35,17 +35,4 @@ _EXPORTS = {
                "as_optimizer_config", "as_schedule_config"],
     "build": ["build_optimizer", "param_groups", "set_lr", "named_parameter_aliases"],
 }
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = [name for names in _EXPORTS.values() for name in names]
-
-
-def __getattr__(name: str):
-    if name in _WHERE:
-        value = getattr(importlib.import_module(f"lmrun.optim.{_WHERE[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'lmrun.optim' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

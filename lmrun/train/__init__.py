@@ -12,7 +12,7 @@ Names are imported on first use (as in ``lmrun.model``), so importing ``lmrun.tr
 """
 from __future__ import annotations
 
-import importlib
+from lmrun import lazy_exports
 
 _EXPORTS = {
     "checkpoint": ["CheckpointManager", "load_checkpoint", "read_checkpoint", "rng_state", "save_checkpoint",
@@ -22,17 +22,4 @@ _EXPORTS = {
     "loss": ["cross_entropy", "cross_entropy_with_z", "logsumexp", "z_loss"],
     "noise_scale": ["GradientNoiseScale", "grad_sq_norm", "noise_scale_estimates"],
 }
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = [name for names in _EXPORTS.values() for name in names]
-
-
-def __getattr__(name: str):
-    if name in _WHERE:
-        value = getattr(importlib.import_module(f"lmrun.train.{_WHERE[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'lmrun.train' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

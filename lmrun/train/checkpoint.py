@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import IO, Any
 
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from lmrun.errors import DataError, FormatError
+from lmrun.tracking.files import atomic_write
 
 __all__ = ["FORMAT_VERSION", "CheckpointManager", "load_checkpoint", "read_checkpoint", "rng_state",
            "save_checkpoint", "set_rng_state", "unwrap_model"]
@@ -78,30 +78,6 @@ def _plain(value: Any, where: str) -> Any:
                     f"read it back; store tensors, numbers, strings, lists or dicts (e.g. obj.state_dict())")
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable (POSIX); not possible everywhere
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
-
-
 def save_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, iteration: int,
                     out: PathOrFile, **extra: Any) -> None:
     """Write ``model`` and ``optimizer`` state, ``iteration`` and named extras to ``out``.
@@ -127,7 +103,7 @@ def save_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer | N
            "optimizer": optimizer.state_dict() if optimizer is not None else None}
     obj.update({k: _plain(v, k) for k, v in extra.items()})
     if isinstance(out, (str, os.PathLike)):
-        _atomic_torch_save(obj, Path(out))
+        atomic_write(out, lambda f: torch.save(obj, f))
     else:
         torch.save(obj, out)
 

@@ -17,14 +17,6 @@ SMALL = ["logger=none", "progress=false", "tokenizer.vocab_size=512", "model/siz
          "train.batch_size=8", "train.eval_tokens=4096", "train.samples=1", "train.sample_tokens=16"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def run_pretrain(*overrides: str, expect: int = 0) -> Path:
     runs = Path.cwd() / "runs" / "pretrain"
     before = set(runs.iterdir()) if runs.exists() else set()
