@@ -134,3 +134,21 @@ def test_evaluate_stage_reproduces_the_final_validation_loss(isolated_workspace,
                      "data=text_files", f"data.train={other}"]) == 0
     assert cli.main(["stage=evaluate", "logger=none", f"evaluate.checkpoint={tmp_path / 'nope'}"]) == 2
     assert "evaluate.checkpoint=" in capsys.readouterr().err
+
+
+def test_token_budget_accumulation_checkpointing_z_loss_noise_scale(isolated_workspace):
+    run_dir = run_pretrain("train.max_steps=null", "train.max_tokens=8192", "train.grad_accum_steps=2",
+                           "train.activation_checkpointing=true", "train.z_loss=1e-4", "train.noise_scale=true",
+                           "train.log_every=4", "train.eval_every=100", "train.samples=0")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 16 and summary["tokens"] == 8192  # 8 sequences x 64 tokens per step
+    rows = [r for r in metrics(run_dir) if "loss" in r]
+    assert all(r["z_loss"] > 0 for r in rows)
+    assert any(math.isfinite(r.get("noise_scale_tokens") or math.nan) for r in rows)
+
+
+def test_time_budget(isolated_workspace):
+    run_dir = run_pretrain("train.max_steps=null", "train.max_time=2", "train.log_every=5", "train.eval_every=1000",
+                           "train.samples=0")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert 2.0 <= summary["train_seconds"] < 10.0 and summary["steps"] >= 2
