@@ -6,9 +6,11 @@ including the order of operations.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
+
+from lmrun.optim.base import GroupOptimizer
 
 
 def check_hyperparameters(lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
@@ -49,7 +51,7 @@ def adamw_update(p: torch.Tensor, grad: torch.Tensor, state: dict, lr: float, be
     p.addcdiv_(exp_avg, denom, value=-step_size)
 
 
-class AdamW(torch.optim.Optimizer):
+class AdamW(GroupOptimizer):
     """AdamW with bias correction and decoupled weight decay.
 
     ``AdamW(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)`` — the same
@@ -65,19 +67,12 @@ class AdamW(torch.optim.Optimizer):
         check_hyperparameters(lr, betas, eps, weight_decay)
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None):
-        """One update of every parameter that has a gradient; returns ``closure()`` if given."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("AdamW does not support sparse gradients")
-                adamw_update(p, p.grad, self.state[p], group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
-        return loss
+    def update_group(self, group: dict) -> None:
+        """Update every parameter of ``group`` that has a gradient (called by ``step``)."""
+        beta1, beta2 = group["betas"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("AdamW does not support sparse gradients")
+            adamw_update(p, p.grad, self.state[p], group["lr"], beta1, beta2, group["eps"], group["weight_decay"])

@@ -19,11 +19,12 @@ Groups with ``use_muon=False`` (embeddings, LM head, norm gains, biases) get Ada
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 
 from lmrun.optim.adamw import adamw_update, check_hyperparameters
+from lmrun.optim.base import GroupOptimizer
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -71,7 +72,7 @@ def muon_scale(shape: torch.Size | tuple[int, ...], scale: str = "rms", rms: flo
     raise ValueError(f"muon scale {scale!r}: expected rms or spectral")
 
 
-class Muon(torch.optim.Optimizer):
+class Muon(GroupOptimizer):
     """Muon for groups with ``use_muon=True`` (2-D parameters only), AdamW for the others.
 
     ``Muon(params, lr=1e-3, momentum=0.95, nesterov=True, ns_steps=5, ns_dtype="bfloat16",
@@ -106,34 +107,27 @@ class Muon(torch.optim.Optimizer):
                     raise ValueError(f"Muon group holds parameters that are not 2-D (shapes {bad}); "
                                      f"put them in a group with use_muon=False")
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None):
-        """One update of every parameter that has a gradient; returns ``closure()`` if given."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr, wd = group["lr"], group["weight_decay"]
-            if not group["use_muon"]:
-                beta1, beta2 = group["betas"]
-                for p in group["params"]:
-                    if p.grad is not None:
-                        adamw_update(p, p.grad, self.state[p], lr, beta1, beta2, group["eps"], wd)
-                continue
-            beta = group["momentum"]
+    def update_group(self, group: dict) -> None:
+        """Update every parameter of ``group`` that has a gradient (called by ``step``)."""
+        lr, wd = group["lr"], group["weight_decay"]
+        if not group["use_muon"]:
+            beta1, beta2 = group["betas"]
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(grad)
-                buf = state["momentum_buffer"]
-                buf.lerp_(grad, 1 - beta)
-                update = torch.lerp(grad, buf, beta) if group["nesterov"] else buf
-                ortho = newton_schulz(update, group["ns_steps"], group["ns_dtype"])
-                if wd != 0:
-                    p.mul_(1 - lr * wd)
-                p.add_(ortho, alpha=-lr * muon_scale(p.shape, group["scale"], group["rms"]))
-        return loss
+                if p.grad is not None:
+                    adamw_update(p, p.grad, self.state[p], lr, beta1, beta2, group["eps"], wd)
+            return
+        beta = group["momentum"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            grad = p.grad
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(grad)
+            buf = state["momentum_buffer"]
+            buf.lerp_(grad, 1 - beta)
+            update = torch.lerp(grad, buf, beta) if group["nesterov"] else buf
+            ortho = newton_schulz(update, group["ns_steps"], group["ns_dtype"])
+            if wd != 0:
+                p.mul_(1 - lr * wd)
+            p.add_(ortho, alpha=-lr * muon_scale(p.shape, group["scale"], group["rms"]))

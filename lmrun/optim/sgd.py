@@ -5,12 +5,14 @@ Written to match ``torch.optim.SGD`` step for step.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 
+from lmrun.optim.base import GroupOptimizer
 
-class SGD(torch.optim.Optimizer):
+
+class SGD(GroupOptimizer):
     """``SGD(params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False)``.
 
     Per step, with ``g`` the gradient: ``g ← g + wd·p`` (L2, coupled, as torch); with momentum,
@@ -30,28 +32,21 @@ class SGD(torch.optim.Optimizer):
         super().__init__(params, {"lr": lr, "momentum": momentum, "dampening": dampening, "weight_decay": weight_decay,
                                       "nesterov": nesterov})
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None):
-        """One update of every parameter that has a gradient; returns ``closure()`` if given."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            mu, damp, wd = group["momentum"], group["dampening"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                d_p = p.grad
-                if wd != 0:
-                    d_p = d_p.add(p, alpha=wd)
-                if mu != 0:
-                    state = self.state[p]
-                    buf = state.get("momentum_buffer")
-                    if buf is None:
-                        buf = state["momentum_buffer"] = torch.clone(d_p).detach()
-                    else:
-                        buf.mul_(mu).add_(d_p, alpha=1 - damp)
-                    d_p = d_p.add(buf, alpha=mu) if group["nesterov"] else buf
-                p.add_(d_p, alpha=-group["lr"])
-        return loss
+    def update_group(self, group: dict) -> None:
+        """Update every parameter of ``group`` that has a gradient (called by ``step``)."""
+        mu, damp, wd = group["momentum"], group["dampening"], group["weight_decay"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            d_p = p.grad
+            if wd != 0:
+                d_p = d_p.add(p, alpha=wd)
+            if mu != 0:
+                state = self.state[p]
+                buf = state.get("momentum_buffer")
+                if buf is None:
+                    buf = state["momentum_buffer"] = torch.clone(d_p).detach()
+                else:
+                    buf.mul_(mu).add_(d_p, alpha=1 - damp)
+                d_p = d_p.add(buf, alpha=mu) if group["nesterov"] else buf
+            p.add_(d_p, alpha=-group["lr"])

@@ -20,11 +20,12 @@ decay is applied before the update, as AdamW, instead of after it.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 
 from lmrun.optim.adamw import adamw_update, check_hyperparameters
+from lmrun.optim.base import GroupOptimizer
 
 
 def _eigenbasis(S: torch.Tensor) -> torch.Tensor:
@@ -57,7 +58,7 @@ def _rotate_back(x: torch.Tensor, Qs: list[torch.Tensor | None]) -> torch.Tensor
     return x
 
 
-class SOAP(torch.optim.Optimizer):
+class SOAP(GroupOptimizer):
     """``SOAP(params, lr=3e-3, betas=(0.95, 0.95), eps=1e-8, weight_decay=0.01,
     precondition_frequency=10, shampoo_beta=None, max_precond_dim=10000)``.
 
@@ -86,50 +87,43 @@ class SOAP(torch.optim.Optimizer):
     def _preconditioned(p: torch.Tensor, max_dim: int) -> bool:
         return p.ndim == 2 and min(p.shape) <= max_dim
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None):
-        """One update of every parameter that has a gradient; returns ``closure()`` if given."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
-            beta1, beta2 = group["betas"]
-            sb = group["shampoo_beta"] if group["shampoo_beta"] is not None else beta2
-            max_dim = group["max_precond_dim"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not self._preconditioned(p, max_dim):
-                    adamw_update(p, p.grad, state, lr, beta1, beta2, eps, wd)
-                    continue
-                grad = p.grad.to(torch.promote_types(p.grad.dtype, torch.float32))
-                if "Q" not in state:  # first step: statistics and basis only
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(grad)
-                    state["exp_avg_sq"] = torch.zeros_like(grad)
-                    state["GG"] = [torch.zeros(s, s, device=grad.device, dtype=grad.dtype) if s <= max_dim else None
-                                   for s in grad.shape]
-                    self._update_statistics(grad, state, sb)
-                    state["Q"] = [_eigenbasis(S) if S is not None else None for S in state["GG"]]
-                    continue
-                g_rot = _rotate(grad, state["Q"])
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                state["step"] += 1
-                t = state["step"]
-                exp_avg.mul_(beta1).add_(g_rot, alpha=1 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(g_rot, g_rot, value=1 - beta2)
-                direction = _rotate_back(exp_avg / (exp_avg_sq.sqrt() + eps), state["Q"])
-                step_size = lr * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
-                if wd != 0:
-                    p.mul_(1 - lr * wd)
-                p.add_(direction.to(p.dtype), alpha=-step_size)
+    def update_group(self, group: dict) -> None:
+        """Update every parameter of ``group`` that has a gradient (called by ``step``)."""
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        beta1, beta2 = group["betas"]
+        sb = group["shampoo_beta"] if group["shampoo_beta"] is not None else beta2
+        max_dim = group["max_precond_dim"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not self._preconditioned(p, max_dim):
+                adamw_update(p, p.grad, state, lr, beta1, beta2, eps, wd)
+                continue
+            grad = p.grad.to(torch.promote_types(p.grad.dtype, torch.float32))
+            if "Q" not in state:  # first step: statistics and basis only
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(grad)
+                state["exp_avg_sq"] = torch.zeros_like(grad)
+                state["GG"] = [torch.zeros(s, s, device=grad.device, dtype=grad.dtype) if s <= max_dim else None
+                               for s in grad.shape]
                 self._update_statistics(grad, state, sb)
-                if t % group["precondition_frequency"] == 0:
-                    self._refresh_basis(state)
-        return loss
+                state["Q"] = [_eigenbasis(S) if S is not None else None for S in state["GG"]]
+                continue
+            g_rot = _rotate(grad, state["Q"])
+            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+            state["step"] += 1
+            t = state["step"]
+            exp_avg.mul_(beta1).add_(g_rot, alpha=1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(g_rot, g_rot, value=1 - beta2)
+            direction = _rotate_back(exp_avg / (exp_avg_sq.sqrt() + eps), state["Q"])
+            step_size = lr * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
+            if wd != 0:
+                p.mul_(1 - lr * wd)
+            p.add_(direction.to(p.dtype), alpha=-step_size)
+            self._update_statistics(grad, state, sb)
+            if t % group["precondition_frequency"] == 0:
+                self._refresh_basis(state)
 
     @staticmethod
     def _update_statistics(grad: torch.Tensor, state: dict, shampoo_beta: float) -> None:
