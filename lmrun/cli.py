@@ -40,6 +40,17 @@ def stage_names() -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / "stage").glob("*.yaml"))
 
 
+def stage_catalogue() -> str:
+    """One line per registered stage: its name and the description from conf/stage/<name>.yaml."""
+    import yaml
+
+    rows = []
+    for name in stage_names():
+        desc = (yaml.safe_load((CONF_DIR / "stage" / f"{name}.yaml").read_text()) or {}).get("description", "")
+        rows.append(f"  {name:<10} {desc}")
+    return "== Stages ==\n" + "\n".join(rows)
+
+
 def load_stage(name: str) -> ModuleType:
     """The module ``lmrun.stages.<name>`` (exposes ``plan(cfg) -> dict`` and ``run(cfg) -> dict``)."""
     if name not in stage_names():
@@ -250,11 +261,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.help and not any(o.split("=")[0].lstrip("+~") == "stage" for o in args.overrides):
         argv.append(f"stage={stage_names()[0]}")  # help lists the groups; composing it needs some stage
     sys.argv = [sys.argv[0] if sys.argv else "lmrun"] + argv
+    code = 0
     try:
         _hydra_entry()
     except SystemExit as e:
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    return 0
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    if args.help and code == 0:
+        print(stage_catalogue())
+    return code
 
 
 if __name__ == "__main__":

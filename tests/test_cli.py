@@ -152,6 +152,7 @@ def test_cfg_job_prints_config(capsys):
 def test_help_lists_stages_and_groups(capsys):
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
+    assert "== Stages ==" in out and "  pretrain   train a Transformer LM" in out
     assert "stage: encode, evaluate, pretrain, tokenizer" in out and "data: text_files, tinyshakespeare" in out and "logger: none, wandb" in out
 
 
