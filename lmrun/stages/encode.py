@@ -28,7 +28,8 @@ FORMAT_VERSION = 1
 SPLITS = ("train", "val")
 
 
-def _material(corpus, tok_identity: dict) -> dict:
+def tokens_material(corpus, tok_identity: dict) -> dict:
+    """Cache-key material of the token arrays: the tokenizer's identity and the corpus content."""
     return {"tokenizer": tok_identity, "train": corpus.train_identity,
             "sources": [{"role": s["role"], "digest": s["digest"]} for s in corpus.sources], "version": FORMAT_VERSION}
 
@@ -37,7 +38,7 @@ def plan(cfg) -> dict:
     cache = open_cache(cfg)
     corpus = prepare_corpus(cfg.data, cache, dry_run=True)
     tok = get_tokenizer(cfg, cache, corpus, dry_run=True)
-    key = cache.key("tokens", _material(corpus, tok.identity))
+    key = cache.key("tokens", tokens_material(corpus, tok.identity))
     hit = cache.lookup("tokens", key) is not None and not cfg.cache.rebuild
     total = sum(s["bytes"] for s in corpus.sources)
     workers = cfg.tokenizer.num_workers or os.cpu_count()
@@ -79,7 +80,7 @@ def get_or_encode_tokens(cfg, cache, corpus, files, special_tokens: list[str] | 
         atomic_write_json(out / "meta.json", meta)
         return {"splits": meta["splits"]}
 
-    return cache.get_or_build("tokens", _material(corpus, files.identity), build)
+    return cache.get_or_build("tokens", tokens_material(corpus, files.identity), build)
 
 
 def run(cfg) -> dict:

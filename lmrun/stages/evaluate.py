@@ -13,8 +13,7 @@ from pathlib import Path
 
 from lmrun.data.corpora import prepare_corpus
 from lmrun.errors import DataError, FormatError
-from lmrun.stages.encode import _material as tokens_material
-from lmrun.stages.encode import get_or_encode_tokens
+from lmrun.stages.encode import get_or_encode_tokens, tokens_material
 from lmrun.stages.tokenizer import TokenizerFiles, open_cache
 from lmrun.tracking.files import atomic_write_json
 from lmrun.tracking.run import active_run

@@ -62,3 +62,17 @@ def regression_data(n: int = 64, d_in: int = 12, d_out: int = 5, dtype=torch.flo
     x = torch.randn(n, d_in, generator=g, dtype=dtype)
     w = torch.randn(d_in, d_out, generator=g, dtype=dtype)
     return x, torch.sin(x @ w)
+
+
+def train_regression(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                     steps: int = 60) -> list[float]:
+    """``steps`` optimizer steps on the mean squared error of ``model(x)`` against ``y``;
+    returns the losses before each step."""
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = ((model(x) - y) ** 2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses

@@ -10,7 +10,7 @@ import torch
 
 from lmrun.optim import Muon, muon_scale, newton_schulz
 
-from .helpers import MLP, regression_data
+from .helpers import MLP, regression_data, train_regression
 
 
 @pytest.mark.parametrize("shape", [(32, 64), (64, 32), (40, 40), (3, 8, 16)])
@@ -83,13 +83,7 @@ def test_lowers_regression_loss_with_adamw_groups():
     matrices = [p for p in model.parameters() if p.ndim == 2]
     vectors = [p for p in model.parameters() if p.ndim != 2]
     opt = Muon([{"params": matrices}, {"params": vectors, "use_muon": False}], lr=0.02)
-    losses = []
-    for _ in range(60):
-        opt.zero_grad()
-        loss = ((model(x) - y) ** 2).mean()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_regression(model, opt, x, y)
     assert losses[-1] < 0.5 * losses[0], losses[::10]
     assert "exp_avg" in opt.state[model.fc1.bias] and "momentum_buffer" in opt.state[model.fc1.weight]
 

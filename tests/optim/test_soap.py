@@ -10,7 +10,7 @@ import torch
 
 from lmrun.optim import SOAP, AdamW
 
-from .helpers import MLP, regression_data
+from .helpers import MLP, regression_data, train_regression
 
 
 def test_lowers_regression_loss():
@@ -18,13 +18,7 @@ def test_lowers_regression_loss():
     model = MLP(dtype=torch.float32)
     x, y = regression_data(dtype=torch.float32)
     opt = SOAP(model.parameters(), lr=1e-2, precondition_frequency=5)
-    losses = []
-    for _ in range(60):
-        opt.zero_grad()
-        loss = ((model(x) - y) ** 2).mean()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_regression(model, opt, x, y)
     assert losses[-1] < 0.3 * losses[0], losses[::10]
     for Q in opt.state[model.fc2.weight]["Q"]:
         torch.testing.assert_close(Q.T @ Q, torch.eye(Q.shape[0]), atol=1e-4, rtol=0)
