@@ -196,12 +196,30 @@ def _task(cfg) -> dict:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from lmrun.launch import sweep as sweeps
+    from lmrun.launch.preemption import Preempted
     from lmrun.tracking.run import end_run, start_run
 
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     stage = load_stage(cfg.stage.name)
-    run = start_run(cfg, hc.runtime.output_dir, list(hc.overrides.task), resumable=getattr(stage, "RESUMABLE", False))
+    overrides = list(hc.overrides.task)
+    out_dir = Path(hc.runtime.output_dir)
+    num = int(hc.job.num) if multirun else 0
+    resumable = getattr(stage, "RESUMABLE", False)
+    if multirun and (out_dir / "run.json").exists():  # a sweep run again: this job ran before
+        info = sweeps.read_json(out_dir / "run.json") or {}
+        if sweeps.job_identity(info.get("overrides", [])) != sweeps.job_identity(overrides):
+            raise ConfigError(f"{out_dir} holds a different job ({' '.join(info.get('overrides', []))}); "
+                              "choose a new sweep.dir")
+        status = info.get("status")
+        if status == "completed" and bool(cfg.sweep.skip_done):
+            log.info("job %d already completed in %s: skipped (sweep.skip_done=true)", num, out_dir)
+            sweeps.record_outcome(num, overrides, "skipped", str(out_dir))
+            return sweeps.read_json(out_dir / "summary.json") or {}
+        if status == "completed" or not resumable:
+            log.info("job %d: earlier attempt (%s) moved to %s", num, status, sweeps.archive_attempt(out_dir))
+    run = start_run(cfg, out_dir, overrides, resumable=resumable)
     log.info("stage %s -> %s", cfg.stage.name, run.dir)
     try:
         validate(cfg)
@@ -210,46 +228,121 @@ def _task(cfg) -> dict:
         run.finish({}, status="failed", error=str(e))
         end_run()
         log.error("%s", e)
-        if multirun:
-            raise
+        if multirun:  # reported with the other jobs' outcomes when the sweep ends
+            sweeps.record_outcome(num, overrides, "failed", str(run.dir), str(e))
+            return {}
         raise SystemExit(1)
+    except Preempted as e:
+        run.finish({}, status="preempted", error=str(e))
+        end_run()
+        log.warning("%s", e)
+        raise
     except BaseException as e:
         run.finish({}, status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed", error=repr(e))
         end_run()
         raise
     run.finish(summary)
     end_run()
+    if multirun:
+        sweeps.record_outcome(num, overrides, "completed", str(run.dir))
     log.info("summary: %s", json.dumps(summary, default=str))
     return summary
+
+
+def _register_launchers() -> None:
+    """Make lmrun's launcher plugins known to Hydra even where its plugin scan cannot list
+    ``hydra_plugins/lmrun_launcher`` (setuptools' editable installs use an import hook)."""
+    from hydra.core.plugins import Plugins
+
+    from hydra_plugins.lmrun_launcher.lmrun_launcher import LmrunLocalLauncher, LmrunSlurmLauncher
+
+    for cls in (LmrunSlurmLauncher, LmrunLocalLauncher):
+        Plugins.instance().register(cls)
 
 
 def _hydra_entry() -> None:
     import hydra
 
     register_configs()
+    _register_launchers()
     hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_task)()
 
 
+SUBMITIT_LAUNCHERS = ("LmrunSlurmLauncher", "LmrunLocalLauncher")
+
+
+def _sweep_alias(overrides: list[str]) -> list[str]:
+    """``sweep=<dir>`` (the sweep to collect or to launch into) means ``sweep.dir=<dir>``."""
+    return [("sweep.dir=" + o.split("=", 1)[1]) if o.startswith("sweep=") else o for o in overrides]
+
+
+def _launcher_of(job: list[str]) -> str:
+    target = str(compose(job, with_hydra=True).hydra.launcher.get("_target_", ""))
+    return target.rsplit(".", 1)[-1]
+
+
+def _sweep_dir(checked: list) -> Path:
+    from lmrun.launch.sweep import default_sweep_dir
+
+    cfg = checked[0][1]
+    if cfg.sweep.dir:
+        return Path(str(cfg.sweep.dir)).expanduser().absolute()
+    experiment = next((o.split("=", 1)[1] for job, _, _ in checked[:1] for o in job if o.startswith("experiment=")), None)
+    return default_sweep_dir(cfg.paths.multiruns_dir, cfg.stage.name, experiment, [job for job, _, _ in checked]).absolute()
+
+
+def _sweep_plan(checked: list, sweep_dir: Path, launcher: str) -> str:
+    """The dry run of a sweep: per job its overrides, run directory, state, resources and plan."""
+    from lmrun.launch.resources import job_resources
+    from lmrun.launch.sweep import run_status
+
+    lines = [f"lmrun dry run of a sweep (nothing written or submitted): {len(checked)} job(s) in {sweep_dir}"
+             + (f", launcher {launcher}" if launcher else "")]
+    for num, (job, cfg, plan) in enumerate(checked):
+        status = run_status(sweep_dir / str(num))
+        will = "skip (completed)" if status == "completed" and cfg.sweep.skip_done else (
+            "run" if status == "missing" else f"run again (was {status})")
+        entry = {"job": num, "overrides": " ".join(job) or "(defaults)", "run_dir": str(sweep_dir / str(num)),
+                 "action": will}
+        if launcher in SUBMITIT_LAUNCHERS:
+            entry["resources"] = {k: v for k, v in job_resources(cfg).items() if v not in (None, [], {})}
+        entry["plan"] = plan
+        lines.append(format_plan(entry, job).split("\n", 1)[1])
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Console script ``lmrun``. Returns the exit code (0 ok, 1 failed run, 2 invalid input)."""
+    """Console script ``lmrun``. Returns the exit code (0 ok, 1 failed run or job, 2 invalid input)."""
     from hydra._internal.utils import get_args_parser
 
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _sweep_alias(list(sys.argv[1:] if argv is None else argv))
     args = get_args_parser().parse_args(argv)
     informational = args.help or args.hydra_help or args.cfg or args.info or args.shell_completion or args.resolve
     if not informational:
         try:
+            launcher = _launcher_of(args.overrides) if _mentions_launcher(args) and not args.multirun else ""
+            if launcher in SUBMITIT_LAUNCHERS:
+                args.multirun = True  # launchers run only in multirun mode: a one-job sweep
+                argv.insert(0, "--multirun")
             jobs = _expand_jobs(args.overrides, args.multirun)
+            if args.multirun and not launcher and _mentions_launcher(args):
+                launcher = _launcher_of(jobs[0])
             if args.multirun:
                 print(f"lmrun: checking {len(jobs)} job(s) before launching", file=sys.stderr)
             checked = [(job, *preflight(job)) for job in jobs]
+            sweep_dir = _sweep_dir(checked) if args.multirun else None
         except LmrunError as e:
             print(f"lmrun: error: {e}", file=sys.stderr)
             return 2
         if any(bool(cfg.dry_run) for _, cfg, _ in checked):
-            for job, _, plan in checked:
-                print(format_plan(plan, job))
+            if args.multirun:
+                print(_sweep_plan(checked, sweep_dir, launcher))
+            else:
+                for job, _, plan in checked:
+                    print(format_plan(plan, job))
             return 0
+        if args.multirun and not any(o.startswith("hydra.sweep.dir=") for o in args.overrides):
+            argv.append(f"hydra.sweep.dir={sweep_dir}")
         if not args.multirun and not any(o.startswith("hydra.run.dir=") for o in args.overrides):
             argv.append(f"hydra.run.dir={_run_dir_for(checked[0][1])}")
     elif args.cfg or args.info:
@@ -268,7 +361,21 @@ def main(argv: list[str] | None = None) -> int:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     if args.help and code == 0:
         print(stage_catalogue())
+    if not informational and args.multirun:
+        from lmrun.launch.sweep import format_outcomes, take_outcomes
+
+        outcomes = take_outcomes()
+        if outcomes:
+            print(f"lmrun: {format_outcomes(outcomes)}", file=sys.stderr)
+            if code == 0 and any(o["state"] not in ("completed", "skipped") for o in outcomes):
+                code = 1
     return code
+
+
+def _mentions_launcher(args) -> bool:
+    """Whether the command line or an experiment may select a launcher (composing Hydra's node
+    costs ~0.1 s, so plain runs skip it)."""
+    return any(o.startswith(("hydra/launcher", "experiment=", "+experiment=")) for o in args.overrides)
 
 
 if __name__ == "__main__":

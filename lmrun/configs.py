@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 from lmrun.data.corpora import DataConfig, validate_data
 from lmrun.eval.config import EvaluateConfig, validate_evaluate
+from lmrun.launch.config import (ClusterConfig, CollectConfig, LaunchConfig, ResourcesConfig, SweepConfig,
+                                 validate_launch)
 from lmrun.model.config import ModelConfig, validate_model
 from lmrun.optim.config import OptimizerConfig, ScheduleConfig, validate_optimizer, validate_schedule
 from lmrun.tokenizer.config import TokenizerConfig, validate_tokenizer
@@ -23,6 +25,7 @@ class StageConfig:
 
     name: str = "???"
     description: str = ""
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
 
 
 @dataclass
@@ -54,6 +57,10 @@ class LmrunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    collect: CollectConfig = field(default_factory=CollectConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     seed: int = 0
@@ -95,3 +102,4 @@ def validate(cfg) -> None:
     validate_train(cfg.train)
     validate_evaluate(cfg.evaluate, cfg.stage.name)
     validate_logger(cfg.logger)
+    validate_launch(cfg.cluster, cfg.stage.resources, cfg.launch, cfg.collect)
