@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from lmrun.errors import LmrunError
+from lmrun.launch import preemption
 from lmrun.model import build_model
 from lmrun.model.flops import model_summary
 from lmrun.optim import build_optimizer, build_schedule, clip_grad_norm, set_lr
@@ -224,7 +225,7 @@ class Trainer:
                    leave=False)  # disable=None: a bar only on a terminal
         window_loss, window_steps, window_t0, window_tokens = 0.0, 0, time.perf_counter(), 0
         self.model.train()
-        with logging_redirect_tqdm():
+        with logging_redirect_tqdm(), preemption.cooperative():
             while not self._done():
                 t0 = time.perf_counter()
                 lr = self.schedule(self._schedule_step())
@@ -278,6 +279,11 @@ class Trainer:
                 if t.checkpoint_every and s.step % t.checkpoint_every == 0 and not self._done():
                     self.save()
                     window_t0 = time.perf_counter()
+                if preemption.requested():  # Slurm's preemption/time-limit signal: save, then requeue
+                    path = self.save()
+                    bar.close()
+                    raise preemption.Preempted(f"preempted at step {s.step}: saved {path}; the job is requeued and "
+                                               "resumes from it")
         bar.close()
         final = self._log_eval(None)
         path = self.save()
