@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lmrun.tokenizer.pretokenize import DEFAULT_CHUNK_BYTES, find_chunk_boundaries, mp_context, read_text_range
+from lmrun.tokenizer.pretokenize import (DEFAULT_CHUNK_BYTES, find_chunk_boundaries, mp_context, read_text_range,
+                                         worker_pool)
 from lmrun.tokenizer.tokenizer import Tokenizer
 from lmrun.tracking.progress import byte_progress
 
@@ -87,13 +88,12 @@ def encode_file(path: str | os.PathLike, tokenizer: Tokenizer, out_path: str | o
                 for task in tasks:
                     append(_encode_range(task))
             else:
-                ctx = mp_context()
-                if ctx.get_start_method() == "fork":  # build the encoder once here; forked workers inherit it
+                if mp_context().get_start_method() == "fork":  # build the encoder once; forked workers inherit it
                     _init_worker(*init_args)
                     pool_args = {}
                 else:
                     pool_args = {"initializer": _init_worker, "initargs": init_args}
-                with ctx.Pool(workers, **pool_args) as pool:
+                with worker_pool(workers, **pool_args) as pool:
                     for result in pool.imap(_encode_range, tasks):  # in order: appended as they come
                         append(result)
     except BaseException:

@@ -8,6 +8,7 @@ boundaries and counting chunks in parallel processes follows CS336 assignment 1.
 from __future__ import annotations
 
 import multiprocessing
+import signal
 import os
 import re
 import sys
@@ -240,6 +241,24 @@ def mp_context():
     return multiprocessing.get_context("spawn")
 
 
+def _pool_worker_init(initializer, initargs) -> None:
+    # Forked workers inherit the parent's Python signal handlers. In a Slurm job submitit's
+    # handler ignores SIGTERM, so Pool.terminate() would wait forever for such a worker; and the
+    # preemption signal is for the parent alone.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    for name in ("SIGUSR1", "SIGUSR2"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    if initializer is not None:
+        initializer(*initargs)
+
+
+def worker_pool(processes: int, initializer=None, initargs: tuple = ()):
+    """A ``multiprocessing`` pool of :func:`mp_context` whose workers use default signal
+    handling (whatever the parent installed), then run ``initializer(*initargs)``."""
+    return mp_context().Pool(processes, initializer=_pool_worker_init, initargs=(initializer, tuple(initargs)))
+
+
 def _count_range(args: tuple[str, int, int, "re.Pattern[str] | None"]) -> tuple[int, dict[bytes, int]]:
     """Worker: pre-token counts of bytes [start, end) of the file. Returns (bytes read, counts)."""
     path, start, end, special_re = args
@@ -315,8 +334,7 @@ def count_pretokens(
             for t in tasks:
                 merge(_count_range(t))
         else:
-            ctx = mp_context()
-            with ctx.Pool(min(num_workers, len(tasks))) as pool:
+            with worker_pool(min(num_workers, len(tasks))) as pool:
                 for result in pool.imap_unordered(_count_range, tasks):
                     merge(result)
     finally:
