@@ -15,7 +15,7 @@ from __future__ import annotations
 from lmrun import lazy_exports
 
 _EXPORTS = {
-    "flash_attention": ["FlashAttentionTorch", "flash_attention", "flash_forward_torch", "flash_backward_torch"],
+    "flash_attention_torch": ["FlashAttentionTorch", "flash_attention", "flash_forward_torch", "flash_backward_torch"],
     "flash_attention_triton": ["FlashAttentionTriton", "flash_forward_triton", "flash_backward_triton"],
     "reference": ["attention_reference", "rms_norm_reference"],
     "rmsnorm_triton": ["RMSNormTriton", "rms_norm_triton"],

@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from lmrun.kernels.flash_attention import check_attention_shapes
-from lmrun.kernels.runtime import check_launch_device, interpreter_enabled, lazy_jit
+from lmrun.kernels.flash_attention_torch import check_attention_shapes
+from lmrun.kernels.runtime import check_launch_device, language_interpreted, lazy_jit
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -41,7 +41,7 @@ def flash_fwd_kernel(Q, K, V, O, L,
                      stride_vb, stride_vn, stride_vd, stride_ob, stride_on, stride_od, stride_lb, stride_ln,
                      N_QUERIES, N_KEYS, scale,
                      D: tl.constexpr, D_PAD: tl.constexpr, Q_TILE: tl.constexpr, K_TILE: tl.constexpr,
-                     IS_CAUSAL: tl.constexpr, DOT_DTYPE: tl.constexpr):
+                     IS_CAUSAL: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     q_tile = tl.program_id(0)
     b = tl.program_id(1)
     offs_q = q_tile * Q_TILE + tl.arange(0, Q_TILE)
@@ -67,12 +67,12 @@ def flash_fwd_kernel(Q, K, V, O, L,
                     mask=d_ok[None, :], other=0.0).to(DOT_DTYPE)
         v = tl.load(V + b * stride_vb + offs_k[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                     mask=d_ok[None, :], other=0.0).to(DOT_DTYPE)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         m_new = tl.maximum(m, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m - m_new)
         l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
     # the rest: the diagonal tiles (causal) and the last, partial key tile
     for start in range(k_full, k_end, K_TILE):
@@ -82,7 +82,7 @@ def flash_fwd_kernel(Q, K, V, O, L,
                     mask=k_ok[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)
         v = tl.load(V + b * stride_vb + offs_k[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                     mask=k_ok[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         keep = k_ok[None, :]
         if IS_CAUSAL:
             keep = keep & (offs_k[None, :] <= offs_q[:, None])
@@ -91,7 +91,7 @@ def flash_fwd_kernel(Q, K, V, O, L,
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m - m_new)
         l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
     acc = acc / l[:, None]
     tl.store(O + b * stride_ob + offs_q[:, None] * stride_on + offs_d[None, :] * stride_od,
@@ -105,7 +105,7 @@ def flash_bwd_dkdv_kernel(Q, K, V, dO, L, Dvec, dK, dV,
                           stride_vb, stride_vn, stride_vd, stride_ob, stride_on, stride_od, stride_lb, stride_ln,
                           N_QUERIES, N_KEYS, scale,
                           D: tl.constexpr, D_PAD: tl.constexpr, Q_TILE: tl.constexpr, K_TILE: tl.constexpr,
-                          IS_CAUSAL: tl.constexpr, DOT_DTYPE: tl.constexpr):
+                          IS_CAUSAL: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     # dO shares O's strides; dK and dV share K's and V's; Dvec shares L's
     k_tile = tl.program_id(0)
     b = tl.program_id(1)
@@ -135,15 +135,15 @@ def flash_bwd_dkdv_kernel(Q, K, V, dO, L, Dvec, dK, dV,
                      mask=qd_ok, other=0.0).to(DOT_DTYPE)
         lse = tl.load(L + b * stride_lb + offs_q * stride_ln, mask=q_ok, other=0.0)
         delta = tl.load(Dvec + b * stride_lb + offs_q * stride_ln, mask=q_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         keep = q_ok[:, None] & k_ok[None, :]
         if IS_CAUSAL:
             keep = keep & (offs_k[None, :] <= offs_q[:, None])
         p = tl.where(keep, tl.exp2(s - lse[:, None] * 1.4426950408889634), 0.0)  # (Q_TILE, K_TILE)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-        dp = tl.dot(do, tl.trans(v))
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
     dk = dk * scale
     tl.store(dK + b * stride_kb + offs_k[:, None] * stride_kn + offs_d[None, :] * stride_kd,
              dk.to(dK.dtype.element_ty), mask=kd_ok)
@@ -157,7 +157,7 @@ def flash_bwd_dq_kernel(Q, K, V, dO, L, Dvec, dQ,
                         stride_vb, stride_vn, stride_vd, stride_ob, stride_on, stride_od, stride_lb, stride_ln,
                         N_QUERIES, N_KEYS, scale,
                         D: tl.constexpr, D_PAD: tl.constexpr, Q_TILE: tl.constexpr, K_TILE: tl.constexpr,
-                        IS_CAUSAL: tl.constexpr, DOT_DTYPE: tl.constexpr):
+                        IS_CAUSAL: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     # dQ shares Q's strides, dO shares O's, Dvec shares L's
     q_tile = tl.program_id(0)
     b = tl.program_id(1)
@@ -186,14 +186,14 @@ def flash_bwd_dq_kernel(Q, K, V, dO, L, Dvec, dQ,
                     mask=kd_ok, other=0.0).to(DOT_DTYPE)
         v = tl.load(V + b * stride_vb + offs_k[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                     mask=kd_ok, other=0.0).to(DOT_DTYPE)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         keep = q_ok[:, None] & k_ok[None, :]
         if IS_CAUSAL:
             keep = keep & (offs_k[None, :] <= offs_q[:, None])
         p = tl.where(keep, tl.exp2(s - lse2[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v))
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     dq = dq * scale
     tl.store(dQ + b * stride_qb + offs_q[:, None] * stride_qn + offs_d[None, :] * stride_qd,
              dq.to(dQ.dtype.element_ty), mask=qd_ok)
@@ -208,7 +208,16 @@ def dot_dtype(dtype: torch.dtype):
     float32 (loads, stores and the output dtype are unchanged)."""
     if dtype not in _TL_DTYPES:
         raise ValueError(f"FlashAttentionTriton: dtype {dtype} not supported (float32, bfloat16, float16)")
-    return tl.float32 if interpreter_enabled() else _TL_DTYPES[dtype]
+    return tl.float32 if language_interpreted() else _TL_DTYPES[dtype]
+
+
+def dot_precision(dtype: torch.dtype) -> str | None:
+    """``tl.dot``'s input_precision: for float32 inputs ``tf32`` when PyTorch allows TF32 matmuls
+    (``torch.backends.cuda.matmul.allow_tf32``) and ``ieee`` otherwise, as PyTorch's own matmuls;
+    None (Triton's default) for 16-bit inputs."""
+    if dtype != torch.float32:
+        return None
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 def _pad_dim(d: int) -> int:
@@ -233,7 +242,7 @@ def flash_forward_triton(Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, is_c
     flash_fwd_kernel[(triton.cdiv(nq, q_tile), b)](
         Q, K, V, O, L, *_strides3(Q), *_strides3(K), *_strides3(V), *_strides3(O), L.stride(0), L.stride(1),
         nq, nk, 1.0 / math.sqrt(d), D=d, D_PAD=_pad_dim(d), Q_TILE=q_tile, K_TILE=k_tile, IS_CAUSAL=bool(is_causal),
-        DOT_DTYPE=dot_dtype(Q.dtype))
+        DOT_DTYPE=dot_dtype(Q.dtype), PRECISION=dot_precision(Q.dtype))
     return O, L
 
 
@@ -253,7 +262,7 @@ def flash_backward_triton(Q, K, V, O, L, dO, is_causal: bool, q_tile: int | None
     common = (*_strides3(Q), *_strides3(K), *_strides3(V), *_strides3(dO), L.stride(0), L.stride(1),
               nq, nk, 1.0 / math.sqrt(d))
     meta = dict(D=d, D_PAD=_pad_dim(d), Q_TILE=q_tile, K_TILE=k_tile, IS_CAUSAL=bool(is_causal),
-                DOT_DTYPE=dot_dtype(Q.dtype))
+                DOT_DTYPE=dot_dtype(Q.dtype), PRECISION=dot_precision(Q.dtype))
     if dK.stride() != K.stride() or dV.stride() != V.stride() or dQ.stride() != Q.stride():
         raise ValueError("flash_backward_triton: gradients must share their inputs' strides")
     flash_bwd_dkdv_kernel[(triton.cdiv(nk, k_tile), b)](Q, K, V, dO, L, delta, dK, dV, *common, **meta)

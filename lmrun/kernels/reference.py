@@ -15,19 +15,21 @@ def attention_reference(Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, is_ca
     """``O = softmax(Q Kᵀ / sqrt(d)) V`` and the row log-sum-exp ``L = logsumexp(Q Kᵀ / sqrt(d))``.
 
     Shapes: Q ``(..., n_queries, d)``, K and V ``(..., n_keys, d)`` -> O ``(..., n_queries, d)`` in
-    V's dtype, L ``(..., n_queries)`` float32. Scores and softmax in float32. ``is_causal``: query
+    V's dtype, L ``(..., n_queries)`` float32 (float64 for float64 inputs). Scores and softmax in
+    float32 or wider. ``is_causal``: query
     ``i`` attends to keys ``j <= i`` (top-left aligned, as ``torch.nn.functional.
     scaled_dot_product_attention(is_causal=True)``). Differentiable (autograd keeps the n×n matrix).
     """
     d = Q.shape[-1]
-    S = torch.matmul(Q.float(), K.float().transpose(-2, -1)) / math.sqrt(d)
+    acc = torch.promote_types(Q.dtype, torch.float32)  # float64 inputs stay float64
+    S = torch.matmul(Q.to(acc), K.to(acc).transpose(-2, -1)) / math.sqrt(d)
     if is_causal:
         nq, nk = S.shape[-2:]
         keep = torch.ones(nq, nk, dtype=torch.bool, device=S.device).tril()
         S = S.masked_fill(~keep, float("-inf"))
     L = torch.logsumexp(S, dim=-1)
     P = torch.exp(S - L.unsqueeze(-1))
-    return torch.matmul(P, V.float()).to(V.dtype), L
+    return torch.matmul(P, V.to(acc)).to(V.dtype), L
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:

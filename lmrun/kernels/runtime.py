@@ -1,10 +1,11 @@
-"""Where Triton kernels can run, and Triton JIT functions that pick compiled or interpreted
-execution when first launched.
+"""Where Triton kernels can run, and Triton JIT functions made on first launch.
 
 Triton kernels run on CUDA tensors, or on CPU tensors under Triton's interpreter
-(``TRITON_INTERPRET=1``, slow, for tests). ``triton.jit`` reads that variable when it decorates a
-function, so :func:`lazy_jit` defers the decoration to the first launch: setting the variable
-before the first call is enough (tests set it with ``monkeypatch``).
+(``TRITON_INTERPRET=1``, slow, for tests). Triton reads that variable when it decorates a
+function — its own library functions (``tl.sum``, ``tl.max``, ...) when ``triton.language`` is
+imported — so it must be set before Triton is first imported (the test suite's conftest does so
+on machines without a GPU). :func:`lazy_jit` makes lmrun's kernels in the same mode as Triton's
+library, on their first launch.
 """
 from __future__ import annotations
 
@@ -46,20 +47,33 @@ def require_triton(key: str) -> None:
         raise ConfigError(f"{key}: Triton kernels cannot run: {reason}")
 
 
+def language_interpreted() -> bool:
+    """True when ``triton.language`` was imported in interpreter mode (its library functions are
+    then interpreted, and so must lmrun's kernels be)."""
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(tl.sum, InterpretedFunction)
+
+
 def check_launch_device(tensor, what: str) -> None:
     """Raise LmrunError unless a Triton kernel can run on ``tensor``'s device: CUDA, or the CPU
-    under ``TRITON_INTERPRET=1``."""
+    under ``TRITON_INTERPRET=1`` (set before Triton was imported)."""
     if tensor.is_cuda:
         return
     if tensor.device.type == "cpu" and interpreter_enabled():
-        return
+        if language_interpreted():
+            return
+        raise LmrunError(f"{what}: TRITON_INTERPRET=1 was set after Triton was imported; set it in the "
+                         "environment before the process starts")
     raise LmrunError(f"{what}: Triton kernels need CUDA tensors (got {tensor.device}); on a CPU set "
                      "TRITON_INTERPRET=1 (slow) or use the PyTorch implementation")
 
 
 class lazy_jit:
-    """``triton.jit(fn)`` made on first launch (``kernel[grid](...)``), once per mode (compiled or
-    interpreted), so the mode follows ``TRITON_INTERPRET`` at launch time rather than at import."""
+    """A Triton kernel jitted on first launch (``kernel[grid](...)``), interpreted when
+    ``triton.language`` was imported under ``TRITON_INTERPRET=1``, compiled otherwise; importing
+    the module that defines it imports nothing of Triton's JIT machinery."""
 
     def __init__(self, fn):
         self.fn = fn
@@ -68,9 +82,14 @@ class lazy_jit:
         self._jitted: dict[bool, object] = {}
 
     def __getitem__(self, grid):
-        mode = interpreter_enabled()
+        mode = language_interpreted()
         if mode not in self._jitted:
-            import triton
+            if mode:
+                from triton.runtime.interpreter import InterpretedFunction
 
-            self._jitted[mode] = triton.jit(self.fn)
+                self._jitted[mode] = InterpretedFunction(self.fn)
+            else:
+                from triton.runtime.jit import JITFunction
+
+                self._jitted[mode] = JITFunction(self.fn)
         return self._jitted[mode][grid]
