@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from lmrun.data.corpora import DataConfig, validate_data
 from lmrun.eval.config import EvaluateConfig, validate_evaluate
+from lmrun.kernels.config import BenchmarkConfig, validate_benchmark
 from lmrun.model.config import ModelConfig, validate_model
 from lmrun.optim.config import OptimizerConfig, ScheduleConfig, validate_optimizer, validate_schedule
 from lmrun.tokenizer.config import TokenizerConfig, validate_tokenizer
@@ -53,6 +54,7 @@ class LmrunConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -94,4 +96,5 @@ def validate(cfg) -> None:
     validate_schedule(cfg.schedule)
     validate_train(cfg.train)
     validate_evaluate(cfg.evaluate, cfg.stage.name)
+    validate_benchmark(cfg.benchmark)
     validate_logger(cfg.logger)
