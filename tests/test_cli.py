@@ -72,7 +72,7 @@ def test_dry_run_every_stage_writes_nothing(stage, isolated_workspace, cache_dir
         (["stage=tokenizer", "tokenizer.vocab_size=abc"], r"tokenizer\.vocab_size='abc': .*expected int"),
         (["stage=tokenizer", "tokenizer.vocab_size=100"], r"tokenizer\.vocab_size=100: expected an integer >= 257"),
         (["stage=tokenizer", "data=nope"], r"data=nope: no such option; available: text_files, tinyshakespeare"),
-        (["stage=nope"], r"stage=nope: no such option; available: encode, evaluate, pretrain, tokenizer"),
+        (["stage=nope"], r"stage=nope: no such option; available: benchmark, encode, evaluate, pretrain, tokenizer"),
         (["stage=evaluate"], r"evaluate\.checkpoint=None: expected a checkpoint file or a pretrain run directory"),
         ([], r"stage"),
         (["stage=tokenizer", "data=text_files"], r"data\.train=None: expected a UTF-8 text file path"),
@@ -153,7 +153,7 @@ def test_help_lists_stages_and_groups(capsys):
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
     assert "== Stages ==" in out and "  pretrain   train a Transformer LM" in out
-    assert "stage: encode, evaluate, pretrain, tokenizer" in out and "data: text_files, tinyshakespeare" in out and "logger: none, wandb" in out
+    assert "stage: benchmark, encode, evaluate, pretrain, tokenizer" in out and "data: text_files, tinyshakespeare" in out and "logger: none, wandb" in out
 
 
 def test_load_stage_rejects_unregistered():

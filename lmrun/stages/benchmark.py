@@ -63,7 +63,10 @@ def plan(cfg) -> dict:
         if not torch.cuda.is_available():
             raise LmrunError("benchmark.device=cuda: no CUDA device is available (use benchmark.device=auto or cpu)")
     skipped = [i for i in impls if i in TRITON_IMPLS] if device != "cuda" else []
-    return {"stage": "benchmark", "kind": b.kind, "device": device, "grid": _grid(b), "passes": list(b.passes),
+    inputs = (f"model={cfg.model.name} at each size preset, optimizer={cfg.optimizer.name}, random token ids"
+              if b.kind == "model" else "random normal tensors (fixed seed), made per case")
+    return {"stage": "benchmark", "kind": b.kind, "device": device, "inputs": inputs, "grid": _grid(b),
+            "passes": list(b.passes),
             "impls": impls, "baseline": b.baseline,
             "skipped": {i: "Triton kernels are benchmarked on CUDA only" for i in skipped},
             "outputs": ["benchmark.csv", "benchmark.md"] + (["benchmark.png"] if b.plot else [])
