@@ -47,6 +47,8 @@ class BenchmarkConfig:
         rep_ms (at least min_reps calls); median and 20th/80th percentiles are reported
         (``triton.testing.do_bench`` on CUDA, a synchronised wall-clock timer on CPU).
     peak_flops: the device's peak FLOP/s for MFU (null: known GPUs only).
+    threads: CPU intra-op threads (``torch.set_num_threads``; null: PyTorch's default). On a
+        loaded machine 1 avoids OpenMP spin contention, which can slow small ops 100-fold.
     profile: also write a ``torch.profiler`` trace per implementation (first grid point) and, on
         CUDA, a memory snapshot (``profile/``).
     plot: write ``benchmark.png``.
@@ -72,6 +74,7 @@ class BenchmarkConfig:
     rep_ms: float = 100.0
     min_reps: int = 5
     peak_flops: float | None = None
+    threads: int | None = None
     profile: bool = False
     plot: bool = True
 
@@ -99,6 +102,8 @@ def validate_benchmark(cfg: BenchmarkConfig) -> None:
         check(f"benchmark.{key}", getattr(cfg, key), getattr(cfg, key) >= 1, "an integer >= 1")
     check("benchmark.warmup_ms", cfg.warmup_ms, cfg.warmup_ms >= 0, "a number of milliseconds >= 0")
     check("benchmark.rep_ms", cfg.rep_ms, cfg.rep_ms > 0, "a number of milliseconds > 0")
+    if cfg.threads is not None:
+        check("benchmark.threads", cfg.threads, cfg.threads >= 1, "null or an integer >= 1")
     if cfg.peak_flops is not None:
         check("benchmark.peak_flops", cfg.peak_flops, cfg.peak_flops > 0, "null or FLOP/s > 0")
     if cfg.kind == "model":

@@ -82,6 +82,8 @@ def run(cfg) -> dict:
     run = active_run()
     b = cfg.benchmark
     device = torch.device(_device_name(b.device))
+    if b.threads is not None:
+        torch.set_num_threads(int(b.threads))
     if b.kind == "attention":
         cases = attention_cases(b, device)
     elif b.kind == "rmsnorm":

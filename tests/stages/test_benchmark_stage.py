@@ -31,7 +31,8 @@ def read_csv(path: Path) -> list[dict]:
 
 def test_attention_benchmark_writes_tables_and_plot(isolated_workspace, capsys):
     run_dir = run_benchmark("benchmark=attention", "benchmark.seq_lens=[32,48]", "benchmark.head_dims=[16]",
-                            "benchmark.impls=[naive,sdpa,flash_torch,flash_triton]", "benchmark.num_heads=2")
+                            "benchmark.impls=[naive,sdpa,flash_torch,flash_triton]", "benchmark.num_heads=2",
+                            "benchmark.threads=1")
     rows = read_csv(run_dir / "benchmark.csv")
     # 2 lengths x 3 passes x 4 impls
     assert len(rows) == 24
@@ -117,6 +118,7 @@ def test_cpu_timer_measures_what_it_runs():
     (["benchmark=model", "benchmark.baseline=bf16+compile", "benchmark.compile=[false]"],
      "benchmark.baseline='bf16+compile': expected one of the variants fp32, bf16"),
     (["benchmark.seq_lens=[]"], "benchmark.seq_lens=[]: expected a non-empty list of integers >= 1"),
+    (["benchmark.threads=0"], "benchmark.threads=0: expected null or an integer >= 1"),
 ])
 def test_bad_settings_are_one_line_errors(isolated_workspace, capsys, overrides, message):
     assert cli.main(["stage=benchmark", "logger=none", *overrides]) == 2
