@@ -12,6 +12,7 @@ from lmrun.data.corpora import DataConfig, validate_data
 from lmrun.eval.config import EvaluateConfig, validate_evaluate
 from lmrun.launch.config import (ClusterConfig, CollectConfig, LaunchConfig, ResourcesConfig, SweepConfig,
                                  validate_launch)
+from lmrun.kernels.config import BenchmarkConfig, validate_benchmark
 from lmrun.model.config import ModelConfig, validate_model
 from lmrun.optim.config import OptimizerConfig, ScheduleConfig, validate_optimizer, validate_schedule
 from lmrun.tokenizer.config import TokenizerConfig, validate_tokenizer
@@ -56,6 +57,7 @@ class LmrunConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
@@ -101,5 +103,6 @@ def validate(cfg) -> None:
     validate_schedule(cfg.schedule)
     validate_train(cfg.train)
     validate_evaluate(cfg.evaluate, cfg.stage.name)
+    validate_benchmark(cfg.benchmark)
     validate_logger(cfg.logger)
     validate_launch(cfg.cluster, cfg.stage.resources, cfg.launch, cfg.collect)

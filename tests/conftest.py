@@ -6,6 +6,14 @@ from pathlib import Path
 
 import pytest
 
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        # Triton kernels run on the CPU in Triton's interpreter; Triton reads this when it is first
+        # imported (tests that need it absent delete it: lmrun checks it at call time)
+        os.environ["TRITON_INTERPRET"] = "1"
+
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 

@@ -55,7 +55,7 @@ def test_presets_found():
     assert {"stage", "data", "tokenizer", "logger", "experiment"} <= groups
 
 
-@pytest.mark.parametrize("stage", [s for s in cli.stage_names() if s != "evaluate"])  # evaluate: test_pretrain_stage
+@pytest.mark.parametrize("stage", [s for s in cli.stage_names() if s not in ("evaluate", "collect")])  # tested with their inputs
 def test_dry_run_every_stage_writes_nothing(stage, isolated_workspace, cache_dir, capsys):
     assert cli.main([f"stage={stage}", "dry_run=true"]) == 0
     out = capsys.readouterr().out
@@ -72,7 +72,7 @@ def test_dry_run_every_stage_writes_nothing(stage, isolated_workspace, cache_dir
         (["stage=tokenizer", "tokenizer.vocab_size=abc"], r"tokenizer\.vocab_size='abc': .*expected int"),
         (["stage=tokenizer", "tokenizer.vocab_size=100"], r"tokenizer\.vocab_size=100: expected an integer >= 257"),
         (["stage=tokenizer", "data=nope"], r"data=nope: no such option; available: text_files, tinyshakespeare"),
-        (["stage=nope"], r"stage=nope: no such option; available: encode, evaluate, pretrain, tokenizer"),
+        (["stage=nope"], r"stage=nope: no such option; available: benchmark, collect, encode, evaluate, pretrain, tokenizer"),
         (["stage=evaluate"], r"evaluate\.checkpoint=None: expected a checkpoint file or a pretrain run directory"),
         ([], r"stage"),
         (["stage=tokenizer", "data=text_files"], r"data\.train=None: expected a UTF-8 text file path"),
@@ -131,7 +131,7 @@ def test_single_run_directory_and_provenance(small_text, isolated_workspace):
 def test_multirun_sweep(small_text, isolated_workspace):
     assert cli.main(["-m", "stage=tokenizer", "data=text_files", f"data.train={small_text}",
                      "logger=none", "progress=false", "tokenizer.vocab_size=300,320"]) == 0
-    (sweep,) = (isolated_workspace / "multiruns").iterdir()
+    (sweep,) = (isolated_workspace / "multiruns" / "tokenizer").iterdir()
     sizes = sorted(json.loads((sweep / str(i) / "summary.json").read_text())["vocab_size"] for i in (0, 1))
     assert sizes == [300, 320]
 
@@ -153,7 +153,7 @@ def test_help_lists_stages_and_groups(capsys):
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
     assert "== Stages ==" in out and "  pretrain   train a Transformer LM" in out
-    assert "stage: encode, evaluate, pretrain, tokenizer" in out and "data: text_files, tinyshakespeare" in out and "logger: none, wandb" in out
+    assert "stage: benchmark, collect, encode, evaluate, pretrain, tokenizer" in out and "data: text_files, tinyshakespeare" in out and "logger: none, wandb" in out
 
 
 def test_load_stage_rejects_unregistered():

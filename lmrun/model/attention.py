@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmrun.kernels.flash_attention_torch import FLASH_IMPLS, flash_attention
 from lmrun.model.config import ATTENTION_IMPLS, AttentionConfig, validate_attention  # noqa: F401
 from lmrun.model.layers import Linear
 from lmrun.model.norms import RMSNorm
@@ -77,7 +78,9 @@ class MultiHeadSelfAttention(nn.Module):
     (n_kv_heads·d_k, d_model)``, ``output_proj (d_model, num_heads·d_k)`` with
     ``d_k = d_model / num_heads``. ``rope``: a shared ``RotaryEmbedding`` or None;
     ``theta`` + ``max_seq_len`` build one when ``rope`` is not given. ValueError when
-    d_model is not divisible by num_heads or num_heads by n_kv_heads.
+    d_model is not divisible by num_heads or num_heads by n_kv_heads. ``impl``: naive | sdpa |
+    flash_torch | flash_triton (``AttentionConfig``); flash_triton raises ConfigError when
+    Triton cannot run here (no CUDA GPU and no ``TRITON_INTERPRET=1``).
     """
 
     def __init__(self, d_model: int, num_heads: int, n_kv_heads: int | None = None, *,
@@ -92,6 +95,10 @@ class MultiHeadSelfAttention(nn.Module):
             raise ValueError(f"num_heads={num_heads} is not divisible by n_kv_heads={n_kv_heads}")
         if impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention impl {impl!r}: expected one of {', '.join(ATTENTION_IMPLS)}")
+        if impl == "flash_triton":
+            from lmrun.kernels.runtime import require_triton
+
+            require_triton("model.attention.impl=flash_triton")
         self.d_model, self.num_heads, self.n_kv_heads = d_model, num_heads, n_kv_heads
         self.d_k = d_model // num_heads
         self.impl = impl
@@ -126,6 +133,8 @@ class MultiHeadSelfAttention(nn.Module):
             q, k = self.rope(q, pos), self.rope(k, pos)
         if self.impl == "sdpa":
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kvh != h)
+        elif self.impl in FLASH_IMPLS:  # FlashAttention-2 (lmrun.kernels), K/V heads expanded for GQA
+            out = flash_attention(q, k, v, is_causal=True, impl=self.impl)
         else:
             g = h // kvh  # fold the query heads of a group into the row dimension: K, V are not copied
             q = q.reshape(b, kvh, g * s, d_k)

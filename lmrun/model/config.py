@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 from lmrun.errors import check, check_choice
 
 NORM_KINDS = ["rmsnorm", "layernorm", "none"]
+NORM_IMPLS = ["torch", "triton"]
 NORM_PLACEMENTS = ["pre", "post", "none"]
 GATED = {"swiglu": "silu", "geglu": "gelu"}  # gated FFN kind -> its activation
 UNGATED = ["gelu", "relu", "silu", "relu2"]
 FFN_KINDS = list(GATED) + UNGATED
 POSITION_KINDS = ["rope", "sinusoidal", "learned", "none"]
-ATTENTION_IMPLS = ["naive", "sdpa"]
+ATTENTION_IMPLS = ["naive", "sdpa", "flash_torch", "flash_triton"]
 
 
 @dataclass
@@ -34,12 +35,15 @@ class NormConfig:
     placement: where a block's two norms sit — ``pre``: ``x + f(norm(x))`` (GPT-2, Llama);
         ``post``: ``norm(x + f(x))`` (Vaswani et al. 2017); ``none``: no norm inside blocks.
     final: apply ``ln_final`` after the last block (ignored when kind is none).
+    impl: torch (tensor expressions) | triton (``lmrun.kernels.RMSNormTriton``, fused forward and
+        backward kernels; kind rmsnorm only; CUDA, or the CPU under ``TRITON_INTERPRET=1``).
     """
 
     kind: str = "rmsnorm"
     eps: float = 1e-5
     placement: str = "pre"
     final: bool = True
+    impl: str = "torch"
 
 
 @dataclass
@@ -73,7 +77,10 @@ class AttentionConfig:
 
     impl: naive (``lmrun.model.scaled_dot_product_attention``: explicit scores, mask and
         softmax) | sdpa (``torch.nn.functional.scaled_dot_product_attention``, fused kernels
-        where the device has them). Both compute the same function.
+        where the device has them) | flash_torch (``lmrun.kernels.FlashAttentionTorch``:
+        FlashAttention-2 tiled in PyTorch, Dao 2023) | flash_triton (``lmrun.kernels.
+        FlashAttentionTriton``: Triton forward and backward kernels; CUDA, or the CPU under
+        ``TRITON_INTERPRET=1``). All compute the same function.
     qk_norm: RMSNorm over the head dimension of q and k before RoPE (adds
         ``attn.q_norm.weight`` and ``attn.k_norm.weight``, each ``(head_dim,)``).
     The number of key/value heads is ``model.n_kv_heads``.
@@ -154,6 +161,9 @@ def validate_norm(cfg: NormConfig, prefix: str = "model.norm") -> None:
     check_choice(f"{prefix}.kind", cfg.kind, NORM_KINDS)
     check_choice(f"{prefix}.placement", cfg.placement, NORM_PLACEMENTS)
     check(f"{prefix}.eps", cfg.eps, cfg.eps > 0, "a number > 0")
+    check_choice(f"{prefix}.impl", cfg.impl, NORM_IMPLS)
+    check(f"{prefix}.impl", cfg.impl, cfg.impl == "torch" or cfg.kind == "rmsnorm",
+          f"torch with {prefix}.kind={cfg.kind} (the Triton kernel is RMSNorm's)")
 
 
 def validate_ffn(cfg: FFNConfig, prefix: str = "model.ffn") -> None:
@@ -174,7 +184,8 @@ def validate_model(cfg: ModelConfig) -> None:
 
     Checks every choice key, positive sizes, ``d_model % num_heads == 0``,
     ``num_heads % n_kv_heads == 0``, an even head dimension with RoPE, ``d_ff >= 1``,
-    ``logit_softcap > 0``. Accepts a ``ModelConfig`` or the composed ``cfg.model`` node.
+    ``logit_softcap > 0``, and that Triton kernels can run here when an impl asks for them (a CUDA
+    GPU, or ``TRITON_INTERPRET=1``). Accepts a ``ModelConfig`` or the composed ``cfg.model`` node.
     """
     for key in ("vocab_size", "context_length", "d_model", "num_layers", "num_heads"):
         value = getattr(cfg, key)
@@ -183,6 +194,11 @@ def validate_model(cfg: ModelConfig) -> None:
     validate_ffn(cfg.ffn)
     validate_position(cfg.position)
     validate_attention(cfg.attention)
+    if cfg.attention.impl == "flash_triton" or cfg.norm.impl == "triton":
+        from lmrun.kernels.runtime import require_triton  # imports torch only to look for a GPU
+
+        require_triton("model.attention.impl=flash_triton" if cfg.attention.impl == "flash_triton"
+                       else "model.norm.impl=triton")
     d, h = cfg.d_model, cfg.num_heads
     check("model.num_heads", h, d % h == 0, f"a divisor of model.d_model={d}")
     if cfg.n_kv_heads is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lmrun.model.config import NORM_KINDS, NORM_PLACEMENTS, NormConfig, norm_params, validate_norm  # noqa: F401
+from lmrun.model.config import NORM_IMPLS, NORM_KINDS, NORM_PLACEMENTS, NormConfig, norm_params, validate_norm  # noqa: F401
 
 
 class RMSNorm(nn.Module):
@@ -18,22 +18,35 @@ class RMSNorm(nn.Module):
 
     Shapes: ``(..., d_model)`` -> same. Computed in float32, returned in the input dtype.
     Parameters: ``weight (d_model,)`` initialised to ones.
+    ``impl``: ``torch`` (tensor expressions) or ``triton`` (``lmrun.kernels.RMSNormTriton``, fused
+    kernels; ConfigError when Triton cannot run here — no CUDA GPU and no ``TRITON_INTERPRET=1``).
     """
 
     def __init__(self, d_model: int, eps: float = 1e-5,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None, impl: str = "torch"):
         super().__init__()
+        if impl not in NORM_IMPLS:
+            raise ValueError(f"RMSNorm impl {impl!r}: expected one of {', '.join(NORM_IMPLS)}")
+        if impl == "triton":
+            from lmrun.kernels.runtime import require_triton
+
+            require_triton("model.norm.impl=triton")
         self.eps = eps
+        self.impl = impl
         self.weight = nn.Parameter(torch.ones(d_model, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.impl == "triton":
+            from lmrun.kernels.rmsnorm_triton import rms_norm_triton
+
+            return rms_norm_triton(x, self.weight, self.eps)
         in_dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps)
         return (x * self.weight.float()).to(in_dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}"
+        return f"{self.weight.shape[0]}, eps={self.eps}" + (f", impl={self.impl}" if self.impl != "torch" else "")
 
 
 class LayerNorm(nn.Module):
@@ -63,10 +76,13 @@ class LayerNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
-def build_norm(kind: str, d_model: int, eps: float = 1e-5, device=None, dtype=None) -> nn.Module:
-    """``RMSNorm``, ``LayerNorm`` or ``nn.Identity`` (kind ``none``); ValueError otherwise."""
+def build_norm(kind: str, d_model: int, eps: float = 1e-5, device=None, dtype=None, impl: str = "torch") -> nn.Module:
+    """``RMSNorm``, ``LayerNorm`` or ``nn.Identity`` (kind ``none``); ValueError otherwise.
+    ``impl`` (torch | triton) applies to RMSNorm; other kinds accept only torch."""
     if kind == "rmsnorm":
-        return RMSNorm(d_model, eps, device=device, dtype=dtype)
+        return RMSNorm(d_model, eps, device=device, dtype=dtype, impl=impl)
+    if impl != "torch":
+        raise ValueError(f"norm impl {impl!r} is only available for rmsnorm, not {kind!r}")
     if kind == "layernorm":
         return LayerNorm(d_model, eps, device=device, dtype=dtype)
     if kind == "none":

@@ -38,7 +38,8 @@ class TransformerBlock(nn.Module):
     def __init__(self, d_model: int, num_heads: int, d_ff: int, *, n_kv_heads: int | None = None,
                  norm: str = "rmsnorm", norm_placement: str = "pre", norm_eps: float = 1e-5,
                  ffn: str = "swiglu", rope: RotaryEmbedding | None = None, attn_impl: str = "sdpa",
-                 qk_norm: bool = False, bias: bool = False, dropout: float = 0.0, device=None, dtype=None):
+                 qk_norm: bool = False, bias: bool = False, dropout: float = 0.0, norm_impl: str = "torch",
+                 device=None, dtype=None):
         super().__init__()
         if norm_placement not in ("pre", "post", "none"):
             raise ValueError(f"norm_placement {norm_placement!r}: expected pre, post or none")
@@ -48,8 +49,8 @@ class TransformerBlock(nn.Module):
         self.ffn = build_ffn(ffn, d_model, d_ff, bias=bias, device=device, dtype=dtype)
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()  # residual dropout (GPT-2)
         if self.norm_placement != "none":
-            self.ln1 = build_norm(norm, d_model, norm_eps, device=device, dtype=dtype)
-            self.ln2 = build_norm(norm, d_model, norm_eps, device=device, dtype=dtype)
+            self.ln1 = build_norm(norm, d_model, norm_eps, device=device, dtype=dtype, impl=norm_impl)
+            self.ln2 = build_norm(norm, d_model, norm_eps, device=device, dtype=dtype, impl=norm_impl)
 
     def forward(self, x: torch.Tensor, token_positions: torch.Tensor | None = None) -> torch.Tensor:
         drop = self.drop
@@ -75,7 +76,10 @@ class TransformerLM(nn.Module):
     The positional arguments follow CS336's ``TransformerLM(vocab_size, context_length,
     d_model, num_layers, num_heads, d_ff, rope_theta)``; the keyword arguments select variants
     (defaults: the Llama-style pre-RMSNorm / SwiGLU / RoPE model). ``dropout`` applies to the
-    embeddings and to each block's attention and FFN outputs (training mode only). ``rope_theta`` is also the
+    embeddings and to each block's attention and FFN outputs (training mode only). ``norm_impl``
+    (torch | triton) picks RMSNorm's implementation; ``attn_impl`` the attention's (naive | sdpa |
+    flash_torch | flash_triton; the Triton ones need CUDA or ``TRITON_INTERPRET=1``, else
+    ConfigError). ``rope_theta`` is also the
     base of the sinusoidal table. ``d_ff=None`` picks ``default_d_ff(d_model, ffn)``.
 
     Init: linears truncated N(0, 2/(d_in+d_out)); token (and learned position) embeddings
@@ -89,7 +93,8 @@ class TransformerLM(nn.Module):
                  norm: str = "rmsnorm", norm_placement: str = "pre", final_norm: bool = True,
                  norm_eps: float = 1e-5, ffn: str = "swiglu", position: str = "rope", attn_impl: str = "sdpa",
                  qk_norm: bool = False, bias: bool = False, tie_embeddings: bool = False,
-                 logit_softcap: float | None = None, dropout: float = 0.0, device=None, dtype=None):
+                 logit_softcap: float | None = None, dropout: float = 0.0, norm_impl: str = "torch",
+                 device=None, dtype=None):
         super().__init__()
         if position not in ("rope", "sinusoidal", "learned", "none"):
             raise ValueError(f"position {position!r}: expected rope, sinusoidal, learned or none")
@@ -106,10 +111,11 @@ class TransformerLM(nn.Module):
         self.layers = nn.ModuleList(
             TransformerBlock(d_model, num_heads, d_ff, n_kv_heads=n_kv_heads, norm=norm, norm_placement=norm_placement,
                              norm_eps=norm_eps, ffn=ffn, rope=rope, attn_impl=attn_impl, qk_norm=qk_norm, bias=bias,
-                             dropout=dropout, device=device, dtype=dtype)
+                             dropout=dropout, norm_impl=norm_impl, device=device, dtype=dtype)
             for _ in range(num_layers))
         self.embed_drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.ln_final = build_norm(norm if final_norm else "none", d_model, norm_eps, device=device, dtype=dtype)
+        self.ln_final = build_norm(norm if final_norm else "none", d_model, norm_eps, device=device, dtype=dtype,
+                                   impl=norm_impl if final_norm else "torch")
         if tie_embeddings:
             self.lm_head = Linear(d_model, vocab_size, "meta", dtype)  # no memory; its weight is replaced
             self.lm_head.weight = self.token_embeddings.weight  # one Parameter, two state-dict keys
@@ -126,7 +132,8 @@ class TransformerLM(nn.Module):
                    norm_placement=cfg.norm.placement, final_norm=cfg.norm.final, norm_eps=cfg.norm.eps,
                    ffn=cfg.ffn.kind, position=cfg.position.kind, attn_impl=cfg.attention.impl,
                    qk_norm=cfg.attention.qk_norm, bias=cfg.bias, tie_embeddings=cfg.tie_embeddings,
-                   logit_softcap=cfg.logit_softcap, dropout=cfg.dropout, device=device, dtype=dtype)
+                   logit_softcap=cfg.logit_softcap, dropout=cfg.dropout, norm_impl=cfg.norm.impl,
+                   device=device, dtype=dtype)
 
     def forward(self, token_ids: torch.Tensor, token_positions: torch.Tensor | None = None) -> torch.Tensor:
         seq_len = token_ids.shape[-1]

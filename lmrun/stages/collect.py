@@ -47,7 +47,7 @@ def plan(cfg) -> dict:
         outputs += ["compare.csv", "compare.md"]
     if cfg.collect.plot:
         outputs += [f"plot_{m}.png" for m in metrics]
-    return {"stage": "collect", "sweep": str(_sweep_dir(cfg)), "jobs": len(jobs), "states": states,
+    return {"stage": "collect", "inputs": {"sweep": str(_sweep_dir(cfg))}, "jobs": len(jobs), "states": states,
             "swept_keys": keys, "metrics": metrics, "outputs": outputs}
 
 

@@ -71,6 +71,9 @@ def test_collect_groups_seeds_and_compares_variants(capsys):
     assert cli.main(["-m", *TINY, "train.max_steps=20", "model.d_model=32,48", "seed=0,1",
                      "sweep=multiruns/ablation"]) == 0
     capsys.readouterr()
+    assert cli.main(["stage=collect", "sweep=multiruns/ablation", "dry_run=true"]) == 0
+    out = capsys.readouterr().out
+    assert "jobs: 4" in out and "completed: 4" in out and "- model.d_model" in out and not Path("runs").exists()
     assert cli.main(["stage=collect", "sweep=multiruns/ablation", "logger=none", "collect.compare=model.d_model",
                      "collect.plot=model.d_model"]) == 0
     out = capsys.readouterr().out

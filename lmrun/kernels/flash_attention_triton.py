@@ -1,0 +1,307 @@
+"""FlashAttention-2 forward and backward as Triton kernels.
+
+Forward (Dao 2023, Algorithm 1): one program per (query tile, batch row) streams the key/value
+tiles through an online softmax in float32 (base-2 exponentials), writes O and the log-sum-exp
+L. Backward (Algorithm 2, without atomics): ``D = rowsum(dO ∘ O)``; one kernel per key tile
+accumulates dK and dV over the query tiles, another per query tile accumulates dQ over the key
+tiles; both recompute ``P = exp(S - L)``. With ``is_causal`` tiles wholly above the diagonal are
+never visited and only tiles that cross it are masked. Inputs float32, bfloat16 or float16
+(matmuls on the input dtype, accumulation in float32). Lengths need not be multiples of the
+tiles; head dims that are not powers of two are padded with masked lanes.
+
+Source: Dao 2023, "FlashAttention-2"; Tillet et al. 2019 (Triton); CS336 assignment 2.
+Runs on CUDA, or on the CPU under ``TRITON_INTERPRET=1`` (see ``lmrun.kernels.runtime``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from lmrun.kernels.flash_attention_torch import check_attention_shapes
+from lmrun.kernels.runtime import check_launch_device, language_interpreted, lazy_jit
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+def default_tiles(d: int, device: torch.device) -> tuple[int, int]:
+    """(q_tile, k_tile) for head dim ``d``: 16 × 16 under the interpreter (fewer, cheaper Python
+    steps), 128 × 64 on a GPU for d <= 64 and 64 × 64 above (shared-memory bound)."""
+    if device.type != "cuda":
+        return 16, 16
+    return (128, 64) if d <= 64 else (64, 64)
+
+
+@lazy_jit
+def flash_fwd_kernel(Q, K, V, O, L,
+                     stride_qb, stride_qn, stride_qd, stride_kb, stride_kn, stride_kd,
+                     stride_vb, stride_vn, stride_vd, stride_ob, stride_on, stride_od, stride_lb, stride_ln,
+                     N_QUERIES, N_KEYS, scale,
+                     D: tl.constexpr, D_PAD: tl.constexpr, Q_TILE: tl.constexpr, K_TILE: tl.constexpr,
+                     IS_CAUSAL: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    q_tile = tl.program_id(0)
+    b = tl.program_id(1)
+    offs_q = q_tile * Q_TILE + tl.arange(0, Q_TILE)
+    offs_d = tl.arange(0, D_PAD)
+    q_ok = offs_q < N_QUERIES
+    d_ok = offs_d < D
+    q = tl.load(Q + b * stride_qb + offs_q[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                mask=q_ok[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)
+    qk_scale = scale * 1.4426950408889634  # scores in base 2: exp(x) = exp2(x · log2 e)
+    m = tl.full([Q_TILE], float("-inf"), tl.float32)
+    l = tl.zeros([Q_TILE], tl.float32)
+    acc = tl.zeros([Q_TILE, D_PAD], tl.float32)
+    if IS_CAUSAL:
+        k_end = tl.minimum((q_tile + 1) * Q_TILE, N_KEYS)  # later key tiles are all masked: skipped
+        k_full = tl.minimum(q_tile * Q_TILE, N_KEYS) // K_TILE * K_TILE  # tiles below the diagonal
+    else:
+        k_end = N_KEYS
+        k_full = N_KEYS // K_TILE * K_TILE
+    # key tiles with every key visible to every query of this tile: no masks
+    for start in range(0, k_full, K_TILE):
+        offs_k = start + tl.arange(0, K_TILE)
+        k = tl.load(K + b * stride_kb + offs_k[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=d_ok[None, :], other=0.0).to(DOT_DTYPE)
+        v = tl.load(V + b * stride_vb + offs_k[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=d_ok[None, :], other=0.0).to(DOT_DTYPE)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        m_new = tl.maximum(m, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m - m_new)
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m = m_new
+    # the rest: the diagonal tiles (causal) and the last, partial key tile
+    for start in range(k_full, k_end, K_TILE):
+        offs_k = start + tl.arange(0, K_TILE)
+        k_ok = offs_k < N_KEYS
+        k = tl.load(K + b * stride_kb + offs_k[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=k_ok[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)
+        v = tl.load(V + b * stride_vb + offs_k[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=k_ok[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        keep = k_ok[None, :]
+        if IS_CAUSAL:
+            keep = keep & (offs_k[None, :] <= offs_q[:, None])
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m - m_new)
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m = m_new
+    acc = acc / l[:, None]
+    tl.store(O + b * stride_ob + offs_q[:, None] * stride_on + offs_d[None, :] * stride_od,
+             acc.to(O.dtype.element_ty), mask=q_ok[:, None] & d_ok[None, :])
+    tl.store(L + b * stride_lb + offs_q * stride_ln, (m + tl.log2(l)) * 0.6931471805599453, mask=q_ok)
+
+
+@lazy_jit
+def flash_bwd_dkdv_kernel(Q, K, V, dO, L, Dvec, dK, dV,
+                          stride_qb, stride_qn, stride_qd, stride_kb, stride_kn, stride_kd,
+                          stride_vb, stride_vn, stride_vd, stride_ob, stride_on, stride_od, stride_lb, stride_ln,
+                          N_QUERIES, N_KEYS, scale,
+                          D: tl.constexpr, D_PAD: tl.constexpr, Q_TILE: tl.constexpr, K_TILE: tl.constexpr,
+                          IS_CAUSAL: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    # dO shares O's strides; dK and dV share K's and V's; Dvec shares L's
+    k_tile = tl.program_id(0)
+    b = tl.program_id(1)
+    offs_k = k_tile * K_TILE + tl.arange(0, K_TILE)
+    offs_d = tl.arange(0, D_PAD)
+    k_ok = offs_k < N_KEYS
+    d_ok = offs_d < D
+    kd_ok = k_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + b * stride_kb + offs_k[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=kd_ok, other=0.0).to(DOT_DTYPE)
+    v = tl.load(V + b * stride_vb + offs_k[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                mask=kd_ok, other=0.0).to(DOT_DTYPE)
+    dk = tl.zeros([K_TILE, D_PAD], tl.float32)
+    dv = tl.zeros([K_TILE, D_PAD], tl.float32)
+    qk_scale = scale * 1.4426950408889634
+    if IS_CAUSAL:
+        q_start = (k_tile * K_TILE) // Q_TILE * Q_TILE  # earlier query tiles see none of these keys
+    else:
+        q_start = 0
+    for start in range(q_start, N_QUERIES, Q_TILE):
+        offs_q = start + tl.arange(0, Q_TILE)
+        q_ok = offs_q < N_QUERIES
+        qd_ok = q_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q + b * stride_qb + offs_q[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                    mask=qd_ok, other=0.0).to(DOT_DTYPE)
+        do = tl.load(dO + b * stride_ob + offs_q[:, None] * stride_on + offs_d[None, :] * stride_od,
+                     mask=qd_ok, other=0.0).to(DOT_DTYPE)
+        lse = tl.load(L + b * stride_lb + offs_q * stride_ln, mask=q_ok, other=0.0)
+        delta = tl.load(Dvec + b * stride_lb + offs_q * stride_ln, mask=q_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        keep = q_ok[:, None] & k_ok[None, :]
+        if IS_CAUSAL:
+            keep = keep & (offs_k[None, :] <= offs_q[:, None])
+        p = tl.where(keep, tl.exp2(s - lse[:, None] * 1.4426950408889634), 0.0)  # (Q_TILE, K_TILE)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    dk = dk * scale
+    tl.store(dK + b * stride_kb + offs_k[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+             dk.to(dK.dtype.element_ty), mask=kd_ok)
+    tl.store(dV + b * stride_vb + offs_k[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+             dv.to(dV.dtype.element_ty), mask=kd_ok)
+
+
+@lazy_jit
+def flash_bwd_dq_kernel(Q, K, V, dO, L, Dvec, dQ,
+                        stride_qb, stride_qn, stride_qd, stride_kb, stride_kn, stride_kd,
+                        stride_vb, stride_vn, stride_vd, stride_ob, stride_on, stride_od, stride_lb, stride_ln,
+                        N_QUERIES, N_KEYS, scale,
+                        D: tl.constexpr, D_PAD: tl.constexpr, Q_TILE: tl.constexpr, K_TILE: tl.constexpr,
+                        IS_CAUSAL: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    # dQ shares Q's strides, dO shares O's, Dvec shares L's
+    q_tile = tl.program_id(0)
+    b = tl.program_id(1)
+    offs_q = q_tile * Q_TILE + tl.arange(0, Q_TILE)
+    offs_d = tl.arange(0, D_PAD)
+    q_ok = offs_q < N_QUERIES
+    d_ok = offs_d < D
+    qd_ok = q_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b * stride_qb + offs_q[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                mask=qd_ok, other=0.0).to(DOT_DTYPE)
+    do = tl.load(dO + b * stride_ob + offs_q[:, None] * stride_on + offs_d[None, :] * stride_od,
+                 mask=qd_ok, other=0.0).to(DOT_DTYPE)
+    lse2 = tl.load(L + b * stride_lb + offs_q * stride_ln, mask=q_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(Dvec + b * stride_lb + offs_q * stride_ln, mask=q_ok, other=0.0)
+    dq = tl.zeros([Q_TILE, D_PAD], tl.float32)
+    qk_scale = scale * 1.4426950408889634
+    if IS_CAUSAL:
+        k_end = tl.minimum((q_tile + 1) * Q_TILE, N_KEYS)
+    else:
+        k_end = N_KEYS
+    for start in range(0, k_end, K_TILE):
+        offs_k = start + tl.arange(0, K_TILE)
+        k_ok = offs_k < N_KEYS
+        kd_ok = k_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + b * stride_kb + offs_k[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=kd_ok, other=0.0).to(DOT_DTYPE)
+        v = tl.load(V + b * stride_vb + offs_k[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=kd_ok, other=0.0).to(DOT_DTYPE)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        keep = q_ok[:, None] & k_ok[None, :]
+        if IS_CAUSAL:
+            keep = keep & (offs_k[None, :] <= offs_q[:, None])
+        p = tl.where(keep, tl.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    dq = dq * scale
+    tl.store(dQ + b * stride_qb + offs_q[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+             dq.to(dQ.dtype.element_ty), mask=qd_ok)
+
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def dot_dtype(dtype: torch.dtype):
+    """The Triton dtype the kernels multiply tiles in: the input's, except under the interpreter,
+    whose ``tl.dot`` mishandles bfloat16 operands (Triton 3.x): there tiles are multiplied in
+    float32 (loads, stores and the output dtype are unchanged)."""
+    if dtype not in _TL_DTYPES:
+        raise ValueError(f"FlashAttentionTriton: dtype {dtype} not supported (float32, bfloat16, float16)")
+    return tl.float32 if language_interpreted() else _TL_DTYPES[dtype]
+
+
+def dot_precision(dtype: torch.dtype) -> str | None:
+    """``tl.dot``'s input_precision: for float32 inputs ``tf32`` when PyTorch allows TF32 matmuls
+    (``torch.backends.cuda.matmul.allow_tf32``) and ``ieee`` otherwise, as PyTorch's own matmuls;
+    None (Triton's default) for 16-bit inputs."""
+    if dtype != torch.float32:
+        return None
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _pad_dim(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))  # tl.dot needs every dim >= 16
+
+
+def _strides3(x: torch.Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def flash_forward_triton(Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, is_causal: bool,
+                         q_tile: int | None = None, k_tile: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel on ``(batch, n, d)`` tensors -> O ``(batch, n_queries, d)`` (Q's
+    dtype) and L ``(batch, n_queries)`` float32. Tiles: powers of two >= 16 (default
+    :func:`default_tiles`)."""
+    b, nq, d = Q.shape
+    nk = K.shape[1]
+    dq, dk = default_tiles(d, Q.device)
+    q_tile, k_tile = q_tile or dq, k_tile or dk
+    O = torch.empty_like(Q)
+    L = torch.empty(b, nq, dtype=torch.float32, device=Q.device)
+    flash_fwd_kernel[(triton.cdiv(nq, q_tile), b)](
+        Q, K, V, O, L, *_strides3(Q), *_strides3(K), *_strides3(V), *_strides3(O), L.stride(0), L.stride(1),
+        nq, nk, 1.0 / math.sqrt(d), D=d, D_PAD=_pad_dim(d), Q_TILE=q_tile, K_TILE=k_tile, IS_CAUSAL=bool(is_causal),
+        DOT_DTYPE=dot_dtype(Q.dtype), PRECISION=dot_precision(Q.dtype))
+    return O, L
+
+
+def flash_backward_triton(Q, K, V, O, L, dO, is_causal: bool, q_tile: int | None = None,
+                          k_tile: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the two backward kernels on ``(batch, n, d)`` tensors -> dQ, dK, dV (inputs' dtypes)."""
+    b, nq, d = Q.shape
+    nk = K.shape[1]
+    dq_, dk_ = default_tiles(d, Q.device)
+    q_tile, k_tile = q_tile or dq_, k_tile or dk_
+    dO = dO.contiguous()
+    if dO.stride() != O.stride():
+        O = O.contiguous()
+    delta = (dO.float() * O.float()).sum(dim=-1).contiguous()  # D = rowsum(dO ∘ O), (b, nq)
+    L = L.contiguous()
+    dQ, dK, dV = torch.empty_like(Q), torch.empty_like(K), torch.empty_like(V)
+    common = (*_strides3(Q), *_strides3(K), *_strides3(V), *_strides3(dO), L.stride(0), L.stride(1),
+              nq, nk, 1.0 / math.sqrt(d))
+    meta = dict(D=d, D_PAD=_pad_dim(d), Q_TILE=q_tile, K_TILE=k_tile, IS_CAUSAL=bool(is_causal),
+                DOT_DTYPE=dot_dtype(Q.dtype), PRECISION=dot_precision(Q.dtype))
+    if dK.stride() != K.stride() or dV.stride() != V.stride() or dQ.stride() != Q.stride():
+        raise ValueError("flash_backward_triton: gradients must share their inputs' strides")
+    flash_bwd_dkdv_kernel[(triton.cdiv(nk, k_tile), b)](Q, K, V, dO, L, delta, dK, dV, *common, **meta)
+    flash_bwd_dq_kernel[(triton.cdiv(nq, q_tile), b)](Q, K, V, dO, L, delta, dQ, *common, **meta)
+    return dQ, dK, dV
+
+
+def _check_tiles(q_tile, k_tile) -> None:
+    for name, t in (("q_tile", q_tile), ("k_tile", k_tile)):
+        if t is not None and (t < 16 or t & (t - 1)):
+            raise ValueError(f"{name}={t}: expected a power of two >= 16")
+
+
+class FlashAttentionTriton(torch.autograd.Function):
+    """FlashAttention-2 with Triton forward and backward kernels:
+    ``FlashAttentionTriton.apply(Q, K, V, is_causal=False, q_tile=None, k_tile=None)``.
+
+    Shapes: Q ``(..., n_queries, d)``, K and V ``(..., n_keys, d)`` (float32, bfloat16 or float16)
+    -> O ``(..., n_queries, d)`` in Q's dtype. Saves Q, K, V, O and L ``(batch, n_queries)``
+    (float32 log-sum-exp, ``batch`` = product of the leading dims; ``ctx.saved_tensors[-1]``).
+    ``is_causal``: query ``i`` attends to keys ``j <= i``. Tiles: powers of two >= 16 (default
+    :func:`default_tiles`). Raises LmrunError on a device Triton cannot run on (CPU without
+    ``TRITON_INTERPRET=1``), ValueError for mismatched shapes or bad tiles. Source: Dao 2023.
+    """
+
+    @staticmethod
+    def forward(ctx, Q, K, V, is_causal=False, q_tile=None, k_tile=None):
+        check_attention_shapes(Q, K, V)
+        check_launch_device(Q, "FlashAttentionTriton")
+        _check_tiles(q_tile, k_tile)
+        q3, k3, v3 = (x.reshape(-1, x.shape[-2], x.shape[-1]).contiguous() for x in (Q, K, V))
+        O, L = flash_forward_triton(q3, k3, v3, bool(is_causal), q_tile, k_tile)
+        ctx.save_for_backward(q3, k3, v3, O, L)
+        ctx.is_causal, ctx.tiles, ctx.shapes = bool(is_causal), (q_tile, k_tile), (Q.shape, K.shape)
+        return O.view(Q.shape)
+
+    @staticmethod
+    def backward(ctx, dO):
+        q3, k3, v3, O, L = ctx.saved_tensors
+        q_shape, k_shape = ctx.shapes
+        dQ, dK, dV = flash_backward_triton(q3, k3, v3, O, L, dO.reshape(O.shape), ctx.is_causal, *ctx.tiles)
+        return dQ.view(q_shape), dK.view(k_shape), dV.view(k_shape), None, None, None

@@ -1,0 +1,143 @@
+"""Stage ``benchmark``: time implementations against a baseline in the same run.
+
+``lmrun stage=benchmark benchmark=attention|rmsnorm|model`` (GPU-sized grids:
+``benchmark=attention_gpu|rmsnorm_gpu|model_gpu``) runs the preset's grid (``lmrun.kernels.
+benchmark``, ``lmrun.train.bench_model``), each case warmed up, synchronised and repeated, and
+writes into the run directory ``benchmark.csv`` (every case: median and 20th/80th percentile ms,
+repetitions, peak memory, speed-up against ``benchmark.baseline``, status ok | skipped | oom |
+error), ``benchmark.md`` (the same as pivot tables, also printed), ``benchmark.png`` and, with
+``benchmark.profile=true``, ``profile/`` (profiler traces, CUDA memory snapshots). Triton
+implementations are skipped with a note on a CPU. Out-of-memory cases are reported, not raised.
+"""
+from __future__ import annotations
+
+import logging
+import platform
+import statistics
+
+from lmrun.errors import LmrunError
+from lmrun.kernels.config import TRITON_IMPLS, model_variant
+from lmrun.tracking.files import atomic_write_text
+from lmrun.tracking.run import active_run
+
+log = logging.getLogger(__name__)
+
+#: grid keys of each kind (table rows), and the one on the plot's x axis
+GRID_KEYS = {"attention": ["seq_len", "head_dim", "dtype"], "rmsnorm": ["rows", "d_model", "dtype"],
+             "model": ["size", "batch", "context"]}
+PLOT_X = {"attention": "seq_len", "rmsnorm": "d_model", "model": "size"}
+
+
+def _device_name(device: str) -> str:
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _grid(b) -> dict:
+    if b.kind == "attention":
+        return {"batch_size": b.batch_size, "num_heads": b.num_heads, "seq_lens": list(b.seq_lens),
+                "head_dims": list(b.head_dims), "dtypes": list(b.dtypes), "is_causal": b.is_causal}
+    if b.kind == "rmsnorm":
+        return {"rows": b.rows, "d_models": list(b.d_models), "dtypes": list(b.dtypes)}
+    return {"sizes": list(b.sizes), "batch_size": b.batch_size, "context_length": b.context_length,
+            "dtypes": list(b.dtypes), "compile": list(b.compile)}
+
+
+def plan(cfg) -> dict:
+    b = cfg.benchmark
+    if b.kind == "model":
+        from lmrun.train.bench_model import size_model_config
+
+        for size in b.sizes:
+            size_model_config(cfg.model, size)  # an unknown preset is an error now
+        impls = [model_variant(d, c) for d in b.dtypes for c in b.compile]
+    else:
+        impls = list(b.impls)
+    device = _device_name(b.device)
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise LmrunError("benchmark.device=cuda: no CUDA device is available (use benchmark.device=auto or cpu)")
+    skipped = [i for i in impls if i in TRITON_IMPLS] if device != "cuda" else []
+    inputs = (f"model={cfg.model.name} at each size preset, optimizer={cfg.optimizer.name}, random token ids"
+              if b.kind == "model" else "random normal tensors (fixed seed), made per case")
+    return {"stage": "benchmark", "kind": b.kind, "device": device, "inputs": inputs, "grid": _grid(b),
+            "passes": list(b.passes),
+            "impls": impls, "baseline": b.baseline,
+            "skipped": {i: "Triton kernels are benchmarked on CUDA only" for i in skipped},
+            "outputs": ["benchmark.csv", "benchmark.md"] + (["benchmark.png"] if b.plot else [])
+            + (["profile/"] if b.profile else []) + ["summary.json", "run.json"]}
+
+
+def run(cfg) -> dict:
+    import torch
+
+    from lmrun.kernels.benchmark import add_speedups, attention_cases, measure, rmsnorm_cases
+    from lmrun.tracking.tables import benchmark_markdown, plot_benchmark, write_csv
+
+    run = active_run()
+    b = cfg.benchmark
+    device = torch.device(_device_name(b.device))
+    if b.threads is not None:
+        torch.set_num_threads(int(b.threads))
+    if b.kind == "attention":
+        cases = attention_cases(b, device)
+    elif b.kind == "rmsnorm":
+        cases = rmsnorm_cases(b, device)
+    else:
+        from lmrun.train.bench_model import model_cases
+
+        cases = model_cases(cfg, device)
+    peak = None
+    if b.kind == "model":
+        from lmrun.train.trainer import peak_flops
+
+        peak = peak_flops(device, b.peak_flops)
+    profiled: set[str] = set()
+    rows = []
+    for i, case in enumerate(cases):
+        profile_dir = None
+        if b.profile and case.impl not in profiled and case.fn is not None:
+            profiled.add(case.impl)
+            profile_dir = run.dir / "profile"
+        row = measure(case, device, float(b.warmup_ms), float(b.rep_ms), int(b.min_reps), profile_dir)
+        rows.append(row)
+        log.info("[%d/%d] %s %s %s: %s", i + 1, len(cases), case.impl, case.pass_,
+                 " ".join(f"{k}={v}" for k, v in case.params.items()),
+                 f"{row['median_ms']:.4g} ms" if row["status"] == "ok" else f"{row['status']} {row['note']}")
+        run.log({k: v for k, v in row.items() if isinstance(v, (int, float, str)) and v is not None}, step=i)
+    keys = GRID_KEYS[b.kind]
+    add_speedups(rows, b.baseline, keys)
+    extra = None
+    if b.kind == "model":
+        from lmrun.train.bench_model import add_throughput
+
+        add_throughput(rows, peak)
+        extra = {"Tokens per second.": lambda r: f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else r["status"],
+                 "MFU (model FLOPs utilisation; needs the device's peak FLOP/s).":
+                     lambda r: f"{r['mfu']:.1%}" if r.get("mfu") is not None else "—"}
+    dev_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)")
+    title = f"benchmark={b.kind} on {dev_name}"
+    write_csv(rows, run.dir / "benchmark.csv")
+    report = benchmark_markdown(rows, keys, title, b.baseline, extra)
+    atomic_write_text(run.dir / "benchmark.md", report)
+    if b.plot and any(r["status"] == "ok" for r in rows):
+        series = [k for k in keys if k != PLOT_X[b.kind] and k not in ("rows", "batch", "context")]
+        plot_benchmark(rows, PLOT_X[b.kind], series, run.dir / "benchmark.png", title)
+    print(report)
+    ok = [r for r in rows if r["status"] == "ok"]
+    summary = {"kind": b.kind, "device": dev_name, "cases": len(rows), "ok": len(ok),
+               "skipped": sum(r["status"] == "skipped" for r in rows), "oom": sum(r["status"] == "oom" for r in rows),
+               "errors": sum(r["status"] == "error" for r in rows), "baseline": b.baseline}
+    speedups = {}
+    for impl in dict.fromkeys(r["impl"] for r in ok):
+        vals = [r["speedup"] for r in ok if r["impl"] == impl and r.get("speedup")]
+        if vals:
+            speedups[impl] = round(statistics.geometric_mean(vals), 4)
+    summary["geomean_speedup"] = speedups
+    return summary
