@@ -334,6 +334,12 @@ def main(argv: list[str] | None = None) -> int:
         except LmrunError as e:
             print(f"lmrun: error: {e}", file=sys.stderr)
             return 2
+        try:
+            if launcher in SUBMITIT_LAUNCHERS:
+                _check_tasks(checked)
+        except LmrunError as e:
+            print(f"lmrun: error: {e}", file=sys.stderr)
+            return 2
         if any(bool(cfg.dry_run) for _, cfg, _ in checked):
             if args.multirun:
                 print(_sweep_plan(checked, sweep_dir, launcher))
@@ -370,6 +376,19 @@ def main(argv: list[str] | None = None) -> int:
             if code == 0 and any(o["state"] not in ("completed", "skipped") for o in outcomes):
                 code = 1
     return code
+
+
+def _check_tasks(checked: list) -> None:
+    """A job of several processes (tasks) needs a stage that runs distributed (declares
+    ``DISTRIBUTED = True``); otherwise every process would run the whole stage."""
+    from lmrun.launch.resources import job_resources
+
+    for _, cfg, _ in checked:
+        r = job_resources(cfg)
+        if r["nodes"] * r["tasks_per_node"] > 1 and not getattr(load_stage(cfg.stage.name), "DISTRIBUTED", False):
+            raise ConfigError(f"stage.resources: {r['nodes']} node(s) x {r['tasks_per_node']} task(s), but stage "
+                              f"{cfg.stage.name} runs as one process; set stage.resources.tasks_per_node=1 "
+                              "stage.resources.nodes=1 (and at most 1 GPU)")
 
 
 def _mentions_launcher(args) -> bool:

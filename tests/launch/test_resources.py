@@ -13,13 +13,19 @@ def resources(*overrides):
     return job_resources(cfg), cfg
 
 
-def test_gpu_stage_takes_the_h100_nodes_gpus_one_task_each():
-    r, _ = resources("stage=pretrain", "cluster=h100", "logger=none")
-    assert (r["gpus_per_node"], r["tasks_per_node"], r["cpus_per_task"]) == (8, 8, 12)
-    assert r["mem_gb"] == 8 * 200 and r["timeout_min"] == 1440 and r["partition"] == "gpu"
-    r, _ = resources("stage=pretrain", "cluster=h100", "logger=none", "stage.resources.gpus_per_node=2",
-                     "stage.resources.timeout_min=30")
-    assert (r["gpus_per_node"], r["tasks_per_node"], r["mem_gb"], r["timeout_min"]) == (2, 2, 400, 30)
+def test_gpu_stage_gets_gpus_from_the_profile():
+    r, _ = resources("stage=pretrain", "cluster=h100", "logger=none")  # pretrain runs as one process: 1 GPU
+    assert (r["gpus_per_node"], r["tasks_per_node"], r["cpus_per_task"], r["mem_gb"]) == (1, 1, 12, 200)
+    assert r["timeout_min"] == 1440 and r["partition"] == "gpu"
+    r, _ = resources("stage=pretrain", "cluster=h100", "logger=none", "stage.resources.gpus_per_node=null",
+                     "stage.resources.timeout_min=30")  # null: the node's GPUs, one task each
+    assert (r["gpus_per_node"], r["tasks_per_node"], r["mem_gb"], r["timeout_min"]) == (8, 8, 1600, 30)
+
+
+def test_multi_process_jobs_need_a_distributed_stage(capsys):
+    assert cli.main(["stage=pretrain", "hydra/launcher=slurm", "cluster=h100", "stage.resources.gpus_per_node=null",
+                     "dry_run=true"]) == 2
+    assert "1 node(s) x 8 task(s), but stage pretrain runs as one process" in capsys.readouterr().err
 
 
 def test_cpu_stages_ask_for_no_gpu_and_gpu_requests_are_capped_by_the_node():
@@ -36,7 +42,7 @@ def test_submitit_parameters_for_slurm_and_local():
     p = submitit_parameters(r, "slurm", cfg.launch)
     assert p["slurm_partition"] == "gpu" and p["slurm_constraint"] == "h100" and p["slurm_array_parallelism"] == 4
     assert p["slurm_setup"][0].startswith("export OMP_NUM_THREADS")
-    assert p["gpus_per_node"] == 8 and "slurm_account" not in p
+    assert p["gpus_per_node"] == 1 and "slurm_account" not in p
     p = submitit_parameters(r, "local", cfg.launch)
     assert not any(k.startswith("slurm_") for k in p) and "mem_gb" not in p
 
