@@ -14,6 +14,7 @@ from lmrun.launch.config import (ClusterConfig, CollectConfig, LaunchConfig, Res
                                  validate_launch)
 from lmrun.kernels.config import BenchmarkConfig, validate_benchmark
 from lmrun.model.config import ModelConfig, validate_model
+from lmrun.scaling.config import ScalingConfig, validate_scaling
 from lmrun.optim.config import OptimizerConfig, ScheduleConfig, validate_optimizer, validate_schedule
 from lmrun.tokenizer.config import TokenizerConfig, validate_tokenizer
 from lmrun.tracking.logger import LoggerConfig, validate_logger
@@ -63,6 +64,7 @@ class LmrunConfig:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     collect: CollectConfig = field(default_factory=CollectConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     seed: int = 0
@@ -81,7 +83,20 @@ def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name="lmrun_schema", node=LmrunConfig)
+    register_resolvers()
     _registered = True
+
+
+def register_resolvers() -> None:
+    """OmegaConf resolvers the presets use: ``${lmrun.shape:...}`` (model shapes from a
+    parameter count). Idempotent; also run on import of this module, so that a config loaded in a
+    Slurm job resolves too."""
+    from omegaconf import OmegaConf
+
+    from lmrun.scaling.shapes import shape_resolver
+
+    if not OmegaConf.has_resolver("lmrun.shape"):
+        OmegaConf.register_new_resolver("lmrun.shape", shape_resolver)
 
 
 def check_schema(cfg) -> None:
@@ -106,3 +121,7 @@ def validate(cfg) -> None:
     validate_benchmark(cfg.benchmark)
     validate_logger(cfg.logger)
     validate_launch(cfg.cluster, cfg.stage.resources, cfg.launch, cfg.collect)
+    validate_scaling(cfg.scaling, cfg.stage.name)
+
+
+register_resolvers()

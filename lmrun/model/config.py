@@ -106,6 +106,8 @@ class ModelConfig:
     tie_embeddings: ``lm_head.weight`` is ``token_embeddings.weight`` (one parameter).
     logit_softcap: null, or c > 0: logits become ``c·tanh(logits/c)`` (Gemma 2).
     dropout: probability for embedding and residual dropout (0 disables; training mode only).
+    target_params: the non-embedding parameter count the ``by_params`` size preset derives the
+        shape from (lmrun.scaling.shapes); a label otherwise.
     norm, ffn, position, attention: the component configs (see their classes).
     """
 
@@ -122,6 +124,7 @@ class ModelConfig:
     tie_embeddings: bool = False
     logit_softcap: float | None = None
     dropout: float = 0.0
+    target_params: float | None = None
     norm: NormConfig = field(default_factory=NormConfig)
     ffn: FFNConfig = field(default_factory=FFNConfig)
     position: PositionConfig = field(default_factory=PositionConfig)

@@ -35,6 +35,13 @@ def _budget(cfg) -> dict:
     if t.max_tokens is not None:
         steps = -(-int(t.max_tokens) // per_step)
         return {"steps": steps, "tokens": steps * per_step, "tokens_per_step": per_step}
+    if t.max_flops is not None:
+        from lmrun.model.flops import model_summary as summary
+
+        import math
+
+        steps = max(1, math.ceil(float(t.max_flops) / summary(cfg.model)["train_flops_per_token"] / per_step))
+        return {"steps": steps, "tokens": steps * per_step, "tokens_per_step": per_step, "flops": float(t.max_flops)}
     return {"seconds": float(t.max_time), "tokens_per_step": per_step}
 
 

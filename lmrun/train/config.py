@@ -12,8 +12,10 @@ class TrainConfig:
 
     batch_size: sequences per optimizer step (tokens per step = batch_size × model.context_length).
     grad_accum_steps: micro-batches per step (each of batch_size / grad_accum_steps sequences).
-    max_steps / max_tokens / max_time: the budget — exactly one is set; the learning-rate
-        schedule is defined against it (max_time in seconds of training wall time).
+    max_steps / max_tokens / max_time / max_flops: the budget — exactly one is set; the
+        learning-rate schedule is defined against it (max_time in seconds of training wall time;
+        max_flops in training FLOPs, 3 x the exact forward FLOPs per token of lmrun.model.flops,
+        which fixes the token count: an IsoFLOP run).
     device: auto (CUDA if available, else CPU), cpu or cuda. precision: auto (bf16 autocast on
         CUDA, fp32 on CPU), fp32 or bf16. compile: torch.compile the model.
     grad_clip: global L2 norm clip (0 disables). z_loss: weight of the logit z-loss.
@@ -34,6 +36,7 @@ class TrainConfig:
     max_steps: int | None = 450
     max_tokens: int | None = None
     max_time: float | None = None
+    max_flops: float | None = None
     device: str = "auto"
     precision: str = "auto"
     compile: bool = False
@@ -58,8 +61,9 @@ class TrainConfig:
 
 def validate_train(cfg: TrainConfig) -> None:
     """Raise ConfigError for values and combinations the types cannot exclude."""
-    budgets = {k: getattr(cfg, k) for k in ("max_steps", "max_tokens", "max_time") if getattr(cfg, k) is not None}
-    check("train.max_steps/max_tokens/max_time", budgets or None, len(budgets) == 1,
+    budgets = {k: getattr(cfg, k) for k in ("max_steps", "max_tokens", "max_time", "max_flops")
+               if getattr(cfg, k) is not None}
+    check("train.max_steps/max_tokens/max_time/max_flops", budgets or None, len(budgets) == 1,
           "exactly one budget (set the others to null)")
     for key, value in budgets.items():
         check(f"train.{key}", value, value > 0, "a positive number")

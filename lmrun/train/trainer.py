@@ -124,6 +124,8 @@ class Trainer:
             return int(self.t.max_steps)
         if self.t.max_tokens is not None:
             return max(1, math.ceil(int(self.t.max_tokens) / self.tokens_per_step))
+        if self.t.max_flops is not None:
+            return max(1, math.ceil(float(self.t.max_flops) / self.summary["train_flops_per_token"] / self.tokens_per_step))
         return NOMINAL_TIME_STEPS
 
     def _checkpoint_blocks(self) -> None:
@@ -138,6 +140,8 @@ class Trainer:
             return s.step >= self.t.max_steps
         if self.t.max_tokens is not None:
             return s.tokens >= self.t.max_tokens
+        if self.t.max_flops is not None:
+            return s.step >= self.total_steps
         return s.train_seconds >= self.t.max_time
 
     def _schedule_step(self) -> int:
@@ -293,6 +297,8 @@ class Trainer:
                    "params": self.summary["params"]["total"], "params_non_embedding": self.summary["params"]["non_embedding"],
                    "train_flops": 3 * self.summary["forward_flops_per_token"]["total"] * s.tokens,
                    "resumed": resumed, "checkpoint": str(path)}
+        if t.max_flops is not None:
+            summary["compute_budget"] = float(t.max_flops)
         if self.peak:
             summary["mfu"] = summary["tokens_per_s"] * self.summary["train_flops_per_token"] / self.peak
         return summary

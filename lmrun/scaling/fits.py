@@ -1,0 +1,297 @@
+"""Compute-optimal scaling fits (Hoffmann et al. 2022, "Training Compute-Optimal Large Language
+Models", section 3) with bootstrap confidence intervals.
+
+* Approach 1 — the lowest loss reached at each compute level across runs (from training
+  curves where available, else each budget's best final loss) gives N_opt(C); power laws
+  N_opt = k_N·C^a and D_opt = C/(6·N_opt) are fitted in log space.
+* Approach 2 — IsoFLOP profiles: per budget, a parabola of loss against log N; its vertex is
+  N_opt(C); the same power laws.
+* Approach 3 — the parametric loss L(N, D) = E + A/N^α + B/D^β fitted by minimising the Huber
+  loss (δ = 1e-3) between log L̂ (a log-sum-exp of the three terms) and log L with L-BFGS from a
+  grid of initialisations; the compute-optimal allocation under C = 6·N·D follows in closed
+  form: N_opt = G·(C/6)^{β/(α+β)}, D_opt = G⁻¹·(C/6)^{α/(α+β)}, G = (αA/(βB))^{1/(α+β)}.
+
+For approaches 1 and 2 the predicted loss at a target budget comes from the best loss per
+budget fitted as L*(C) = E_L + k_L·C^γ (on log loss; a plain power law below four budgets); for
+approach 3 it is L(N_opt, D_opt).
+Confidence intervals: percentile bootstrap over runs (approach 3) or over budgets (approaches 1
+and 2, which fit one point per budget), ``n_boot`` resamples.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from lmrun.errors import DataError
+from lmrun.scaling.data import ScalingRun, budgets
+
+
+@dataclass
+class PowerLaw:
+    """y = k·x^a, fitted by least squares on (log x, log y)."""
+
+    k: float
+    a: float
+
+    def __call__(self, x):
+        return self.k * np.asarray(x, dtype=float) ** self.a
+
+
+def fit_power_law(x, y) -> PowerLaw:
+    """Least-squares line through (log x, log y). ValueError with fewer than 2 distinct x."""
+    lx, ly = np.log(np.asarray(x, float)), np.log(np.asarray(y, float))
+    if len(np.unique(lx)) < 2:
+        raise ValueError("a power law needs at least two distinct x values")
+    a, logk = np.polyfit(lx, ly, 1)
+    return PowerLaw(float(math.exp(logk)), float(a))
+
+
+@dataclass
+class SaturatingPowerLaw:
+    """y = e + k·x^a (a < 0): a power law approaching an irreducible floor e ≥ 0."""
+
+    e: float
+    k: float
+    a: float
+
+    def __call__(self, x):
+        return self.e + self.k * np.asarray(x, dtype=float) ** self.a
+
+
+def fit_loss_law(c, loss) -> "SaturatingPowerLaw | PowerLaw":
+    """The best loss per budget against compute: ``e + k·C^a`` fitted by least squares on log
+    loss (L-BFGS-B over e in [0, min loss), a < 0, from a few starts); a plain power law when
+    there are fewer than four budgets."""
+    from scipy.optimize import minimize
+
+    c, y = np.asarray(c, float), np.asarray(loss, float)
+    if len(np.unique(c)) < 4:
+        return fit_power_law(c, y)
+    lc, ly, top = np.log(c) - np.log(c).mean(), np.log(y), float(y.min())
+
+    def obj(theta):
+        e, logk, a = theta
+        pred = e + np.exp(logk + a * lc)
+        return float(((np.log(pred) - ly) ** 2).sum())
+
+    best = None
+    for frac in (0.0, 0.5, 0.9):
+        e0 = frac * top
+        x0 = [e0, math.log(max(float(y.mean()) - e0, 1e-6)), -0.3]
+        res = minimize(obj, x0, method="L-BFGS-B", bounds=[(0.0, top * 0.999), (-50, 50), (-5.0, -1e-6)])
+        if best is None or res.fun < best.fun:
+            best = res
+    e, logk, a = best.x
+    return SaturatingPowerLaw(float(e), float(math.exp(logk - a * np.log(c).mean())), float(a))
+
+
+def parabola_vertex(log_n, loss) -> tuple[float, np.ndarray]:
+    """Fit loss = c2·x² + c1·x + c0 over x = log N; return (N at the vertex, coefficients).
+    ValueError with fewer than 3 points or a parabola that opens downwards (no minimum)."""
+    x, y = np.asarray(log_n, float), np.asarray(loss, float)
+    if len(np.unique(x)) < 3:
+        raise ValueError("an IsoFLOP parabola needs at least three model sizes")
+    coef = np.polyfit(x, y, 2)
+    if coef[0] <= 0:
+        raise ValueError("the IsoFLOP profile has no minimum (the parabola opens downwards)")
+    return float(math.exp(-coef[1] / (2 * coef[0]))), coef
+
+
+# --- approaches 1 and 2: optimal N per budget, then power laws ------------------------------------
+def optimal_points_envelope(runs: list[ScalingRun]) -> list[tuple[float, float, float]]:
+    """Approach 1: ``[(C, N_opt, L*)]`` — for each budget, the run with the lowest loss at that
+    compute. With training curves, the envelope is taken at each run's budget over every run's
+    curve (a run counts at compute C only if it reached C)."""
+    out = []
+    for c, group in budgets(runs):
+        best = min(group, key=lambda r: r.loss)
+        if any(r.curve for r in runs):  # lowest loss reached at compute c by any run
+            for r in runs:
+                reached = [loss for cc, loss in r.curve if cc <= c * 1.0001]
+                if reached and min(reached) < best.loss:
+                    best = ScalingRun(r.parameters, c / (6 * r.parameters), c, min(reached))
+        out.append((c, best.parameters, best.loss))
+    return out
+
+
+def optimal_points_isoflop(runs: list[ScalingRun]) -> list[tuple[float, float, float, np.ndarray]]:
+    """Approach 2: ``[(C, N_opt, L at the vertex, parabola coefficients)]`` per budget with at
+    least three sizes."""
+    out = []
+    for c, group in budgets(runs):
+        if len({r.parameters for r in group}) < 3:
+            continue
+        x = [math.log(r.parameters) for r in group]
+        n_opt, coef = parabola_vertex(x, [r.loss for r in group])
+        out.append((c, n_opt, float(np.polyval(coef, math.log(n_opt))), coef))
+    if len(out) < 2:
+        raise DataError("approach 2 needs at least two compute budgets with three or more model sizes each")
+    return out
+
+
+@dataclass
+class AllocationFit:
+    """N_opt(C) = n_law(C), D_opt(C) = C / (6·N_opt(C)) (= d_law(C)), best loss l_law(C)."""
+
+    n_law: PowerLaw
+    d_law: PowerLaw
+    l_law: "SaturatingPowerLaw | PowerLaw"
+    points: list
+
+    def predict(self, c: float) -> dict:
+        n = float(self.n_law(c))
+        return {"compute": c, "n_opt": n, "d_opt": c / (6 * n), "loss": float(self.l_law(c))}
+
+    def coefficients(self) -> dict:
+        out = {"a": self.n_law.a, "k_N": self.n_law.k, "b": self.d_law.a, "k_D": self.d_law.k,
+               "loss_exponent": self.l_law.a, "k_L": self.l_law.k}
+        if isinstance(self.l_law, SaturatingPowerLaw):
+            out["E_L"] = self.l_law.e
+        return out
+
+
+def fit_allocation(points) -> AllocationFit:
+    """Power laws through ``(C, N_opt, L*, ...)`` points."""
+    c = np.array([p[0] for p in points])
+    n = np.array([p[1] for p in points])
+    loss = np.array([p[2] for p in points])
+    return AllocationFit(fit_power_law(c, n), fit_power_law(c, c / (6 * n)), fit_loss_law(c, loss), list(points))
+
+
+def approach1(runs: list[ScalingRun]) -> AllocationFit:
+    points = optimal_points_envelope(runs)
+    if len(points) < 2:
+        raise DataError("approach 1 needs runs at two or more compute budgets")
+    return fit_allocation(points)
+
+
+def approach2(runs: list[ScalingRun]) -> AllocationFit:
+    return fit_allocation(optimal_points_isoflop(runs))
+
+
+# --- approach 3: parametric loss -------------------------------------------------------------------
+@dataclass
+class ParametricFit:
+    """L(N, D) = E + A/N^alpha + B/D^beta."""
+
+    E: float
+    A: float
+    B: float
+    alpha: float
+    beta: float
+    objective: float
+
+    def loss(self, n, d):
+        return self.E + self.A / np.asarray(n, float) ** self.alpha + self.B / np.asarray(d, float) ** self.beta
+
+    def predict(self, c: float) -> dict:
+        a, b, alpha, beta = self.A, self.B, self.alpha, self.beta
+        g = (alpha * a / (beta * b)) ** (1 / (alpha + beta))
+        n = g * (c / 6) ** (beta / (alpha + beta))
+        d = (c / 6) ** (alpha / (alpha + beta)) / g
+        return {"compute": c, "n_opt": float(n), "d_opt": float(d), "loss": float(self.loss(n, d))}
+
+    def coefficients(self) -> dict:
+        return {"E": self.E, "A": self.A, "B": self.B, "alpha": self.alpha, "beta": self.beta,
+                "a": self.beta / (self.alpha + self.beta), "b": self.alpha / (self.alpha + self.beta)}
+
+
+def _huber(r: np.ndarray, delta: float) -> np.ndarray:
+    a = np.abs(r)
+    return np.where(a <= delta, 0.5 * r * r, delta * (a - 0.5 * delta))
+
+
+def _objective(theta, log_n, log_d, log_l, delta):
+    a, b, e, alpha, beta = theta
+    terms = np.stack([a - alpha * log_n, b - beta * log_d, np.full_like(log_n, e)])
+    m = terms.max(axis=0)
+    pred = m + np.log(np.exp(terms - m).sum(axis=0))
+    r = pred - log_l
+    w = np.exp(terms - pred)  # softmax weights: d pred / d term
+    g_r = np.clip(r, -delta, delta)  # Huber derivative
+    grad = np.array([(g_r * w[0]).sum(), (g_r * w[1]).sum(), (g_r * w[2]).sum(),
+                     (g_r * w[0] * -log_n).sum(), (g_r * w[1] * -log_d).sum()])
+    return float(_huber(r, delta).sum()), grad
+
+
+#: Hoffmann et al.'s initialisation grid (Appendix D.2), thinned: 4 x 4 x 3 x 3 x 3 = 432 starts
+INIT_GRID = {"a": [0.0, 5.0, 10.0, 20.0], "b": [0.0, 5.0, 10.0, 20.0], "e": [-1.0, 0.0, 1.0],
+             "alpha": [0.0, 0.5, 1.5], "beta": [0.0, 0.5, 1.5]}
+
+
+def approach3(runs: list[ScalingRun], delta: float = 1e-3, init_grid: dict | None = None,
+              starts: list | None = None) -> ParametricFit:
+    """Fit L(N, D) = E + A/N^α + B/D^β (Huber loss on log L, L-BFGS from a grid of starts; the
+    best optimum is kept). DataError with fewer than 5 runs."""
+    from scipy.optimize import minimize
+
+    if len(runs) < 5:
+        raise DataError(f"approach 3 needs at least 5 runs (got {len(runs)})")
+    log_n = np.log([r.parameters for r in runs])
+    log_d = np.log([r.tokens for r in runs])
+    log_l = np.log([r.loss for r in runs])
+    if starts is None:
+        g = init_grid or INIT_GRID
+        starts = [np.array([a, b, e, al, be]) for a in g["a"] for b in g["b"] for e in g["e"]
+                  for al in g["alpha"] for be in g["beta"]]
+    best = None
+    for x0 in starts:
+        res = minimize(_objective, x0, args=(log_n, log_d, log_l, delta), jac=True, method="L-BFGS-B",
+                       options={"maxiter": 1000})
+        if np.all(np.isfinite(res.x)) and (best is None or res.fun < best.fun):
+            best = res
+    a, b, e, alpha, beta = best.x
+    return ParametricFit(float(math.exp(e)), float(math.exp(a)), float(math.exp(b)), float(alpha), float(beta),
+                         float(best.fun))
+
+
+# --- bootstrap ---------------------------------------------------------------------------------------
+def bootstrap(runs: list[ScalingRun], approach: str, targets: list[float], n_boot: int = 200, seed: int = 0,
+              confidence: float = 0.95) -> dict:
+    """Fit ``approach`` ("1", "2" or "3") on the data and on ``n_boot`` resamples; returns
+    ``{"fit": the full-data fit, "coefficients": {name: (value, low, high)}, "predictions":
+    [{compute, n_opt: (value, low, high), d_opt: ..., loss: ...}]}`` with percentile intervals.
+    Approaches 1 and 2 resample budgets (whole IsoFLOP profiles); approach 3 resamples runs and
+    restarts L-BFGS from the full-data optimum. Resamples whose fit fails are skipped."""
+    rng = np.random.default_rng(seed)
+    fitter = {"1": approach1, "2": approach2, "3": approach3}[approach]
+    fit = fitter(runs)
+    if approach == "3":
+        x_best = [np.array([math.log(fit.A), math.log(fit.B), math.log(fit.E), fit.alpha, fit.beta])]
+
+        def refit(sample):
+            return approach3(sample, starts=x_best)
+        units = [[r] for r in runs]
+    else:
+        refit = fitter
+        units = [group for _, group in budgets(runs)]
+    coefs, preds = [], []
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(units), len(units))
+        sample = [r for i in idx for r in units[i]]
+        try:
+            f = refit(sample)
+        except (DataError, ValueError, np.linalg.LinAlgError):
+            continue
+        coefs.append(f.coefficients())
+        preds.append([f.predict(c) for c in targets])
+    if len(coefs) < max(10, n_boot // 4):
+        raise DataError(f"approach {approach}: only {len(coefs)} of {n_boot} bootstrap resamples could be fitted")
+    lo_q, hi_q = 100 * (1 - confidence) / 2, 100 * (1 + confidence) / 2
+
+    def interval(values, center):
+        v = np.asarray(values, float)
+        if np.isnan(v).all():
+            return (center, math.nan, math.nan)
+        return (center, float(np.nanpercentile(v, lo_q)), float(np.nanpercentile(v, hi_q)))
+
+    full = fit.coefficients()
+    out_coefs = {k: interval([c.get(k, math.nan) for c in coefs], full[k]) for k in full}
+    out_preds = []
+    for i, c in enumerate(targets):
+        p = fit.predict(c)
+        out_preds.append({"compute": c, **{k: interval([pp[i][k] for pp in preds], p[k])
+                                           for k in ("n_opt", "d_opt", "loss")}})
+    return {"fit": fit, "coefficients": out_coefs, "predictions": out_preds, "n_boot": len(coefs)}

@@ -1,0 +1,109 @@
+"""Stage ``scaling``: compute-optimal scaling laws from runs —
+``lmrun stage=scaling scaling.input=<sweep dir or file> scaling.approach=1|2|3|all
+scaling.predict=[1e23,1e24]``.
+
+Writes ``scaling.json`` (coefficients and predictions with intervals per approach),
+``scaling.md`` (the same as tables, printed), and the plots ``isoflop_profiles.png``,
+``n_opt.png``, ``d_opt.png``, ``loss_vs_compute.png``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+from lmrun.errors import DataError
+from lmrun.tracking.files import atomic_write_json, atomic_write_text
+from lmrun.tracking.run import active_run
+
+log = logging.getLogger(__name__)
+
+
+def _approaches(cfg) -> list[str]:
+    return ["1", "2", "3"] if str(cfg.scaling.approach) == "all" else [str(cfg.scaling.approach)]
+
+
+def plan(cfg) -> dict:
+    from lmrun.scaling.data import budgets, load_runs
+
+    runs = load_runs(cfg.scaling.input, cfg.scaling.params_key)
+    return {"stage": "scaling", "inputs": {"runs": str(cfg.scaling.input)}, "n_runs": len(runs),
+            "budgets": [f"{c:.3g}" for c, _ in budgets(runs)], "approaches": _approaches(cfg),
+            "predict": [f"{c:.3g}" for c in cfg.scaling.predict], "bootstrap": int(cfg.scaling.n_boot),
+            "outputs": ["scaling.json", "scaling.md", "isoflop_profiles.png", "n_opt.png", "d_opt.png",
+                        "loss_vs_compute.png"]}
+
+
+def _fmt(v: tuple) -> str:
+    return f"{v[0]:.4g} [{v[1]:.4g}, {v[2]:.4g}]"
+
+
+def run(cfg) -> dict:
+    import numpy as np
+
+    from lmrun.scaling import plots
+    from lmrun.scaling.data import load_runs
+    from lmrun.scaling.fits import bootstrap, optimal_points_envelope, optimal_points_isoflop
+
+    run = active_run()
+    sc = cfg.scaling
+    runs = load_runs(sc.input, sc.params_key)
+    targets = [float(c) for c in sc.predict]
+    c_min = min(r.compute for r in runs)
+    grid = list(np.logspace(math.log10(c_min), math.log10(max(targets + [max(r.compute for r in runs)])), 40))
+    results, errors = {}, {}
+    for name in _approaches(cfg):
+        try:
+            b = bootstrap(runs, name, targets + grid, int(sc.n_boot), int(sc.seed), float(sc.confidence))
+        except DataError as e:
+            if str(sc.approach) != "all":
+                raise
+            errors[name] = str(e)
+            log.warning("approach %s skipped: %s", name, e)
+            continue
+        results[name] = {"coefficients": b["coefficients"], "predictions": b["predictions"][:len(targets)],
+                         "grid": b["predictions"][len(targets):], "n_boot": b["n_boot"], "fit": b["fit"]}
+    if not results:
+        raise DataError("no approach could be fitted: " + "; ".join(f"{k}: {v}" for k, v in errors.items()))
+
+    level = f"{int(round(float(sc.confidence) * 100))}%"
+    lines = [f"# Scaling laws: {len(runs)} runs from {sc.input}", "",
+             f"Intervals: {level} percentile bootstrap. N = {sc.params_key} for lmrun runs.", ""]
+    for name, r in results.items():
+        lines += [f"## Approach {name}", "", "| coefficient | value [" + level + " CI] |", "|---|---|"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in r["coefficients"].items()]
+        lines += ["", "| target C (FLOPs) | N_opt | D_opt (tokens) | loss |", "|---|---|---|---|"]
+        lines += [f"| {p['compute']:.3g} | {_fmt(p['n_opt'])} | {_fmt(p['d_opt'])} | {_fmt(p['loss'])} |"
+                  for p in r["predictions"]]
+        if name in ("1", "2"):
+            lines += ["", "(loss: the best loss per budget fitted as E_L + k_L·C^loss_exponent)"]
+        lines.append("")
+    for name, e in errors.items():
+        lines += [f"## Approach {name}: not fitted", "", e, ""]
+    report = "\n".join(lines)
+    atomic_write_text(run.dir / "scaling.md", report)
+    atomic_write_json(run.dir / "scaling.json", {
+        "input": str(sc.input), "runs": len(runs), "confidence": float(sc.confidence),
+        "approaches": {k: {"coefficients": v["coefficients"], "predictions": v["predictions"], "n_boot": v["n_boot"]}
+                       for k, v in results.items()}, "not_fitted": errors})
+    print(report, flush=True)
+
+    opt_points = {}
+    if "2" in results:
+        iso = optimal_points_isoflop(runs)
+        plots.plot_isoflop_profiles(runs, iso, run.dir / "isoflop_profiles.png")
+        opt_points["2"] = iso
+    if "1" in results:
+        opt_points["1"] = optimal_points_envelope(runs)
+    for q, fname in (("n_opt", "n_opt.png"), ("d_opt", "d_opt.png")):
+        pts = {k: [(p[0], p[1] if q == "n_opt" else p[0] / (6 * p[1])) for p in v] for k, v in opt_points.items()}
+        plots.plot_allocation(results, grid, q, pts, run.dir / fname)
+    plots.plot_loss_vs_compute(runs, results, run.dir / "loss_vs_compute.png")
+
+    summary = {"runs": len(runs)}
+    for name, r in results.items():
+        for p in r["predictions"]:
+            tag = f"{p['compute']:.0e}".replace("+", "")
+            summary[f"approach{name}_n_opt_{tag}"] = p["n_opt"][0]
+            summary[f"approach{name}_d_opt_{tag}"] = p["d_opt"][0]
+            summary[f"approach{name}_loss_{tag}"] = p["loss"][0]
+    return summary
