@@ -36,7 +36,7 @@ Variants (``lmrun.model.variants``), each counted as its implementation computes
   ``5·n·log2 n`` of a complex FFT) and the complex product of ``T+1`` frequencies (6 FLOPs
   each), divided by T — O(log T) per token. Not counted: the implicit filters (an MLP over T
   positions and their FFT, once per forward pass for the whole batch), gating and skip products.
-- MoE: the router ``2·d·E`` and ``top_k`` experts per token (``ffn``: active FLOPs; dropped
+- MoE: the router ``2·d·E`` and ``top_k`` experts of width ``expert_d_ff`` per token (``ffn``: active FLOPs; dropped
   assignments under a capacity factor do less); parameters ``total`` count all experts,
   ``active`` only the ``top_k`` a token uses (+ shared experts and the router), and the
   ``6·N`` approximations use the active non-embedding parameters.
@@ -50,7 +50,7 @@ from __future__ import annotations
 import math
 
 from lmrun.model.config import ModelConfig, as_model_config, is_gated, norm_params, resolved_d_ff, resolved_kv_heads
-from lmrun.model.variants import layer_windows, resolved_mla
+from lmrun.model.variants import expert_width, layer_windows, resolved_mla
 
 
 def _mixer_linears(cfg: ModelConfig) -> list[tuple[int, int]]:
@@ -105,9 +105,10 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
     inactive = 0
     if cfg.ffn.kind == "moe":
         m = cfg.ffn.moe
-        ffn = m.num_experts * _expert_params(cfg, d_ff) + m.num_experts * d
-        ffn += _expert_params(cfg, m.shared_experts * d_ff) if m.shared_experts else 0
-        inactive = L * (m.num_experts - m.top_k) * _expert_params(cfg, d_ff)
+        w = expert_width(m, d_ff)
+        ffn = m.num_experts * _expert_params(cfg, w) + m.num_experts * d
+        ffn += _expert_params(cfg, m.shared_experts * w) if m.shared_experts else 0
+        inactive = L * (m.num_experts - m.top_k) * _expert_params(cfg, w)
     else:
         gated = is_gated(cfg.ffn.kind)
         ffn = (3 if gated else 2) * d * d_ff
@@ -204,7 +205,7 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> dic
     if cfg.ffn.kind == "moe":
         m = cfg.ffn.moe
         out["router"] = L * 2 * d * m.num_experts
-        out["ffn"] = L * 2 * 3 * d * d_ff * (m.top_k + m.shared_experts)
+        out["ffn"] = L * 2 * 3 * d * expert_width(m, d_ff) * (m.top_k + m.shared_experts)
     else:
         out["ffn"] = L * 2 * (3 if is_gated(cfg.ffn.kind) else 2) * d * d_ff
     out["lm_head"] = 2 * d * V
@@ -252,7 +253,7 @@ def describe(cfg: ModelConfig) -> str:
     ffn = cfg.ffn.kind
     if ffn == "moe":
         m = cfg.ffn.moe
-        ffn = (f"moe {m.num_experts}x top-{m.top_k}" + (f" +{m.shared_experts} shared" if m.shared_experts else "")
+        ffn = (f"moe {m.num_experts}x top-{m.top_k} (expert d_ff {expert_width(m, resolved_d_ff(cfg))})" + (f" +{m.shared_experts} shared" if m.shared_experts else "")
                + (f", capacity {m.capacity_factor:g}" if m.capacity_factor is not None else ", dropless"))
     parts = [f"{cfg.norm.placement}-{cfg.norm.kind}" if cfg.norm.kind != "none" else "no norm",
              ffn, cfg.position.kind if cfg.position.kind != "none" else "NoPE", mixer]

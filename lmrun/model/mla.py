@@ -152,7 +152,9 @@ class MultiHeadLatentAttention(nn.Module):
             scores = scores + (q_nope * self.k_up_proj.bias.view(h, 1, n)).sum(-1, keepdim=True)
         if self.rope_dim:
             scores = scores + torch.matmul(q_rope, k_rope.transpose(-2, -1))
-        scores = scores.float() / math.sqrt(n + self.rope_dim)
+        if scores.dtype in (torch.float16, torch.bfloat16):
+            scores = scores.float()
+        scores = scores / math.sqrt(n + self.rope_dim)
         t = past + s
         allowed = torch.arange(t, device=x.device)[None, :] <= torch.arange(past, t, device=x.device)[:, None]
         probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).to(c.dtype)

@@ -16,7 +16,8 @@ the graph), "stats": {...}}``; ``TransformerLM.auxiliary()`` collects it for the
 
 State-dict keys under ``ffn.``: ``router.weight (E, d_model)``,
 ``experts.{e}.{w1,w2,w3}.weight`` (SwiGLU, as the dense FFN's), ``shared.{w1,w2,w3}.weight``
-with shared experts.
+with shared experts. ``TransformerLM`` gives each expert the width ``model.ffn.moe.expert_d_ff``
+(null: ``ceil(model.d_ff / top_k)``, the dense FFN's active FLOPs).
 """
 from __future__ import annotations
 
@@ -84,9 +85,11 @@ class MoE(nn.Module):
         return math.ceil(self.capacity_factor * tokens * self.top_k / self.num_experts)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x ``(tokens, d_model)`` -> (logits ``(tokens, E)`` float32, probs, gates ``(tokens, k)``,
-        expert_index ``(tokens, k)``, best first)."""
-        logits = self.router(x).float()
+        """x ``(tokens, d_model)`` -> (logits ``(tokens, E)`` (float32 at least), probs, gates
+        ``(tokens, k)``, expert_index ``(tokens, k)``, best first)."""
+        logits = self.router(x)
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
         probs = torch.softmax(logits, dim=-1)
         gates, index = probs.topk(self.top_k, dim=-1)
         if self.renormalize and self.top_k > 1:

@@ -25,7 +25,8 @@ from torch import nn
 
 from lmrun.model.attention import MultiHeadSelfAttention
 from lmrun.model.config import ModelConfig, as_model_config, default_d_ff, resolved_d_ff, validate_model
-from lmrun.model.variants import HyenaConfig, LinearAttentionConfig, MLAConfig, MoEConfig, layer_windows, mla_sizes
+from lmrun.model.variants import (HyenaConfig, LinearAttentionConfig, MLAConfig, MoEConfig, expert_width, layer_windows,
+                                  mla_sizes)
 from lmrun.model.ffn import build_ffn
 from lmrun.model.layers import Embedding, Linear, linear_init_std
 from lmrun.model.norms import build_norm
@@ -134,7 +135,7 @@ class TransformerLM(nn.Module):
             from lmrun.model.moe import MoE
 
             m = moe or MoEConfig()
-            ffns = [MoE(d_model, d_ff, m.num_experts, m.top_k, renormalize=m.renormalize,
+            ffns = [MoE(d_model, expert_width(m, d_ff), m.num_experts, m.top_k, renormalize=m.renormalize,
                         capacity_factor=m.capacity_factor, aux_loss_weight=m.aux_loss_weight,
                         z_loss_weight=m.z_loss_weight, shared_experts=m.shared_experts, bias=bias, device=device,
                         dtype=dtype) for _ in range(num_layers)]

@@ -85,8 +85,11 @@ class MoEConfig:
     (``model.ffn.kind=moe``; Shazeer et al. 2017; Lepikhin et al. 2020, GShard; Fedus et al.
     2021, Switch; Zoph et al. 2022, ST-MoE; DeepSeek-AI 2024 for shared experts).
 
-    num_experts: E routed experts, each a SwiGLU of width ``model.d_ff`` (null: the SwiGLU default).
+    num_experts: E routed experts, each a SwiGLU of width ``expert_d_ff``.
     top_k: experts per token (softmax router, top-k of the probabilities).
+    expert_d_ff: each expert's width; null: ``ceil(model.d_ff / top_k)`` (``model.d_ff`` null:
+        the SwiGLU default), so that a token's active FFN FLOPs equal the dense FFN's while the
+        FFN parameters grow ``E/top_k``-fold (fine-grained experts, DeepSeekMoE).
     renormalize: with top_k > 1, scale the k gates to sum to 1 (GShard, Mixtral); else the
         gates are the raw router probabilities (Switch for top-1, DeepSeek-V2).
     capacity_factor: null — dropless (every assignment is computed); c > 0 — each expert takes
@@ -97,11 +100,12 @@ class MoEConfig:
         f_e: fraction of assignments routed to e, P_e: mean router probability of e).
     z_loss_weight: weight of the router z-loss ``mean_t (log Σ_e exp(logit_te))²`` (ST-MoE).
     shared_experts: experts every token passes through (DeepSeekMoE), computed as one SwiGLU
-        of width ``shared_experts · d_ff``.
+        of width ``shared_experts · expert_d_ff``.
     """
 
     num_experts: int = 8
     top_k: int = 2
+    expert_d_ff: int | None = None
     renormalize: bool = True
     capacity_factor: float | None = None
     aux_loss_weight: float = 0.01
@@ -188,3 +192,10 @@ def validate_variants(cfg) -> None:
         check("model.ffn.moe.aux_loss_weight", m.aux_loss_weight, m.aux_loss_weight >= 0, "a number >= 0")
         check("model.ffn.moe.z_loss_weight", m.z_loss_weight, m.z_loss_weight >= 0, "a number >= 0")
         check("model.ffn.moe.shared_experts", m.shared_experts, m.shared_experts >= 0, "an integer >= 0")
+        if m.expert_d_ff is not None:
+            check("model.ffn.moe.expert_d_ff", m.expert_d_ff, m.expert_d_ff >= 1, "null (d_ff/top_k) or an integer >= 1")
+
+
+def expert_width(moe: MoEConfig, d_ff: int) -> int:
+    """An expert's width: ``moe.expert_d_ff``, or ``ceil(d_ff / top_k)`` (the dense FFN's active FLOPs)."""
+    return int(moe.expert_d_ff) if moe.expert_d_ff is not None else -(-int(d_ff) // int(moe.top_k))
