@@ -261,7 +261,8 @@ def describe(cfg: ModelConfig) -> str:
         parts.append("tied")
     if cfg.logit_softcap is not None:
         parts.append(f"softcap {cfg.logit_softcap:g}")
-    return (f"{cfg.name}/{cfg.size}: d_model {cfg.d_model}, {cfg.num_layers} layers, {cfg.num_heads} heads{kv}, "
+    heads = "" if a.kind == "hyena" else f", {cfg.num_heads} heads{kv}"  # Hyena has no heads
+    return (f"{cfg.name}/{cfg.size}: d_model {cfg.d_model}, {cfg.num_layers} layers{heads}, "
             f"d_ff {resolved_d_ff(cfg)}, vocab {cfg.vocab_size}, context {cfg.context_length}; " + ", ".join(parts))
 
 
