@@ -49,7 +49,7 @@ class FFNConfig:
 
     kind: swiglu | geglu (gated: three matrices w1, w2, w3) or gelu | relu | silu | relu2
         (ungated MLP: two matrices w1, w2) or moe (a mixture of SwiGLU experts, see ``moe``).
-        The width is ``model.d_ff`` (null: ``default_d_ff``; for moe each expert's width).
+        The width is ``model.d_ff`` (null: ``default_d_ff``; moe: experts of ``moe.expert_d_ff``).
     moe: the mixture-of-experts settings (``lmrun.model.variants.MoEConfig``), used with kind=moe.
     """
 
@@ -85,7 +85,7 @@ class AttentionConfig:
     Variants (``lmrun.model.variants``): kind — mha (softmax attention) | mla | linear | hyena;
     window — null, or w: token i attends to tokens i-w+1..i (sliding window, kind mha);
     global_every — with a window, 0: every layer local; k: every k-th layer full causal;
-    mla, linear, hyena — the settings of those kinds.
+    mla, linear, hyena — the settings of those kinds. ``impl`` applies to kinds mha and mla.
     """
 
     impl: str = "sdpa"
