@@ -29,7 +29,8 @@ def presets() -> list[tuple[str, str]]:
 
 
 EXTRA = {("data", "text_files"): ["data.train=/dev/null"], ("stage", "evaluate"): ["evaluate.checkpoint=ckpt.pt"],
-         ("experiment", "tinystories_a1"): ["data.train=/dev/null"], ("experiment", "owt_leaderboard"): ["data.train=/dev/null"]}
+         ("experiment", "tinystories_a1"): ["data.train=/dev/null"], ("experiment", "owt_leaderboard"): ["data.train=/dev/null"],
+         ("model/attention", "hyena"): ["model/position=none"]}  # Hyena has no queries/keys for the default RoPE
 
 
 def files_under(path: Path) -> list[Path]:

@@ -6,6 +6,11 @@ Sources: Vaswani et al. 2017 (scaled dot-product and multi-head attention); Shaz
 2020, Dehghani et al. 2023 (here an RMSNorm over each head's dimension, shared by all heads,
 as in Qwen3 / Gemma 3); CS336 assignment 1.
 
+Sliding-window attention (Beltagy et al. 2020, Longformer; Jiang et al. 2023, Mistral 7B):
+with ``window=w`` token ``i`` attends to tokens ``i-w+1 .. i`` (``w`` tokens, itself included);
+``w >= seq_len`` is full causal attention. Both paths apply the band mask to the full score
+matrix (the naive path explicitly, SDPA through ``attn_mask``).
+
 Head grouping: query head ``j`` reads key/value head ``j // (num_heads // n_kv_heads)`` — the
 convention of ``torch.nn.functional.scaled_dot_product_attention(enable_gqa=True)`` and of
 Llama's ``repeat_kv``.
@@ -50,21 +55,24 @@ def scaled_dot_product_attention(Q: torch.Tensor, K: torch.Tensor, V: torch.Tens
     return torch.matmul(softmax(scores, dim=-1).to(V.dtype), V)
 
 
-def _build_causal_mask(seq_len: int, groups: int, device: torch.device) -> torch.Tensor:
+def _build_causal_mask(seq_len: int, groups: int, device: torch.device, window: int | None = None) -> torch.Tensor:
     mask = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
+    if window is not None:
+        mask = mask.triu(1 - window)  # keep j >= i - window + 1
     return mask.repeat(groups, 1) if groups > 1 else mask
 
 
 _cached_causal_mask = functools.lru_cache(maxsize=16)(_build_causal_mask)
 
 
-def causal_mask(seq_len: int, groups: int, device: torch.device) -> torch.Tensor:
-    """Boolean ``(groups·seq_len, seq_len)``: row ``g·seq_len + i`` may attend to columns ``<= i``.
+def causal_mask(seq_len: int, groups: int, device: torch.device, window: int | None = None) -> torch.Tensor:
+    """Boolean ``(groups·seq_len, seq_len)``: row ``g·seq_len + i`` may attend to columns ``<= i``
+    (and ``> i - window`` with a sliding ``window``).
 
-    Cached per (seq_len, groups, device) in eager mode; built in the graph under torch.compile."""
+    Cached per (seq_len, groups, device, window) in eager mode; built in the graph under torch.compile."""
     if torch.compiler.is_compiling():
-        return _build_causal_mask(seq_len, groups, device)
-    return _cached_causal_mask(seq_len, groups, device)
+        return _build_causal_mask(seq_len, groups, device, window)
+    return _cached_causal_mask(seq_len, groups, device, window)
 
 
 class MultiHeadSelfAttention(nn.Module):
@@ -77,16 +85,18 @@ class MultiHeadSelfAttention(nn.Module):
     Parameters: ``q_proj (num_heads·d_k, d_model)``, ``k_proj`` and ``v_proj
     (n_kv_heads·d_k, d_model)``, ``output_proj (d_model, num_heads·d_k)`` with
     ``d_k = d_model / num_heads``. ``rope``: a shared ``RotaryEmbedding`` or None;
-    ``theta`` + ``max_seq_len`` build one when ``rope`` is not given. ValueError when
-    d_model is not divisible by num_heads or num_heads by n_kv_heads. ``impl``: naive | sdpa |
+    ``theta`` + ``max_seq_len`` build one when ``rope`` is not given. ``impl``: naive | sdpa |
     flash_torch | flash_triton (``AttentionConfig``); flash_triton raises ConfigError when
-    Triton cannot run here (no CUDA GPU and no ``TRITON_INTERPRET=1``).
+    Triton cannot run here (no CUDA GPU and no ``TRITON_INTERPRET=1``). ``window``: None (full
+    causal) or w >= 1 — sliding-window attention over the last w tokens (impl naive or sdpa).
+    ValueError when d_model is not divisible by num_heads or num_heads by n_kv_heads, or for a
+    window < 1 or with another impl.
     """
 
     def __init__(self, d_model: int, num_heads: int, n_kv_heads: int | None = None, *,
                  rope: RotaryEmbedding | None = None, theta: float | None = None, max_seq_len: int | None = None,
                  impl: str = "sdpa", qk_norm: bool = False, bias: bool = False, norm_eps: float = 1e-5,
-                 device=None, dtype=None):
+                 window: int | None = None, device=None, dtype=None):
         super().__init__()
         n_kv_heads = n_kv_heads or num_heads
         if d_model % num_heads:
@@ -102,6 +112,9 @@ class MultiHeadSelfAttention(nn.Module):
         self.d_model, self.num_heads, self.n_kv_heads = d_model, num_heads, n_kv_heads
         self.d_k = d_model // num_heads
         self.impl = impl
+        if window is not None and (window < 1 or impl not in ("naive", "sdpa")):
+            raise ValueError(f"window={window} with impl={impl!r}: expected a window >= 1 with impl naive or sdpa")
+        self.window = window
         self.q_proj = Linear(d_model, num_heads * self.d_k, device, dtype, bias=bias)
         self.k_proj = Linear(d_model, n_kv_heads * self.d_k, device, dtype, bias=bias)
         self.v_proj = Linear(d_model, n_kv_heads * self.d_k, device, dtype, bias=bias)
@@ -131,16 +144,20 @@ class MultiHeadSelfAttention(nn.Module):
                 pos = token_positions.reshape(-1, s) if token_positions.dim() > 1 else token_positions
                 pos = pos.unsqueeze(1) if pos.dim() > 1 else pos  # (b, 1, s): broadcast over heads
             q, k = self.rope(q, pos), self.rope(k, pos)
-        if self.impl == "sdpa":
+        if self.impl == "sdpa" and self.window is not None:
+            mask = causal_mask(s, 1, x.device, self.window)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=kvh != h)
+        elif self.impl == "sdpa":
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kvh != h)
         elif self.impl in FLASH_IMPLS:  # FlashAttention-2 (lmrun.kernels), K/V heads expanded for GQA
             out = flash_attention(q, k, v, is_causal=True, impl=self.impl)
         else:
             g = h // kvh  # fold the query heads of a group into the row dimension: K, V are not copied
             q = q.reshape(b, kvh, g * s, d_k)
-            out = scaled_dot_product_attention(q, k, v, causal_mask(s, g, x.device)).view(b, h, s, d_k)
+            out = scaled_dot_product_attention(q, k, v, causal_mask(s, g, x.device, self.window)).view(b, h, s, d_k)
         out = out.transpose(1, 2).reshape(b, s, h * d_k)
         return self.output_proj(out).view(*lead, s, self.d_model)
 
     def extra_repr(self) -> str:
-        return f"num_heads={self.num_heads}, n_kv_heads={self.n_kv_heads}, d_k={self.d_k}, impl={self.impl}"
+        window = f", window={self.window}" if self.window is not None else ""
+        return f"num_heads={self.num_heads}, n_kv_heads={self.n_kv_heads}, d_k={self.d_k}, impl={self.impl}{window}"

@@ -15,13 +15,14 @@ import math
 from dataclasses import dataclass, field
 
 from lmrun.errors import check, check_choice
+from lmrun.model.variants import HyenaConfig, LinearAttentionConfig, MLAConfig, MoEConfig, validate_variants
 
 NORM_KINDS = ["rmsnorm", "layernorm", "none"]
 NORM_IMPLS = ["torch", "triton"]
 NORM_PLACEMENTS = ["pre", "post", "none"]
 GATED = {"swiglu": "silu", "geglu": "gelu"}  # gated FFN kind -> its activation
 UNGATED = ["gelu", "relu", "silu", "relu2"]
-FFN_KINDS = list(GATED) + UNGATED
+FFN_KINDS = list(GATED) + UNGATED + ["moe"]  # moe: SwiGLU experts (lmrun.model.variants.MoEConfig)
 POSITION_KINDS = ["rope", "sinusoidal", "learned", "none"]
 ATTENTION_IMPLS = ["naive", "sdpa", "flash_torch", "flash_triton"]
 
@@ -51,10 +52,13 @@ class FFNConfig:
     """``model.ffn`` (sub-group ``conf/model/ffn/``; ``lmrun.model.ffn``).
 
     kind: swiglu | geglu (gated: three matrices w1, w2, w3) or gelu | relu | silu | relu2
-        (ungated MLP: two matrices w1, w2). The width is ``model.d_ff`` (null: ``default_d_ff``).
+        (ungated MLP: two matrices w1, w2) or moe (a mixture of SwiGLU experts, see ``moe``).
+        The width is ``model.d_ff`` (null: ``default_d_ff``; moe: experts of ``moe.expert_d_ff``).
+    moe: the mixture-of-experts settings (``lmrun.model.variants.MoEConfig``), used with kind=moe.
     """
 
     kind: str = "swiglu"
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
 
 @dataclass
@@ -84,10 +88,21 @@ class AttentionConfig:
     qk_norm: RMSNorm over the head dimension of q and k before RoPE (adds
         ``attn.q_norm.weight`` and ``attn.k_norm.weight``, each ``(head_dim,)``).
     The number of key/value heads is ``model.n_kv_heads``.
+
+    Variants (``lmrun.model.variants``): kind — mha (softmax attention) | mla | linear | hyena;
+    window — null, or w: token i attends to tokens i-w+1..i (sliding window, kind mha);
+    global_every — with a window, 0: every layer local; k: every k-th layer full causal;
+    mla, linear, hyena — the settings of those kinds. ``impl`` applies to kinds mha and mla.
     """
 
     impl: str = "sdpa"
     qk_norm: bool = False
+    kind: str = "mha"
+    window: int | None = None
+    global_every: int = 0
+    mla: MLAConfig = field(default_factory=MLAConfig)
+    linear: LinearAttentionConfig = field(default_factory=LinearAttentionConfig)
+    hyena: HyenaConfig = field(default_factory=HyenaConfig)
 
 
 @dataclass
@@ -140,7 +155,7 @@ def default_d_ff(d_model: int, kind: str) -> int:
     """The FFN width when ``d_ff`` is null: for gated kinds ``8/3·d_model`` rounded to the nearest
     multiple of 64 (at least 64; CS336: 512 -> 1344), else ``4·d_model``. The two have about the
     same parameter count (3·d·8d/3 = 2·d·4d): the CS336 SwiGLU-vs-SiLU ablation's matching."""
-    if is_gated(kind):
+    if is_gated(kind) or kind == "moe":  # moe: SwiGLU experts
         return max(64, math.floor(8 * d_model / 3 / 64 + 0.5) * 64)
     return 4 * d_model
 
@@ -216,6 +231,7 @@ def validate_model(cfg: ModelConfig) -> None:
     check("model.dropout", cfg.dropout, 0.0 <= cfg.dropout < 1.0, "a probability in [0, 1)")
     if cfg.logit_softcap is not None:
         check("model.logit_softcap", cfg.logit_softcap, cfg.logit_softcap > 0, "null or a number > 0")
+    validate_variants(cfg)
 
 
 def as_model_config(cfg) -> ModelConfig:

@@ -11,6 +11,12 @@ output_proj}.weight``, ``[layers.{i}.attn.{q_norm,k_norm}.weight]`` (QK-norm),
 ``ln_final.weight``, ``lm_head.weight``; LayerNorm adds ``.bias`` to its norms and
 ``bias=True`` adds ``.bias`` to attention/FFN linears; norm kind/placement ``none`` removes the
 norm keys. RoPE and sinusoidal tables are non-persistent buffers (no keys).
+
+Variants (``lmrun.model.variants``) keep these names where they exist: the token mixer is
+always ``layers.{i}.attn`` (MLA, linear attention and Hyena add their own keys beneath it, see
+``lmrun.model.mla`` / ``linear_attention`` / ``hyena``) and the FFN ``layers.{i}.ffn`` (MoE:
+``ffn.router``, ``ffn.experts.{e}.{w1,w2,w3}``, ``ffn.shared``); the dense baseline's keys are
+unchanged.
 """
 from __future__ import annotations
 
@@ -19,6 +25,8 @@ from torch import nn
 
 from lmrun.model.attention import MultiHeadSelfAttention
 from lmrun.model.config import ModelConfig, as_model_config, default_d_ff, resolved_d_ff, validate_model
+from lmrun.model.variants import (HyenaConfig, LinearAttentionConfig, MLAConfig, MoEConfig, expert_width, layer_windows,
+                                  mla_sizes)
 from lmrun.model.ffn import build_ffn
 from lmrun.model.layers import Embedding, Linear, linear_init_std
 from lmrun.model.norms import build_norm
@@ -32,21 +40,27 @@ class TransformerBlock(nn.Module):
     they join the residual stream (training mode only; Srivastava et al. 2014, as in GPT-2).
     ``norm_placement``: ``pre`` — ``x + attn(ln1(x))``, ``x + ffn(ln2(x))``; ``post`` —
     ``ln1(x + attn(x))``, ``ln2(x + ffn(x))``; ``none`` — no norms (no ln1/ln2 modules).
+    ``window``: sliding-window size of the self-attention (None: full causal).
+    ``attn_module`` / ``ffn_module``: a prebuilt token mixer / feed-forward module to use
+    instead (the variants: MLA, linear attention, Hyena, MoE).
     Shapes: ``x (..., seq_len, d_model)`` -> same.
     """
 
     def __init__(self, d_model: int, num_heads: int, d_ff: int, *, n_kv_heads: int | None = None,
                  norm: str = "rmsnorm", norm_placement: str = "pre", norm_eps: float = 1e-5,
                  ffn: str = "swiglu", rope: RotaryEmbedding | None = None, attn_impl: str = "sdpa",
-                 qk_norm: bool = False, bias: bool = False, dropout: float = 0.0, norm_impl: str = "torch",
+                 qk_norm: bool = False, bias: bool = False, dropout: float = 0.0, window: int | None = None,
+                 attn_module: nn.Module | None = None, ffn_module: nn.Module | None = None, norm_impl: str = "torch",
                  device=None, dtype=None):
         super().__init__()
         if norm_placement not in ("pre", "post", "none"):
             raise ValueError(f"norm_placement {norm_placement!r}: expected pre, post or none")
         self.norm_placement = norm_placement if norm != "none" else "none"
-        self.attn = MultiHeadSelfAttention(d_model, num_heads, n_kv_heads, rope=rope, impl=attn_impl,
-                                           qk_norm=qk_norm, bias=bias, norm_eps=norm_eps, device=device, dtype=dtype)
-        self.ffn = build_ffn(ffn, d_model, d_ff, bias=bias, device=device, dtype=dtype)
+        self.attn = attn_module if attn_module is not None else MultiHeadSelfAttention(
+            d_model, num_heads, n_kv_heads, rope=rope, impl=attn_impl, qk_norm=qk_norm, bias=bias, norm_eps=norm_eps,
+            window=window, device=device, dtype=dtype)
+        self.ffn = ffn_module if ffn_module is not None else build_ffn(ffn, d_model, d_ff, bias=bias, device=device,
+                                                                       dtype=dtype)
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()  # residual dropout (GPT-2)
         if self.norm_placement != "none":
             self.ln1 = build_norm(norm, d_model, norm_eps, device=device, dtype=dtype, impl=norm_impl)
@@ -86,6 +100,11 @@ class TransformerLM(nn.Module):
     truncated N(0, 1); with ``tie_embeddings`` the shared matrix uses the LM head's linear
     init (std ``sqrt(2/(vocab_size+d_model))``), learned positions the same std.
     ``build_model(cfg)`` / ``TransformerLM.from_config(cfg)`` construct one from a ModelConfig.
+
+    Variants (``lmrun.model.variants``): ``attention_kind`` mha | mla | linear | hyena (with the
+    ``mla`` / ``linear`` / ``hyena`` configs; defaults when None); ``windows``: one sliding
+    window (or None) per layer for kind mha; ``ffn="moe"`` with ``moe`` (a ``MoEConfig``).
+    ``auxiliary()`` returns the auxiliary losses of the last forward pass (MoE).
     """
 
     def __init__(self, vocab_size: int, context_length: int, d_model: int, num_layers: int, num_heads: int,
@@ -93,8 +112,10 @@ class TransformerLM(nn.Module):
                  norm: str = "rmsnorm", norm_placement: str = "pre", final_norm: bool = True,
                  norm_eps: float = 1e-5, ffn: str = "swiglu", position: str = "rope", attn_impl: str = "sdpa",
                  qk_norm: bool = False, bias: bool = False, tie_embeddings: bool = False,
-                 logit_softcap: float | None = None, dropout: float = 0.0, norm_impl: str = "torch",
-                 device=None, dtype=None):
+                 logit_softcap: float | None = None, dropout: float = 0.0, attention_kind: str = "mha",
+                 windows: list[int | None] | None = None, mla: MLAConfig | None = None,
+                 linear: LinearAttentionConfig | None = None, hyena: HyenaConfig | None = None,
+                 moe: MoEConfig | None = None, norm_impl: str = "torch", device=None, dtype=None):
         super().__init__()
         if position not in ("rope", "sinusoidal", "learned", "none"):
             raise ValueError(f"position {position!r}: expected rope, sinusoidal, learned or none")
@@ -108,11 +129,26 @@ class TransformerLM(nn.Module):
         elif position == "sinusoidal":
             self.position_table = SinusoidalPositionalEmbedding(context_length, d_model, rope_theta, device)
         rope = RotaryEmbedding(rope_theta, d_model // num_heads, context_length, device) if position == "rope" else None
+        windows = list(windows) if windows is not None else [None] * num_layers
+        if len(windows) != num_layers:
+            raise ValueError(f"windows: expected {num_layers} entries (one per layer), got {len(windows)}")
+        mixers = _build_mixers(attention_kind, num_layers, d_model, num_heads, n_kv_heads, context_length, rope_theta,
+                               rope, position == "rope", attn_impl, bias, norm_eps, mla, linear, hyena, device, dtype)
+        ffns = [None] * num_layers
+        if ffn == "moe":
+            from lmrun.model.moe import MoE
+
+            m = moe or MoEConfig()
+            ffns = [MoE(d_model, expert_width(m, d_ff), m.num_experts, m.top_k, renormalize=m.renormalize,
+                        capacity_factor=m.capacity_factor, aux_loss_weight=m.aux_loss_weight,
+                        z_loss_weight=m.z_loss_weight, shared_experts=m.shared_experts, bias=bias, device=device,
+                        dtype=dtype) for _ in range(num_layers)]
         self.layers = nn.ModuleList(
             TransformerBlock(d_model, num_heads, d_ff, n_kv_heads=n_kv_heads, norm=norm, norm_placement=norm_placement,
                              norm_eps=norm_eps, ffn=ffn, rope=rope, attn_impl=attn_impl, qk_norm=qk_norm, bias=bias,
-                             dropout=dropout, norm_impl=norm_impl, device=device, dtype=dtype)
-            for _ in range(num_layers))
+                             dropout=dropout, window=windows[i], attn_module=mixers[i], ffn_module=ffns[i],
+                             norm_impl=norm_impl, device=device, dtype=dtype)
+            for i in range(num_layers))
         self.embed_drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.ln_final = build_norm(norm if final_norm else "none", d_model, norm_eps, device=device, dtype=dtype,
                                    impl=norm_impl if final_norm else "torch")
@@ -127,12 +163,15 @@ class TransformerLM(nn.Module):
         """Build from a ``ModelConfig`` (or the composed ``cfg.model`` node); call
         ``validate_model`` first for one-line errors."""
         cfg = as_model_config(cfg)
+        a = cfg.attention
         return cls(cfg.vocab_size, cfg.context_length, cfg.d_model, cfg.num_layers, cfg.num_heads,
                    resolved_d_ff(cfg), cfg.position.theta, n_kv_heads=cfg.n_kv_heads, norm=cfg.norm.kind,
                    norm_placement=cfg.norm.placement, final_norm=cfg.norm.final, norm_eps=cfg.norm.eps,
-                   ffn=cfg.ffn.kind, position=cfg.position.kind, attn_impl=cfg.attention.impl,
-                   qk_norm=cfg.attention.qk_norm, bias=cfg.bias, tie_embeddings=cfg.tie_embeddings,
-                   logit_softcap=cfg.logit_softcap, dropout=cfg.dropout, norm_impl=cfg.norm.impl,
+                   ffn=cfg.ffn.kind, position=cfg.position.kind, attn_impl=a.impl,
+                   qk_norm=a.qk_norm, bias=cfg.bias, tie_embeddings=cfg.tie_embeddings,
+                   logit_softcap=cfg.logit_softcap, dropout=cfg.dropout, attention_kind=a.kind,
+                   windows=layer_windows(cfg), mla=a.mla, linear=a.linear, hyena=a.hyena, moe=cfg.ffn.moe,
+                   norm_impl=cfg.norm.impl,
                    device=device, dtype=dtype)
 
     def forward(self, token_ids: torch.Tensor, token_positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -152,6 +191,23 @@ class TransformerLM(nn.Module):
             logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
         return logits
 
+    def auxiliary(self) -> tuple[torch.Tensor | None, dict[str, float]]:
+        """The auxiliary losses of the last forward pass, to add to the training loss, and their
+        statistics to log: ``(loss or None, stats)``. Collects ``module.aux = {"loss", "stats"}``
+        from every submodule that sets it (MoE layers) and clears it; ``loss`` is the sum over
+        those modules (already weighted), ``stats`` the mean of each statistic over them."""
+        total, sums, n = None, {}, {}
+        for module in self.modules():
+            aux = getattr(module, "aux", None)
+            if not aux:
+                continue
+            total = aux["loss"] if total is None else total + aux["loss"]
+            for key, value in aux["stats"].items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+                n[key] = n.get(key, 0) + 1
+            module.aux = None
+        return total, {key: sums[key] / n[key] for key in sums}
+
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameters (a tied matrix counted once); ``non_embedding`` leaves out the token and
         learned position embeddings (a tied LM head goes with them)."""
@@ -161,6 +217,38 @@ class TransformerLM(nn.Module):
             if self.position == "learned":
                 n -= self.position_embeddings.weight.numel()
         return n
+
+
+def _build_mixers(kind: str, num_layers: int, d_model: int, num_heads: int, n_kv_heads: int | None,
+                  context_length: int, theta: float, rope: RotaryEmbedding | None, use_rope: bool, impl: str, bias: bool,
+                  norm_eps: float, mla: MLAConfig | None, linear: LinearAttentionConfig | None, hyena: HyenaConfig | None,
+                  device, dtype) -> list[nn.Module | None]:
+    """One token mixer per layer for the non-default attention kinds (None: the block builds
+    its ``MultiHeadSelfAttention``)."""
+    if kind == "mha":
+        return [None] * num_layers
+    if kind == "mla":
+        from lmrun.model.mla import MultiHeadLatentAttention
+
+        sizes = mla_sizes(mla or MLAConfig(), d_model // num_heads, use_rope)
+        mla_rope = RotaryEmbedding(theta, sizes["rope_dim"], context_length, device) if use_rope else None
+        return [MultiHeadLatentAttention(d_model, num_heads, sizes["kv_rank"], q_rank=sizes["q_rank"],
+                                         rope_dim=sizes["rope_dim"], rope=mla_rope, impl=impl, bias=bias,
+                                         norm_eps=norm_eps, device=device, dtype=dtype) for _ in range(num_layers)]
+    if kind == "linear":
+        from lmrun.model.linear_attention import LinearAttention
+
+        c = linear or LinearAttentionConfig()
+        return [LinearAttention(d_model, num_heads, n_kv_heads, feature_map=c.feature_map, chunk_size=c.chunk_size,
+                                rope=rope, bias=bias, device=device, dtype=dtype) for _ in range(num_layers)]
+    if kind == "hyena":
+        from lmrun.model.hyena import HyenaOperator
+
+        c = hyena or HyenaConfig()
+        return [HyenaOperator(d_model, context_length, order=c.order, filter_dim=c.filter_dim,
+                              filter_emb_dim=c.filter_emb_dim, short_kernel=c.short_kernel, bias=bias, device=device,
+                              dtype=dtype) for _ in range(num_layers)]
+    raise ValueError(f"attention kind {kind!r}: expected mha, mla, linear or hyena")
 
 
 def build_model(cfg: ModelConfig, device=None, dtype=None) -> TransformerLM:

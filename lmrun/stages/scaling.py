@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
 from lmrun.errors import DataError
 from lmrun.tracking.files import atomic_write_json, atomic_write_text
@@ -25,6 +26,13 @@ def _approaches(cfg) -> list[str]:
 def plan(cfg) -> dict:
     from lmrun.scaling.data import budgets, load_runs
 
+    if cfg.scaling.mode == "plan":
+        sc = cfg.scaling
+        return {"stage": "scaling", "mode": "plan", "inputs": {"runs": str(_store_root(cfg))},
+                "exploration_budget": f"{sc.exploration_budget:.3g}", "target_budget": f"{sc.target_budget:.3g}",
+                "rounds": f"budgets {sc.first_budget:.3g} x {sc.budget_factor:g}^r, {sc.sizes_per_budget} sizes each",
+                "outputs": ["plan.json", "plan.md", "isoflop_profiles.png"]}
+
     runs = load_runs(cfg.scaling.input, cfg.scaling.params_key)
     return {"stage": "scaling", "inputs": {"runs": str(cfg.scaling.input)}, "n_runs": len(runs),
             "budgets": [f"{c:.3g}" for c, _ in budgets(runs)], "approaches": _approaches(cfg),
@@ -37,7 +45,81 @@ def _fmt(v: tuple) -> str:
     return f"{v[0]:.4g} [{v[1]:.4g}, {v[2]:.4g}]"
 
 
+def _store_root(cfg) -> Path:
+    return Path(cfg.paths.multiruns_dir) / "scaling-plan-runs"
+
+
+def _model_cfg(cfg):
+    """``cfg.model`` as a planned run sees it: by_params shape keys come from the planner; plain
+    ``scaling.run_overrides`` applied."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    c = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    for o in cfg.scaling.run_overrides:
+        key, value = o.lstrip("+~").split("=", 1)
+        OmegaConf.update(c, key, yaml.safe_load(value), force_add=True)
+    return c.model
+
+
+def run_plan(cfg) -> dict:
+    from lmrun.scaling import plots
+    from lmrun.scaling.fits import bootstrap, optimal_points_isoflop
+    from lmrun.scaling.planner import RunStore, plan_and_run, target_for
+    from lmrun.scaling.shapes import shape_for_params
+
+    run, sc = active_run(), cfg.scaling
+    model_cfg = _model_cfg(cfg)
+    base = [*sc.run_overrides, "model/size=by_params", "train.max_steps=null", "logger=none", "progress=false",
+            "train.samples=0", "train.eval_every=1000000", f"seed={cfg.seed}"]
+    store = RunStore(_store_root(cfg), base)
+    result = plan_and_run(model_cfg, store, float(sc.exploration_budget), float(sc.target_budget),
+                          float(sc.first_budget), float(sc.budget_factor), int(sc.sizes_per_budget),
+                          float(sc.size_spread), sc.params_key)
+    for rd in result["rounds"]:
+        run.log({"budget": rd["budget"], "spent": rd["spent_after"], **({"a": rd["a"]} if rd["a"] is not None else {})},
+                step=rd["round"])
+    runs = result["runs"]
+    lines = [f"# Scaling plan: target {sc.target_budget:.3g} FLOPs, exploration budget {sc.exploration_budget:.3g}",
+             "", f"Spent {result['spent']:.3g} FLOPs on {len(runs) - result['reused']} new runs "
+             f"({result['reused']} reused).", "", "| round | budget C | sizes around | from | val losses | spent after |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['round']} | {r['budget']:.3g} | {r['center']:.3g} | {r['center_from']} | "
+              f"{', '.join(f'{x:.3f}' for x in r['losses'])} | {r['spent_after']:.3g} |" for r in result["rounds"]]
+    summary = {"spent_flops": result["spent"], "runs": len(runs), "reused": result["reused"],
+               "rounds": len(result["rounds"])}
+    try:
+        b = bootstrap(runs, "2", [float(sc.target_budget)], int(sc.n_boot), int(sc.seed), float(sc.confidence))
+    except DataError as e:
+        lines += ["", f"No recommendation: {e} (raise scaling.exploration_budget)."]
+        b = None
+    if b is not None:
+        p = b["predictions"][0]
+        target = target_for(model_cfg, p["n_opt"][0])
+        shape = shape_for_params(target)
+        level = f"{int(round(float(sc.confidence) * 100))}%"
+        lines += ["", f"## Recommendation for C = {sc.target_budget:.3g} FLOPs (approach 2, {level} bootstrap CI)", "",
+                  f"- N_opt ({sc.params_key}): {_fmt(p['n_opt'])}",
+                  f"- D_opt (tokens): {_fmt(p['d_opt'])}",
+                  f"- predicted loss: {_fmt(p['loss'])}",
+                  f"- shape: d_model {shape['d_model']}, {shape['num_layers']} layers, {shape['num_heads']} heads "
+                  f"(model/size=by_params model.target_params={target:g}); other hyperparameters as in the planned "
+                  f"runs: {' '.join(sc.run_overrides) or '(defaults)'}",
+                  f"- allocation exponent a: {_fmt(b['coefficients']['a'])}"]
+        summary.update(n_opt=p["n_opt"][0], d_opt=p["d_opt"][0], predicted_loss=p["loss"][0], target_params=target,
+                       **{k: v for k, v in shape.items()})
+        plots.plot_isoflop_profiles(runs, optimal_points_isoflop(runs), run.dir / "isoflop_profiles.png")
+    report = "\n".join(lines) + "\n"
+    atomic_write_text(run.dir / "plan.md", report)
+    atomic_write_json(run.dir / "plan.json", {"rounds": result["rounds"], "summary": summary,
+                                              "runs": [r.__dict__ for r in runs]})
+    print(report, flush=True)
+    return summary
+
+
 def run(cfg) -> dict:
+    if cfg.scaling.mode == "plan":
+        return run_plan(cfg)
     import numpy as np
 
     from lmrun.scaling import plots

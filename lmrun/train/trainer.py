@@ -117,6 +117,7 @@ class Trainer:
         self.peak = peak_flops(self.device, self.t.peak_flops)
         self.noise_scale = GradientNoiseScale() if self.t.noise_scale else None
         self.last_noise_scale = None
+        self.last_aux_stats: dict[str, float] = {}  # auxiliary-loss statistics of the last step (MoE)
 
     # --- setup ----------------------------------------------------------------------------
     def _total_steps(self) -> int:
@@ -191,17 +192,26 @@ class Trainer:
         """One optimizer step over grad_accum_steps micro-batches. Returns (loss, z, grad norm).
 
         With ``train.noise_scale`` the gradient's squared norm after the first micro-batch and
-        after all of them feed the gradient-noise-scale estimate (McCandlish et al. 2018)."""
+        after all of them feed the gradient-noise-scale estimate (McCandlish et al. 2018).
+        Auxiliary losses the model reports (``TransformerLM.auxiliary()``: MoE load balancing and
+        router z-loss) join the loss that is differentiated; their statistics, averaged over the
+        micro-batches, land in ``self.last_aux_stats`` and are logged."""
         t, accum = self.t, self.t.grad_accum_steps
         total_loss = torch.zeros((), device=self.device)
         total_z = torch.zeros((), device=self.device)
         small_sq = None
+        aux_stats: dict[str, float] = {}
         for i in range(accum):
             x, y = self.stream.next(self.device)
             with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
                 logits = self.forward(x)
             ce, z = cross_entropy_with_z(logits, y, t.z_loss)
             loss = ce + t.z_loss * z if t.z_loss else ce
+            aux_loss, stats = self.model.auxiliary()
+            if aux_loss is not None:
+                loss = loss + aux_loss
+            for key, value in stats.items():
+                aux_stats[key] = aux_stats.get(key, 0.0) + value / accum
             (loss / accum).backward()
             total_loss += ce.detach() / accum
             total_z += z.detach() / accum
@@ -211,6 +221,7 @@ class Trainer:
         if small_sq is not None:
             micro = self.micro_batch * self.context_length
             self.last_noise_scale = self.noise_scale.update(small_sq, micro, grad_sq_norm(params), micro * accum)
+        self.last_aux_stats = aux_stats
         grad_norm = clip_grad_norm(params, t.grad_clip if t.grad_clip > 0 else math.inf)
         return float(total_loss), float(total_z), float(grad_norm)
 
@@ -268,6 +279,7 @@ class Trainer:
                         metrics["z_loss"] = z
                     if self.last_noise_scale is not None:
                         metrics["noise_scale_tokens"] = self.last_noise_scale
+                    metrics.update(self.last_aux_stats)
                     if self.peak:
                         metrics["mfu"] = tps * self.summary["train_flops_per_token"] / self.peak
                     self.run.log(metrics, step=s.step)

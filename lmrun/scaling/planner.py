@@ -1,0 +1,142 @@
+"""A budgeted scaling-law planner (in the spirit of CS336 assignment 3): spend an exploration
+budget of training FLOPs on IsoFLOP profiles at increasing compute, refit after each round, and
+recommend the compute-optimal model for a target budget.
+
+Round r trains ``sizes_per_budget`` models at budget C_r = first_budget · budget_factor^r, sizes
+spread geometrically (``size_spread``× either side) around the current estimate of N_opt(C_r) —
+the fitted law once two budgets exist, else Chinchilla's 20 tokens per parameter
+(C = 6·N·20·N). A round that would overspend the budget is not started. Runs are real
+``pretrain`` runs (subprocesses of this lmrun), kept by their overrides under
+``<multiruns_dir>/scaling-plan-runs/<hash>/``: a run with the same overrides, in this plan or an
+earlier one, is reused and costs nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from lmrun.errors import DataError
+from lmrun.scaling.data import ScalingRun
+
+log = logging.getLogger(__name__)
+
+
+def nonembedding_for_shape(model_cfg, shape: dict) -> int:
+    """Non-embedding parameters of ``model_cfg`` with the shape keys replaced."""
+    from omegaconf import OmegaConf
+
+    from lmrun.model.flops import count_params
+
+    m = OmegaConf.to_container(model_cfg, resolve=True)
+    m.update(shape, d_ff=None)
+    return count_params(OmegaConf.create(m))["non_embedding"]
+
+
+def target_for(model_cfg, n_non_embedding: float) -> float:
+    """The ``model.target_params`` whose by_params shape has about ``n_non_embedding``
+    non-embedding parameters (the shape rule counts Transformer blocks only; this one counts
+    the LM head too). Bisection in log space."""
+    from lmrun.scaling.shapes import shape_for_params
+
+    lo, hi = 1e2, max(1e3, 10 * n_non_embedding)
+    for _ in range(60):
+        mid = math.sqrt(lo * hi)
+        if nonembedding_for_shape(model_cfg, shape_for_params(mid)) < n_non_embedding:
+            lo = mid
+        else:
+            hi = mid
+    return float(f"{hi:.4g}")
+
+
+class RunStore:
+    """Pretrain runs kept by their overrides: ``<root>/<hash>/`` holds a run directory."""
+
+    def __init__(self, root: Path, base_overrides: list[str]):
+        self.root = Path(root)
+        self.base = list(base_overrides)
+
+    def key(self, overrides: list[str]) -> str:
+        return hashlib.sha256(json.dumps(sorted(self.base + overrides)).encode()).hexdigest()[:12]
+
+    def get(self, overrides: list[str]) -> tuple[dict, bool]:
+        """``(summary, reused)``: train (a subprocess ``python -m lmrun.cli stage=pretrain ...``)
+        unless a completed run with these overrides exists. DataError if the run fails."""
+        run_dir = self.root / self.key(overrides)
+        info = run_dir / "run.json"
+        if info.exists() and json.loads(info.read_text()).get("status") == "completed":
+            return json.loads((run_dir / "summary.json").read_text()), True
+        cmd = [sys.executable, "-m", "lmrun.cli", "stage=pretrain", *self.base, *overrides,
+               f"hydra.run.dir={run_dir.absolute()}"]
+        log.info("plan run: %s", " ".join(cmd[3:]))
+        env = dict(os.environ)
+        src_root = str(Path(__file__).resolve().parents[2])  # this lmrun, also from a source checkout
+        env["PYTHONPATH"] = src_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode != 0 or not (run_dir / "summary.json").exists():
+            tail = " | ".join(line for line in (proc.stderr or "").splitlines()[-3:] if line.strip())
+            raise DataError(f"plan run failed ({' '.join(overrides)}): {tail[-400:]}")
+        return json.loads((run_dir / "summary.json").read_text()), False
+
+
+def plan_and_run(model_cfg, store: RunStore, exploration_budget: float, target_budget: float, first_budget: float,
+                 budget_factor: float, sizes_per_budget: int, size_spread: float, params_key: str,
+                 max_rounds: int = 20) -> dict:
+    """Run the rounds; returns ``{"rounds": [...], "runs": [ScalingRun], "spent": FLOPs,
+    "reused": count}``. Each round records its budget, the sizes trained, their losses, the
+    FLOPs it spent and the fitted exponent after it."""
+    import numpy as np
+
+    from lmrun.scaling.fits import approach2
+
+    runs: list[ScalingRun] = []
+    rounds, spent, reused = [], 0.0, 0
+    budget = float(first_budget)
+    fit = None
+    for r in range(max_rounds):
+        if budget > target_budget:
+            break
+        if fit is not None:
+            center = float(fit.n_law(budget))
+            source = "fitted law"
+        else:
+            center = math.sqrt(budget / 120.0)  # C = 6·N·D with D = 20·N (Hoffmann et al. 2022)
+            source = "20 tokens/parameter"
+        sizes = center * np.logspace(-math.log10(size_spread), math.log10(size_spread), sizes_per_budget)
+        requests = [[f"model.target_params={target_for(model_cfg, float(n))}", f"train.max_flops={budget:.6g}"]
+                    for n in sizes]
+        new_cost = sum(budget for o in requests if not _stored(store, o))
+        if spent + new_cost > exploration_budget:
+            log.info("round %d: budget %.3g would spend %.3g FLOPs (%.3g left): stop", r, budget, new_cost,
+                     exploration_budget - spent)
+            break
+        losses = []
+        for overrides in requests:
+            summary, was_reused = store.get(overrides)
+            reused += was_reused
+            if not was_reused:
+                spent += float(summary.get("train_flops", budget))
+            runs.append(ScalingRun(float(summary[params_key]), float(summary["tokens"]), budget,
+                                   float(summary["val_loss"])))
+            losses.append(float(summary["val_loss"]))
+        try:
+            fit = approach2(runs)
+        except (DataError, ValueError):
+            fit = None
+        rounds.append({"round": r, "budget": budget, "center": center, "center_from": source,
+                       "sizes": [float(s) for s in sizes], "losses": losses, "spent_after": spent,
+                       "a": None if fit is None else fit.n_law.a})
+        log.info("round %d: C=%.3g, %d sizes around N=%.3g (%s); spent %.3g of %.3g FLOPs; a=%s", r, budget,
+                 len(sizes), center, source, spent, exploration_budget, "-" if fit is None else f"{fit.n_law.a:.3f}")
+        budget *= budget_factor
+    return {"rounds": rounds, "runs": runs, "spent": spent, "reused": reused}
+
+
+def _stored(store: RunStore, overrides: list[str]) -> bool:
+    info = store.root / store.key(overrides) / "run.json"
+    return info.exists() and json.loads(info.read_text()).get("status") == "completed"
