@@ -29,6 +29,7 @@ def presets() -> list[tuple[str, str]]:
 
 
 EXTRA = {("data", "text_files"): ["data.train=/dev/null"], ("stage", "evaluate"): ["evaluate.checkpoint=ckpt.pt"],
+         ("stage", "scaling"): ["scaling.input=runs.json"], ("stage", "collect"): ["sweep.dir=multiruns/x"],
          ("experiment", "tinystories_a1"): ["data.train=/dev/null"], ("experiment", "owt_leaderboard"): ["data.train=/dev/null"],
          ("model/attention", "hyena"): ["model/position=none"]}  # Hyena has no queries/keys for the default RoPE
 
