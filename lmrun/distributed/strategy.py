@@ -302,7 +302,7 @@ class Parallel:
         if self.strategy == "zero1":
             opt_bytes = opt.local_state_bytes()
         else:
-            opt_bytes = _tensor_bytes(v for s in opt.state.values() for v in s.values())
+            opt_bytes = _tensor_bytes(_local(v) for s in opt.state.values() for v in s.values())
         params = self.trainable()
         out = {"params": _tensor_bytes(_local(p) for p in params),
                "grads": _tensor_bytes(_local(p.grad) for p in params if p.grad is not None),
