@@ -207,6 +207,16 @@ def _task(cfg) -> dict:
     out_dir = Path(hc.runtime.output_dir)
     num = int(hc.job.num) if multirun else 0
     resumable = getattr(stage, "RESUMABLE", False)
+    rank = _rank()
+    if rank > 0:  # a distributed job's other processes: rank 0 writes the run directory and the log
+        from lmrun.distributed.env import quiet_non_main_logging
+
+        quiet_non_main_logging(rank)
+        start_run(cfg, out_dir, overrides, resumable=resumable, writes=False)
+        try:
+            return stage.run(cfg)
+        finally:
+            end_run()
     if multirun and (out_dir / "run.json").exists():  # a sweep run again: this job ran before
         info = sweeps.read_json(out_dir / "run.json") or {}
         if sweeps.job_identity(info.get("overrides", [])) != sweeps.job_identity(overrides):
@@ -247,6 +257,34 @@ def _task(cfg) -> dict:
         sweeps.record_outcome(num, overrides, "completed", str(run.dir))
     log.info("summary: %s", json.dumps(summary, default=str))
     return summary
+
+
+def _rank() -> int:
+    """This process's rank in a distributed job (0 for a single process)."""
+    import os
+
+    for name in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(name, "").strip():
+            world = os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or "1"
+            return int(os.environ[name]) if int(world) > 1 else 0
+    return 0
+
+
+def _shared_run_dir(cfg, run_dir: Path) -> Path:
+    """Under torchrun (WORLD_SIZE > 1) every process composes the command itself: join the process
+    group now and take rank 0's run directory, so all ranks use one."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return run_dir
+    import torch.distributed as dist
+
+    from lmrun.distributed.env import init_distributed
+
+    init_distributed(str(cfg.train.device), str(cfg.distributed.backend), float(cfg.distributed.timeout_s))
+    box = [str(run_dir)]
+    dist.broadcast_object_list(box, src=0)
+    return Path(box[0])
 
 
 def _register_launchers() -> None:
@@ -350,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.multirun and not any(o.startswith("hydra.sweep.dir=") for o in args.overrides):
             argv.append(f"hydra.sweep.dir={sweep_dir}")
         if not args.multirun and not any(o.startswith("hydra.run.dir=") for o in args.overrides):
-            argv.append(f"hydra.run.dir={_run_dir_for(checked[0][1])}")
+            argv.append(f"hydra.run.dir={_shared_run_dir(checked[0][1], _run_dir_for(checked[0][1]))}")
     elif args.cfg or args.info:
         try:
             compose(args.overrides)  # a bad override is one line here too, not Hydra's traceback

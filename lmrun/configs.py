@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lmrun.data.corpora import DataConfig, validate_data
+from lmrun.distributed.config import DistributedConfig, validate_distributed
 from lmrun.eval.config import EvaluateConfig, validate_evaluate
 from lmrun.launch.config import (ClusterConfig, CollectConfig, LaunchConfig, ResourcesConfig, SweepConfig,
                                  validate_launch)
@@ -57,6 +58,7 @@ class LmrunConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -117,6 +119,7 @@ def validate(cfg) -> None:
     validate_optimizer(cfg.optimizer)
     validate_schedule(cfg.schedule)
     validate_train(cfg.train)
+    validate_distributed(cfg.distributed, cfg.optimizer.name)
     validate_evaluate(cfg.evaluate, cfg.stage.name)
     validate_benchmark(cfg.benchmark)
     validate_logger(cfg.logger)

@@ -9,6 +9,11 @@ Three kinds of benchmark share the schema; each preset sets the keys its kind re
   (see :data:`RMSNORM_IMPLS`).
 - ``model``: the LM (``model`` group, with each size preset of ``sizes``) on ``batch_size`` ×
   ``context_length`` tokens, for every ``dtypes`` (fp32, or bf16/fp16 autocast) × ``compile``.
+- ``collectives``: ``impls`` ⊆ all_reduce, all_gather, reduce_scatter on float32 buffers of
+  ``sizes_mb`` MiB, for every ``world_sizes`` × ``backends`` (local processes).
+- ``ddp``: one training step of the LM at each ``sizes`` preset on a global batch of
+  ``batch_size`` × ``context_length``, per distributed strategy in ``impls`` (and ``local``: the
+  same per-rank work without communication), for every ``world_sizes`` (gloo, CPU).
 """
 from __future__ import annotations
 
@@ -16,7 +21,10 @@ from dataclasses import dataclass, field
 
 from lmrun.errors import check, check_choice
 
-BENCHMARK_KINDS = ["attention", "rmsnorm", "model"]
+BENCHMARK_KINDS = ["attention", "rmsnorm", "model", "collectives", "ddp"]
+COLLECTIVE_OPS = ["all_reduce", "all_gather", "reduce_scatter"]
+#: benchmark=ddp: the strategies of ``lmrun.distributed`` plus ``local`` (no communication)
+DDP_IMPLS = ["local", "ddp_naive", "ddp_flat", "ddp", "ddp_bucketed", "zero1", "fsdp", "tp", "torch_ddp", "torch_fsdp"]
 ATTENTION_IMPLS = ["naive", "compiled", "sdpa", "sdpa_math", "flash_torch", "flash_triton"]
 RMSNORM_IMPLS = ["torch", "compiled", "functional", "triton"]
 TRITON_IMPLS = {"flash_triton", "triton"}
@@ -77,6 +85,10 @@ class BenchmarkConfig:
     threads: int | None = None
     profile: bool = False
     plot: bool = True
+    sizes_mb: list[float] = field(default_factory=lambda: [1.0, 16.0, 64.0])
+    world_sizes: list[int] = field(default_factory=lambda: [2])
+    backends: list[str] = field(default_factory=lambda: ["gloo"])
+    bucket_size_mb: float = 25.0
 
 
 def model_variant(dtype: str, compiled: bool) -> str:
@@ -96,6 +108,8 @@ def validate_benchmark(cfg: BenchmarkConfig) -> None:
         check_choice("benchmark.dtypes", d, DTYPES)
     check("benchmark.dtypes", list(cfg.dtypes), len(cfg.dtypes) > 0, "a non-empty list")
     passes = MODEL_PASSES if cfg.kind == "model" else KERNEL_PASSES
+    if cfg.kind in ("collectives", "ddp"):
+        passes = passes + ["collective", "step"]
     check("benchmark.passes", list(cfg.passes), len(cfg.passes) > 0 and all(p in passes for p in cfg.passes),
           f"a non-empty list of {', '.join(passes)} (benchmark.kind={cfg.kind})")
     for key in ("batch_size", "num_heads", "rows", "context_length", "min_reps"):
@@ -106,6 +120,19 @@ def validate_benchmark(cfg: BenchmarkConfig) -> None:
         check("benchmark.threads", cfg.threads, cfg.threads >= 1, "null or an integer >= 1")
     if cfg.peak_flops is not None:
         check("benchmark.peak_flops", cfg.peak_flops, cfg.peak_flops > 0, "null or FLOP/s > 0")
+    if cfg.kind in ("collectives", "ddp"):
+        allowed = COLLECTIVE_OPS if cfg.kind == "collectives" else DDP_IMPLS
+        check("benchmark.impls", list(cfg.impls), len(cfg.impls) > 0 and all(i in allowed for i in cfg.impls),
+              f"a non-empty list of {', '.join(allowed)} (benchmark.kind={cfg.kind})")
+        check("benchmark.baseline", cfg.baseline, cfg.baseline in cfg.impls, f"one of benchmark.impls ({', '.join(cfg.impls)})")
+        check("benchmark.world_sizes", list(cfg.world_sizes), len(cfg.world_sizes) > 0
+              and all(int(w) >= 2 for w in cfg.world_sizes), "a non-empty list of integers >= 2")
+        for b in cfg.backends:
+            check_choice("benchmark.backends", b, ["gloo", "nccl"])
+        check("benchmark.sizes_mb", list(cfg.sizes_mb), len(cfg.sizes_mb) > 0 and all(v > 0 for v in cfg.sizes_mb),
+              "a non-empty list of MiB > 0")
+        check("benchmark.bucket_size_mb", cfg.bucket_size_mb, cfg.bucket_size_mb > 0, "MiB > 0")
+        return
     if cfg.kind == "model":
         check("benchmark.sizes", list(cfg.sizes), len(cfg.sizes) > 0, "a non-empty list of model size presets")
         check("benchmark.compile", list(cfg.compile), len(cfg.compile) > 0, "a non-empty list of true/false")

@@ -24,8 +24,9 @@ log = logging.getLogger(__name__)
 
 #: grid keys of each kind (table rows), and the one on the plot's x axis
 GRID_KEYS = {"attention": ["seq_len", "head_dim", "dtype"], "rmsnorm": ["rows", "d_model", "dtype"],
-             "model": ["size", "batch", "context"]}
-PLOT_X = {"attention": "seq_len", "rmsnorm": "d_model", "model": "size"}
+             "model": ["size", "batch", "context"], "collectives": ["size_mb", "world_size", "backend"],
+             "ddp": ["size", "world_size", "batch"]}
+PLOT_X = {"attention": "seq_len", "rmsnorm": "d_model", "model": "size", "collectives": "size_mb", "ddp": "size"}
 
 
 def _device_name(device: str) -> str:
@@ -46,8 +47,44 @@ def _grid(b) -> dict:
             "dtypes": list(b.dtypes), "compile": list(b.compile)}
 
 
+def _distributed_rows(cfg) -> list[dict]:
+    """Rows of benchmark=collectives|ddp, each grid point in fresh local processes."""
+    from dataclasses import asdict
+
+    from lmrun.distributed import bench
+    from lmrun.distributed.env import spawn
+
+    b = cfg.benchmark
+    rows = []
+    for world in b.world_sizes:
+        if b.kind == "collectives":
+            for backend in b.backends:
+                rows += spawn(bench.collectives_worker, int(world), list(b.impls), [float(v) for v in b.sizes_mb],
+                              backend, 2, int(b.min_reps), backend=backend)[0]
+            continue
+        from lmrun.train.bench_model import size_model_config
+
+        for size in b.sizes:
+            mcfg = asdict(size_model_config(cfg.model, size))
+            mcfg["context_length"] = max(int(mcfg["context_length"]), int(b.context_length))
+            result = spawn(bench.ddp_worker, int(world), mcfg, list(b.impls), int(b.batch_size), int(b.context_length),
+                           float(b.bucket_size_mb), 2, int(b.min_reps))[0]
+            for r in result:
+                r["size"] = size
+            rows += result
+    return rows
+
+
 def plan(cfg) -> dict:
     b = cfg.benchmark
+    if b.kind in ("collectives", "ddp"):
+        grid = ({"sizes_mb": list(b.sizes_mb), "backends": list(b.backends)} if b.kind == "collectives" else
+                {"sizes": list(b.sizes), "batch_size": b.batch_size, "context_length": b.context_length,
+                 "bucket_size_mb": b.bucket_size_mb})
+        return {"stage": "benchmark", "kind": b.kind, "device": "cpu" if "nccl" not in b.backends else "cuda",
+                "grid": {**grid, "world_sizes": list(b.world_sizes)}, "impls": list(b.impls), "baseline": b.baseline,
+                "outputs": ["benchmark.csv", "benchmark.md"] + (["benchmark.png"] if b.plot else [])
+                + ["summary.json", "run.json"]}
     if b.kind == "model":
         from lmrun.train.bench_model import size_model_config
 
@@ -81,6 +118,8 @@ def run(cfg) -> dict:
 
     run = active_run()
     b = cfg.benchmark
+    if b.kind in ("collectives", "ddp"):
+        return _run_distributed(cfg, run)
     device = torch.device(_device_name(b.device))
     if b.threads is not None:
         torch.set_num_threads(int(b.threads))
@@ -141,3 +180,39 @@ def run(cfg) -> dict:
             speedups[impl] = round(statistics.geometric_mean(vals), 4)
     summary["geomean_speedup"] = speedups
     return summary
+
+
+def _run_distributed(cfg, run) -> dict:
+    from lmrun.kernels.benchmark import add_speedups
+    from lmrun.tracking.tables import benchmark_markdown, plot_benchmark, write_csv
+
+    b = cfg.benchmark
+    rows = _distributed_rows(cfg)
+    for i, row in enumerate(rows):
+        run.log({k: v for k, v in row.items() if isinstance(v, (int, float, str)) and v is not None}, step=i)
+    keys = GRID_KEYS[b.kind]
+    add_speedups(rows, b.baseline, keys)
+    if b.kind == "collectives":
+        extra = {"Bus bandwidth (GB/s, nccl-tests convention).": lambda r: f"{r['bus_gbps']:.3g}"}
+    else:
+        def mem(r):
+            parts = [f"{r[k]:.2f}" if r.get(k) is not None else "—" for k in ("params_mb", "grads_mb",
+                                                                               "optimizer_state_mb")]
+            return " / ".join(parts) + (f" (peak params {r['params_peak_mb']:.2f})" if r.get("params_peak_mb") else "")
+        extra = {"Share of the step not spent computing (1 - local / this).":
+                     lambda r: f"{r['comm_share']:.0%}" if r.get("comm_share") is not None else "—",
+                 "Memory per rank, MiB: parameters / gradients / optimizer state.": mem}
+    title = f"benchmark={b.kind} on CPU ({platform.machine()}), local processes"
+    write_csv(rows, run.dir / "benchmark.csv")
+    report = benchmark_markdown(rows, keys, title, b.baseline, extra)
+    atomic_write_text(run.dir / "benchmark.md", report)
+    if b.plot and rows:
+        plot_benchmark(rows, PLOT_X[b.kind], [k for k in keys if k != PLOT_X[b.kind] and k != "batch"],
+                       run.dir / "benchmark.png", title)
+    print(report)
+    speedups = {}
+    for impl in dict.fromkeys(r["impl"] for r in rows):
+        vals = [r["speedup"] for r in rows if r["impl"] == impl and r.get("speedup")]
+        if vals:
+            speedups[impl] = round(statistics.geometric_mean(vals), 4)
+    return {"kind": b.kind, "cases": len(rows), "ok": len(rows), "baseline": b.baseline, "geomean_speedup": speedups}

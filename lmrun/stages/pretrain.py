@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 #: a checkpoint can be resumed: the CLI lets this stage continue in an existing run directory
 RESUMABLE = True
+#: runs as several processes (torchrun, or a Slurm job with several tasks; ``distributed.strategy``)
+DISTRIBUTED = True
 
 
 def _budget(cfg) -> dict:
@@ -51,6 +53,15 @@ def _check_vocab(cfg, tokenizer_vocab_size: int) -> None:
                           "token ids of the tokenizer (set model.vocab_size or tokenizer.vocab_size)")
 
 
+def _distributed_plan(cfg) -> str:
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+    if world <= 1:
+        return f"one process (distributed.strategy={cfg.distributed.strategy} applies with several)"
+    return f"{world} processes, distributed.strategy={cfg.distributed.strategy}"
+
+
 def plan(cfg) -> dict:
     cache = open_cache(cfg)
     corpus = prepare_corpus(cfg.data, cache, dry_run=True)
@@ -75,6 +86,7 @@ def plan(cfg) -> dict:
                   "six_n_flops_per_token": summary["six_n_flops_per_token"]},
         "budget": budget,
         "train_flops": flops,
+        "distributed": _distributed_plan(cfg),
         "outputs": ["checkpoints/", "metrics.jsonl", "summary.json", "loss_curve.png", "samples.txt", "run.json"],
     }
 
@@ -102,8 +114,17 @@ def run(cfg) -> dict:
              "tokenizer": {"vocab": str(files.vocab), "merges": str(files.merges), "special_tokens": specials,
                            **{k: v for k, v in files.identity.items() if k != "special_tokens"}},
              "tokens_dir": str(artifact.path)}
+    from lmrun.distributed.env import teardown
+
     trainer = Trainer(cfg, run, train, val, meta["splits"]["val"]["bytes_per_token"], extra_state=extra)
-    summary = trainer.fit()
+    try:
+        summary = trainer.fit()
+        model = trainer.plain_model()  # collective for sharded strategies; None on ranks > 0
+    finally:
+        if trainer.parallel.active:
+            teardown()
+    if model is None:  # ranks > 0: rank 0 writes plots and samples
+        return summary
     plot_loss_curve(trainer.state.history, run.dir / "loss_curve.png",
                     f"{cfg.model.name} on {corpus.name}: {summary['steps']} steps")
 
@@ -113,7 +134,7 @@ def run(cfg) -> dict:
     stop = tuple(tok.special_ids.values())
     for i in range(int(cfg.train.samples)):
         gen = torch.Generator().manual_seed(int(cfg.seed) + i)
-        ids = sample(trainer.model, prompt, int(cfg.train.sample_tokens), context_length=int(cfg.model.context_length),
+        ids = sample(model, prompt, int(cfg.train.sample_tokens), context_length=int(cfg.model.context_length),
                      temperature=float(cfg.train.temperature), top_p=float(cfg.train.top_p), stop_ids=stop, generator=gen)
         texts.append(tok.decode(ids))
     if texts:

@@ -86,10 +86,15 @@ def seed_everything(seed: int) -> None:
 
 
 class Run:
-    """One run directory. Use :func:`start_run`; then :meth:`log` per step and :meth:`finish`."""
+    """One run directory. Use :func:`start_run`; then :meth:`log` per step and :meth:`finish`.
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, resumable: bool = False):
+    ``writes=False`` (ranks other than 0 of a distributed job): the same directory, but nothing is
+    written — no run.json, metrics, summary or wandb run; rank 0 writes them."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, resumable: bool = False,
+                 writes: bool = True):
         self.cfg = cfg
+        self.writes = writes
         self.resumable = resumable
         self.dir = Path(run_dir)
         self.overrides = list(overrides or [])
@@ -100,6 +105,9 @@ class Run:
 
     # lifecycle -------------------------------------------------------------------------------
     def start(self) -> "Run":
+        if not self.writes:
+            seed_everything(int(self.cfg.seed))
+            return self
         self.dir.mkdir(parents=True, exist_ok=True)
         previous = None
         if (self.dir / "run.json").exists():
@@ -157,6 +165,8 @@ class Run:
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
         """Append one JSON line (``step``, wall ``time`` in seconds since start, the metrics) and
         forward to wandb. Non-finite floats are written as null; flushes every call."""
+        if not self.writes:
+            return
         record = {"step": step, "time": round(time.time() - self._t0, 3), **metrics}
         line = json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()},
                           default=str)
@@ -167,6 +177,8 @@ class Run:
 
     def finish(self, summary: dict[str, Any] | None, status: str = "completed", error: str | None = None) -> None:
         """Write ``summary.json`` and the final ``run.json`` (status, end time, seconds)."""
+        if not self.writes:
+            return
         summary = dict(summary or {})
         atomic_write_json(self.dir / "summary.json", summary)
         self.info.update(status=status, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -185,13 +197,14 @@ class Run:
 
 
 def start_run(cfg: DictConfig, run_dir: str | os.PathLike, overrides: list[str] | None = None,
-              resumable: bool = False) -> Run:
+              resumable: bool = False, writes: bool = True) -> Run:
     """Create the run directory's files and make the run active for :func:`active_run`.
 
     An existing run directory is an error unless ``resumable`` (a stage that resumes from its
-    checkpoints): then run.json records the restart and metrics.jsonl is appended to."""
+    checkpoints): then run.json records the restart and metrics.jsonl is appended to.
+    ``writes=False``: a run that writes nothing (ranks > 0 of a distributed job)."""
     global _ACTIVE
-    _ACTIVE = Run(cfg, Path(run_dir), overrides, resumable).start()
+    _ACTIVE = Run(cfg, Path(run_dir), overrides, resumable, writes).start()
     return _ACTIVE
 
 

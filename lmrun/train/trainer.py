@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmrun.errors import LmrunError
+from lmrun.errors import ConfigError, LmrunError
 from lmrun.launch import preemption
 from lmrun.model import build_model
 from lmrun.model.flops import model_summary
@@ -76,12 +76,28 @@ class TrainState:
     history: dict = field(default_factory=lambda: {"step": [], "loss": [], "val_step": [], "val_loss": []})
 
 
+class _State:
+    """Stands in for a model or optimizer whose full state was gathered across ranks."""
+
+    def __init__(self, state: dict):
+        self._state = state
+
+    def state_dict(self) -> dict:
+        return self._state
+
+
 class Trainer:
     """Trains ``cfg.model`` on ``train_tokens`` with ``cfg.optimizer``/``cfg.schedule``/``cfg.train``.
 
     train_tokens / val_tokens: 1-D token arrays (np.memmap). bytes_per_token: of the
     validation split (for bits per byte). run: the active ``lmrun.tracking.run.Run``.
-    extra_state: JSON-able facts stored in every checkpoint (e.g. the tokenizer identity)."""
+    extra_state: JSON-able facts stored in every checkpoint (e.g. the tokenizer identity).
+
+    Several processes (RANK / WORLD_SIZE set by torchrun or the Slurm launcher) train together
+    with ``cfg.distributed.strategy`` (``lmrun.distributed.strategy.Parallel``): every rank draws
+    the same global batch and the data-parallel strategies give each rank its rows, so the
+    trajectory is that of one process on the full batch; checkpoints hold the full state (the
+    single-process format) and only rank 0 writes them."""
 
     def __init__(self, cfg, run, train_tokens: np.ndarray, val_tokens: np.ndarray, bytes_per_token: float,
                  extra_state: dict | None = None):
@@ -92,7 +108,14 @@ class Trainer:
         from lmrun.tracking.run import resolved_config
 
         self.config_container = resolved_config(cfg)
-        self.device = resolve_device(self.t.device)
+        from lmrun.distributed.env import init_distributed
+        from lmrun.distributed.strategy import Parallel
+
+        dcfg = cfg.distributed
+        self.env = init_distributed(self.t.device, dcfg.backend, float(dcfg.timeout_s))
+        self.parallel = Parallel(dcfg, self.env)
+        self.device = self.env.device if self.env.distributed else resolve_device(self.t.device)
+        self._check_distributed()
         precision = self.t.precision if self.t.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
         self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
         self.precision = precision
@@ -107,8 +130,13 @@ class Trainer:
         self.summary = model_summary(cfg.model)
         if self.t.activation_checkpointing:
             self._checkpoint_blocks()
-        self.forward = torch.compile(self.model) if self.t.compile else self.model
-        self.optimizer = build_optimizer(self.model, cfg.optimizer)
+        if self.parallel.active:
+            self.forward = self.parallel.wrap(self.model)
+            self.optimizer = self.parallel.build_optimizer(cfg.optimizer)
+        else:
+            self.forward = torch.compile(self.model) if self.t.compile else self.model
+            self.optimizer = build_optimizer(self.model, cfg.optimizer)
+        self.parallel.optimizer = self.optimizer
         self.total_steps = self._total_steps()
         self.schedule = build_schedule(cfg.schedule, float(cfg.optimizer.lr), self.total_steps)
         self.stream = BatchStream(train_tokens, self.micro_batch, self.context_length, seed=int(cfg.seed))
@@ -120,6 +148,22 @@ class Trainer:
         self.last_aux_stats: dict[str, float] = {}  # auxiliary-loss statistics of the last step (MoE)
 
     # --- setup ----------------------------------------------------------------------------
+    def _check_distributed(self) -> None:
+        if not self.env.distributed:
+            return
+        t, w, s = self.t, self.env.world_size, self.parallel.strategy
+        micro = t.batch_size // t.grad_accum_steps
+        if s != "tp" and micro % w:
+            raise ConfigError(f"train.batch_size={t.batch_size}: with train.grad_accum_steps={t.grad_accum_steps} each "
+                              f"micro-batch ({micro} sequences) must be divisible by the world size {w} "
+                              f"(distributed.strategy={s})")
+        for key, on, why in (("train.compile", t.compile, "is not supported with several processes yet"),
+                             ("train.noise_scale", t.noise_scale, "needs a single process"),
+                             ("train.activation_checkpointing", t.activation_checkpointing and s in ("fsdp", "tp"),
+                              f"is not supported with distributed.strategy={s}")):
+            if on:
+                raise ConfigError(f"{key}=true: {why} (WORLD_SIZE={w})")
+
     def _total_steps(self) -> int:
         if self.t.max_steps is not None:
             return int(self.t.max_steps)
@@ -152,6 +196,7 @@ class Trainer:
 
     # --- checkpoints ------------------------------------------------------------------------
     def save(self) -> Path:
+        """Write a checkpoint (collective with several processes: state is gathered; rank 0 writes)."""
         s = self.state
         extra = {"train_state": {"step": s.step, "tokens": s.tokens, "train_seconds": s.train_seconds,
                                  "skipped_steps": s.skipped_steps, "best_val_loss": s.best_val_loss,
@@ -160,7 +205,15 @@ class Trainer:
                  **self.extra_state}
         if self.noise_scale is not None:
             extra["noise_scale"] = self.noise_scale.state_dict()
-        return self.ckpt.save(s.step, self.model, self.optimizer, **extra)
+        if not self.parallel.active:
+            return self.ckpt.save(s.step, self.model, self.optimizer, **extra)
+        import torch.distributed as dist
+
+        model_state, optimizer_state = self.parallel.model_state(), self.parallel.optimizer_state()
+        if self.env.is_main:
+            self.ckpt.save(s.step, _State(model_state), _State(optimizer_state), **extra)
+        dist.barrier()
+        return self.ckpt.path(s.step)
 
     def maybe_resume(self) -> bool:
         if self.t.resume != "auto":
@@ -168,7 +221,15 @@ class Trainer:
         latest = self.ckpt.latest()
         if latest is None:
             return False
-        step, extra = load_checkpoint(latest, self.model, self.optimizer, return_extra=True)
+        if self.parallel.active:
+            from lmrun.train.checkpoint import read_checkpoint
+
+            obj = read_checkpoint(latest)
+            self.parallel.load_model_state(obj["model"])
+            self.parallel.load_optimizer_state(obj["optimizer"])
+            extra = {k: v for k, v in obj.items() if k not in ("format_version", "iteration", "model", "optimizer")}
+        else:
+            step, extra = load_checkpoint(latest, self.model, self.optimizer, return_extra=True)
         ts = extra["train_state"]
         self.state = TrainState(step=int(ts["step"]), tokens=int(ts["tokens"]), train_seconds=float(ts["train_seconds"]),
                                 skipped_steps=int(ts["skipped_steps"]), best_val_loss=float(ts["best_val_loss"]),
@@ -182,7 +243,7 @@ class Trainer:
 
     # --- evaluation -------------------------------------------------------------------------
     def evaluate(self, max_tokens: int | None) -> dict:
-        r = evaluate_loss(self.model, self.val_tokens, self.micro_batch, self.context_length, self.device,
+        r = evaluate_loss(self.forward if self.parallel.active else self.model, self.val_tokens, self.micro_batch, self.context_length, self.device,
                           max_tokens=max_tokens, autocast_dtype=self.autocast_dtype)
         return {"val_loss": r["loss"], "val_perplexity": r["perplexity"],
                 "val_bpb": bits_per_byte(r["loss"], self.bytes_per_token), "val_tokens": r["tokens"]}
@@ -201,8 +262,9 @@ class Trainer:
         total_z = torch.zeros((), device=self.device)
         small_sq = None
         aux_stats: dict[str, float] = {}
+        par = self.parallel
         for i in range(accum):
-            x, y = self.stream.next(self.device)
+            x, y = par.shard_batch(*self.stream.next(self.device))
             with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
                 logits = self.forward(x)
             ce, z = cross_entropy_with_z(logits, y, t.z_loss)
@@ -212,11 +274,17 @@ class Trainer:
                 loss = loss + aux_loss
             for key, value in stats.items():
                 aux_stats[key] = aux_stats.get(key, 0.0) + value / accum
-            (loss / accum).backward()
+            with par.sync_context(i == accum - 1):
+                (loss / accum).backward()
             total_loss += ce.detach() / accum
             total_z += z.detach() / accum
             if self.noise_scale is not None and i == 0:
                 small_sq = accum**2 * grad_sq_norm(self.model.parameters())
+        self.last_aux_stats = aux_stats
+        if par.active:
+            par.finish()
+            grad_norm = par.clip_grad_norm(t.grad_clip if t.grad_clip > 0 else math.inf)
+            return float(par.mean(total_loss)), float(par.mean(total_z)), float(grad_norm)
         params = [p for p in self.model.parameters() if p.grad is not None]
         if small_sq is not None:
             micro = self.micro_batch * self.context_length
@@ -225,13 +293,41 @@ class Trainer:
         grad_norm = clip_grad_norm(params, t.grad_clip if t.grad_clip > 0 else math.inf)
         return float(total_loss), float(total_z), float(grad_norm)
 
+    def _agree(self, seconds: float, preempt: bool) -> tuple[float, bool]:
+        """With several processes: the slowest rank's step time and whether any rank was asked
+        to stop, so that every rank takes the same decisions (time budget, preemption)."""
+        if not self.parallel.active:
+            return seconds, preempt
+        import torch.distributed as dist
+
+        v = torch.tensor([seconds, float(preempt)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(v, op=dist.ReduceOp.MAX)
+        return float(v[0]), bool(v[1] > 0)
+
+    def plain_model(self) -> torch.nn.Module | None:
+        """The trained model as one unsplit module (for sampling): the model itself, or on rank 0
+        a copy with the gathered full state (collective for fsdp / tp / torch_fsdp); None on
+        other ranks."""
+        if not self.parallel.active:
+            return self.model
+        if self.parallel.strategy in ("fsdp", "tp", "torch_fsdp"):
+            state = self.parallel.model_state()
+            if not self.env.is_main:
+                return None
+            model = build_model(self.cfg.model, device=self.device)
+            model.load_state_dict(state)
+            return model
+        return self.model if self.env.is_main else None
+
     def fit(self) -> dict:
         resumed = self.maybe_resume()
         t, s = self.t, self.state
-        log.info("model %s: %s parameters (%s non-embedding); %s train FLOPs/token; %d steps of %d tokens on %s (%s)",
+        log.info("model %s: %s parameters (%s non-embedding); %s train FLOPs/token; %d steps of %d tokens on %s (%s)%s",
                  self.summary["architecture"], f"{self.summary['params']['total']:,}",
                  f"{self.summary['params']['non_embedding']:,}", f"{self.summary['train_flops_per_token']:.3g}",
-                 self.total_steps, self.tokens_per_step, self.device, self.precision)
+                 self.total_steps, self.tokens_per_step, self.device, self.precision,
+                 f"; {self.env.world_size} processes, distributed.strategy={self.parallel.strategy}"
+                 if self.parallel.active else "")
         from tqdm import tqdm
         from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -265,7 +361,8 @@ class Trainer:
                     torch.cuda.synchronize()
                 s.step += 1
                 s.tokens += self.tokens_per_step
-                s.train_seconds += time.perf_counter() - t0
+                step_seconds, stop = self._agree(time.perf_counter() - t0, preemption.requested())
+                s.train_seconds += step_seconds
                 window_loss += loss
                 window_steps += 1
                 window_tokens += self.tokens_per_step
@@ -295,7 +392,7 @@ class Trainer:
                 if t.checkpoint_every and s.step % t.checkpoint_every == 0 and not self._done():
                     self.save()
                     window_t0 = time.perf_counter()
-                if preemption.requested():  # Slurm's preemption/time-limit signal: save, then requeue
+                if stop:  # Slurm's preemption/time-limit signal (on any rank): save, then requeue
                     path = self.save()
                     bar.close()
                     raise preemption.Preempted(f"preempted at step {s.step}: saved {path}; the job is requeued and "
@@ -313,6 +410,9 @@ class Trainer:
             summary["compute_budget"] = float(t.max_flops)
         if self.peak:
             summary["mfu"] = summary["tokens_per_s"] * self.summary["train_flops_per_token"] / self.peak
+        if self.parallel.active:
+            summary.update(world_size=self.env.world_size, strategy=self.parallel.strategy,
+                           memory_bytes_per_rank=self.parallel.memory_bytes())
         return summary
 
     def _log_eval(self, max_tokens: int | None) -> dict:

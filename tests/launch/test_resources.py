@@ -14,18 +14,20 @@ def resources(*overrides):
 
 
 def test_gpu_stage_gets_gpus_from_the_profile():
-    r, _ = resources("stage=pretrain", "cluster=h100", "logger=none")  # pretrain runs as one process: 1 GPU
-    assert (r["gpus_per_node"], r["tasks_per_node"], r["cpus_per_task"], r["mem_gb"]) == (1, 1, 12, 200)
+    r, _ = resources("stage=pretrain", "cluster=h100", "logger=none")  # distributed: the node's GPUs, one task each
+    assert (r["gpus_per_node"], r["tasks_per_node"], r["cpus_per_task"], r["mem_gb"]) == (8, 8, 12, 1600)
     assert r["timeout_min"] == 1440 and r["partition"] == "gpu"
-    r, _ = resources("stage=pretrain", "cluster=h100", "logger=none", "stage.resources.gpus_per_node=null",
-                     "stage.resources.timeout_min=30")  # null: the node's GPUs, one task each
-    assert (r["gpus_per_node"], r["tasks_per_node"], r["mem_gb"], r["timeout_min"]) == (8, 8, 1600, 30)
+    r, _ = resources("stage=pretrain", "cluster=h100", "logger=none", "stage.resources.gpus_per_node=1",
+                     "stage.resources.timeout_min=30")
+    assert (r["gpus_per_node"], r["tasks_per_node"], r["mem_gb"], r["timeout_min"]) == (1, 1, 200, 30)
 
 
 def test_multi_process_jobs_need_a_distributed_stage(capsys):
-    assert cli.main(["stage=pretrain", "hydra/launcher=slurm", "cluster=h100", "stage.resources.gpus_per_node=null",
+    assert cli.main(["stage=pretrain", "hydra/launcher=slurm", "cluster=h100", "dry_run=true"]) == 0
+    capsys.readouterr()
+    assert cli.main(["stage=tokenizer", "hydra/launcher=slurm", "cluster=h100", "stage.resources.tasks_per_node=2",
                      "dry_run=true"]) == 2
-    assert "1 node(s) x 8 task(s), but stage pretrain runs as one process" in capsys.readouterr().err
+    assert "1 node(s) x 2 task(s), but stage tokenizer runs as one process" in capsys.readouterr().err
 
 
 def test_cpu_stages_ask_for_no_gpu_and_gpu_requests_are_capped_by_the_node():
@@ -38,7 +40,8 @@ def test_cpu_stages_ask_for_no_gpu_and_gpu_requests_are_capped_by_the_node():
 
 
 def test_submitit_parameters_for_slurm_and_local():
-    r, cfg = resources("stage=pretrain", "cluster=h100", "logger=none", "launch.array_parallelism=4")
+    r, cfg = resources("stage=pretrain", "cluster=h100", "logger=none", "launch.array_parallelism=4",
+                       "stage.resources.gpus_per_node=1")
     p = submitit_parameters(r, "slurm", cfg.launch)
     assert p["slurm_partition"] == "gpu" and p["slurm_constraint"] == "h100" and p["slurm_array_parallelism"] == 4
     assert p["slurm_setup"][0].startswith("export OMP_NUM_THREADS")
