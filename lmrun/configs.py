@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lmrun.curation.config import CurateConfig, validate_curate
 from lmrun.data.corpora import DataConfig, validate_data
 from lmrun.eval.config import EvaluateConfig, validate_evaluate
 from lmrun.launch.config import (ClusterConfig, CollectConfig, LaunchConfig, ResourcesConfig, SweepConfig,
@@ -58,6 +59,7 @@ class LmrunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    curate: CurateConfig = field(default_factory=CurateConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
@@ -104,5 +106,6 @@ def validate(cfg) -> None:
     validate_train(cfg.train)
     validate_evaluate(cfg.evaluate, cfg.stage.name)
     validate_benchmark(cfg.benchmark)
+    validate_curate(cfg.curate, cfg.stage.name)
     validate_logger(cfg.logger)
     validate_launch(cfg.cluster, cfg.stage.resources, cfg.launch, cfg.collect)
