@@ -102,8 +102,8 @@ class DedupConfig:
     rows per band; candidates confirmed by their true Jaccard >= ``jaccard_threshold`` over word
     ``ngrams``-grams of the normalised text."""
 
-    num_hashes: int = 128
-    num_bands: int = 16
+    num_hashes: int = 120
+    num_bands: int = 20
     ngrams: int = 5
     jaccard_threshold: float = 0.8
     seed: int = 0

@@ -188,13 +188,14 @@ def lsh_candidates(signatures: np.ndarray, num_bands: int) -> set[tuple[int, int
     return pairs
 
 
-def find_near_duplicates(texts: Callable[[], Iterator[str]], num_hashes: int = 128, num_bands: int = 16,
+def find_near_duplicates(texts: Callable[[], Iterator[str]], num_hashes: int = 120, num_bands: int = 20,
                          ngrams: int = 5, jaccard_threshold: float = 0.8, seed: int = 0) -> dict:
     """Near-duplicate clusters of a corpus that ``texts()`` streams (called twice: signatures,
     then the exact Jaccard of the candidates, whose shingle sets are the only ones kept).
 
-    Returns ``{"num_docs", "candidates", "confirmed", "clusters": [[doc indices], ...] (size
-    >= 2, sorted), "remove": set of indices (every cluster member except its first)}``.
+    Returns ``{"num_docs", "candidates", "confirmed", "pairs": confirmed (i, j) pairs,
+    "clusters": [[doc indices], ...] (size >= 2, sorted), "remove": set of indices (every
+    cluster member except its first)}``.
     Memory: num_docs x num_hashes x 8 bytes of signatures plus the candidates' shingles."""
     if num_hashes % num_bands:
         raise ValueError(f"num_bands={num_bands} must divide num_hashes={num_hashes}")
@@ -202,7 +203,7 @@ def find_near_duplicates(texts: Callable[[], Iterator[str]], num_hashes: int = 1
     sigs = [minhash_signature(shingles(t, ngrams), a, b) for t in texts()]
     n = len(sigs)
     if n < 2:
-        return {"num_docs": n, "candidates": 0, "confirmed": 0, "clusters": [], "remove": set()}
+        return {"num_docs": n, "candidates": 0, "confirmed": 0, "pairs": [], "clusters": [], "remove": set()}
     matrix = np.stack(sigs)
     del sigs
     empty = np.all(matrix == PRIME, axis=1)
@@ -213,17 +214,18 @@ def find_near_duplicates(texts: Callable[[], Iterator[str]], num_hashes: int = 1
         if i in need:
             sets[i] = shingles(t, ngrams)
     uf = UnionFind()
-    confirmed = 0
+    confirmed = []
     for i, j in sorted(pairs):
         if jaccard(sets[i], sets[j]) >= jaccard_threshold:
             uf.union(i, j)
-            confirmed += 1
+            confirmed.append((i, j))
     groups: dict[int, list[int]] = defaultdict(list)
     for x in list(uf.parent):
         groups[uf.find(x)].append(x)
     clusters = sorted(sorted(g) for g in groups.values() if len(g) > 1)
     remove = {x for c in clusters for x in c[1:]}
-    return {"num_docs": n, "candidates": len(pairs), "confirmed": confirmed, "clusters": clusters, "remove": remove}
+    return {"num_docs": n, "candidates": len(pairs), "confirmed": len(confirmed), "pairs": confirmed,
+            "clusters": clusters, "remove": remove}
 
 
 def minhash_deduplication(input_files: list[str | os.PathLike], num_hashes: int, num_bands: int, ngrams: int,
