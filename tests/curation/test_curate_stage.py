@@ -146,8 +146,8 @@ def test_missing_inputs_and_dry_run(capsys):
     assert "nothing found" in capsys.readouterr().err
     assert main(["stage=curate", f"curate.inputs=[{WARC}]", "dry_run=true", "curate.num_shards=2"]) == 0
     out = capsys.readouterr().out
-    assert "dry run" in out and "shards" in out
-    assert not Path("runs").exists()
+    assert "dry run" in out and "shards" in out and "inputs" in out and "outputs" in out
+    assert not Path("runs").exists() and list(Path(".").rglob("*")) == []
 
 
 def test_quality_training_step(tmp_path):
