@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lmrun.curation.config import CurateConfig, validate_curate
 from lmrun.data.corpora import DataConfig, validate_data
 from lmrun.distributed.config import DistributedConfig, validate_distributed
 from lmrun.eval.config import EvaluateConfig, validate_evaluate
@@ -61,6 +62,7 @@ class LmrunConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    curate: CurateConfig = field(default_factory=CurateConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
@@ -122,6 +124,7 @@ def validate(cfg) -> None:
     validate_distributed(cfg.distributed, cfg.optimizer.name)
     validate_evaluate(cfg.evaluate, cfg.stage.name)
     validate_benchmark(cfg.benchmark)
+    validate_curate(cfg.curate, cfg.stage.name)
     validate_logger(cfg.logger)
     validate_launch(cfg.cluster, cfg.stage.resources, cfg.launch, cfg.collect)
     validate_scaling(cfg.scaling, cfg.stage.name)
