@@ -28,26 +28,28 @@ log = logging.getLogger(__name__)
 
 
 def nonembedding_for_shape(model_cfg, shape: dict) -> int:
-    """Non-embedding parameters of ``model_cfg`` with the shape keys replaced."""
-    from omegaconf import OmegaConf
+    """Non-embedding parameters of ``model_cfg`` (a ModelConfig or the composed ``cfg.model``)
+    with the shape keys replaced."""
+    import dataclasses
 
+    from lmrun.model.config import as_model_config
     from lmrun.model.flops import count_params
 
-    m = OmegaConf.to_container(model_cfg, resolve=True)
-    m.update(shape, d_ff=None)
-    return count_params(OmegaConf.create(m))["non_embedding"]
+    return count_params(dataclasses.replace(as_model_config(model_cfg), d_ff=None, **shape))["non_embedding"]
 
 
 def target_for(model_cfg, n_non_embedding: float) -> float:
     """The ``model.target_params`` whose by_params shape has about ``n_non_embedding``
     non-embedding parameters (the shape rule counts Transformer blocks only; this one counts
     the LM head too). Bisection in log space."""
+    from lmrun.model.config import as_model_config
     from lmrun.scaling.shapes import shape_for_params
 
+    base = as_model_config(model_cfg)
     lo, hi = 1e2, max(1e3, 10 * n_non_embedding)
     for _ in range(60):
         mid = math.sqrt(lo * hi)
-        if nonembedding_for_shape(model_cfg, shape_for_params(mid)) < n_non_embedding:
+        if nonembedding_for_shape(base, shape_for_params(mid)) < n_non_embedding:
             lo = mid
         else:
             hi = mid
@@ -57,9 +59,10 @@ def target_for(model_cfg, n_non_embedding: float) -> float:
 class RunStore:
     """Pretrain runs kept by their overrides: ``<root>/<hash>/`` holds a run directory."""
 
-    def __init__(self, root: Path, base_overrides: list[str]):
+    def __init__(self, root: Path, base_overrides: list[str], runner=None):
         self.root = Path(root)
         self.base = list(base_overrides)
+        self.runner = runner or run_pretrain_subprocess
 
     def key(self, overrides: list[str]) -> str:
         return hashlib.sha256(json.dumps(sorted(self.base + overrides)).encode()).hexdigest()[:12]
@@ -71,17 +74,24 @@ class RunStore:
         info = run_dir / "run.json"
         if info.exists() and json.loads(info.read_text()).get("status") == "completed":
             return json.loads((run_dir / "summary.json").read_text()), True
-        cmd = [sys.executable, "-m", "lmrun.cli", "stage=pretrain", *self.base, *overrides,
-               f"hydra.run.dir={run_dir.absolute()}"]
-        log.info("plan run: %s", " ".join(cmd[3:]))
-        env = dict(os.environ)
-        src_root = str(Path(__file__).resolve().parents[2])  # this lmrun, also from a source checkout
-        env["PYTHONPATH"] = src_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if proc.returncode != 0 or not (run_dir / "summary.json").exists():
-            tail = " | ".join(line for line in (proc.stderr or "").splitlines()[-3:] if line.strip())
-            raise DataError(f"plan run failed ({' '.join(overrides)}): {tail[-400:]}")
+        self.runner(self.base + overrides, run_dir)
+        if not (run_dir / "summary.json").exists():
+            raise DataError(f"plan run wrote no summary: {run_dir}")
         return json.loads((run_dir / "summary.json").read_text()), False
+
+
+def run_pretrain_subprocess(overrides: list[str], run_dir: Path) -> None:
+    """Train one planned run: ``python -m lmrun.cli stage=pretrain <overrides>`` into ``run_dir``
+    (this lmrun, also from a source checkout). DataError with the log's tail if it fails."""
+    cmd = [sys.executable, "-m", "lmrun.cli", "stage=pretrain", *overrides, f"hydra.run.dir={Path(run_dir).absolute()}"]
+    log.info("plan run: %s", " ".join(cmd[3:]))
+    env = dict(os.environ)
+    src_root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = src_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        tail = " | ".join(line for line in (proc.stderr or "").splitlines()[-3:] if line.strip())
+        raise DataError(f"plan run failed ({' '.join(overrides)}): {tail[-400:]}")
 
 
 def plan_and_run(model_cfg, store: RunStore, exploration_budget: float, target_budget: float, first_budget: float,

@@ -124,3 +124,42 @@ def test_scaling_stage_on_a_file_writes_tables_and_plots(tmp_path, capsys):
         assert (run / png).read_bytes()[:4] == b"\x89PNG"
     assert cli.main(["stage=scaling", "logger=none"]) == 2
     assert "scaling.input=None" in capsys.readouterr().err
+
+
+def test_planner_spends_within_budget_reuses_runs_and_recovers_the_optimum(tmp_path):
+    """The planner against an oracle that 'trains' by evaluating the known law at the run's N
+    and D (N counted as lmrun counts it for the by_params shape)."""
+    from lmrun.scaling.planner import RunStore, nonembedding_for_shape, plan_and_run
+    from lmrun.scaling.shapes import shape_for_params
+
+    from lmrun.model.config import as_model_config
+
+    model_cfg = as_model_config(cli.compose(["stage=pretrain"]).model)
+    calls = []
+
+    def oracle(overrides, run_dir):
+        o = dict(x.split("=", 1) for x in overrides)
+        n = nonembedding_for_shape(model_cfg, shape_for_params(float(o["model.target_params"])))
+        c = float(o["train.max_flops"])
+        d = c / (6 * n)
+        calls.append(overrides)
+        run_dir.mkdir(parents=True)
+        (run_dir / "summary.json").write_text(json.dumps({"params_non_embedding": n, "tokens": d, "train_flops": c,
+                                                          "val_loss": float(law(n, d))}))
+        (run_dir / "run.json").write_text(json.dumps({"status": "completed"}))
+
+    store = RunStore(tmp_path / "runs", ["logger=none"], runner=oracle)
+    args = dict(exploration_budget=7e16, target_budget=1e19, first_budget=1e15, budget_factor=3.0, sizes_per_budget=5,
+                size_spread=4.0, params_key="params_non_embedding")
+    out = plan_and_run(model_cfg, store, **args)
+    assert [r["budget"] for r in out["rounds"]] == [1e15, 3e15, 9e15]  # a 4th round (5 x 2.7e16) would overspend
+    assert out["spent"] <= 7e16 and out["rounds"][0]["center_from"] == "20 tokens/parameter"
+    assert out["rounds"][2]["center_from"] == "fitted law"
+    fit = fits.approach2(out["runs"])
+    g = (LAW["alpha"] * LAW["A"] / (LAW["beta"] * LAW["B"])) ** (1 / (LAW["alpha"] + LAW["beta"]))
+    true_n = g * (1e19 / 6) ** (LAW["beta"] / (LAW["alpha"] + LAW["beta"]))
+    assert fit.predict(1e19)["n_opt"] == pytest.approx(true_n, rel=0.35)
+    # a second plan with the same settings reuses every run: nothing is trained, nothing spent
+    n_calls = len(calls)
+    again = plan_and_run(model_cfg, store, **args)
+    assert len(calls) == n_calls and again["spent"] == 0 and again["reused"] == len(again["runs"])
