@@ -124,3 +124,20 @@ def test_collect_on_two_variants_by_three_seeds(capsys):
     rows = (run / "results.csv").read_text().splitlines()
     assert [r.split(",")[:2] for r in rows[1:]] == [["32", "3"], ["48", "3"]]
     assert "| model.d_model | n | val_loss (±95% CI)" in out and "p (Welch)" in out
+
+
+def test_a_two_task_job_trains_data_parallel_like_one_process(capsys):
+    """Two Slurm tasks (gloo, one CPU each) with lmrun's bucketed DDP follow the single-process
+    trajectory; only rank 0 writes the run directory."""
+    args = [*TINY, "train.batch_size=8", "train.max_steps=30"]
+    assert cli.main([*args, f"hydra.run.dir={Path('runs/single').absolute()}"]) == 0
+    single = json.loads(Path("runs/single/summary.json").read_text())
+    assert cli.main([*args, *SLURM, "stage.resources.tasks_per_node=2", "stage.resources.gpus_per_node=0",
+                     "distributed.strategy=ddp_bucketed", "sweep=multiruns/ddp"]) == 0
+    assert "1 node(s) x 2 task(s)" in capsys.readouterr().err
+    run = Path("multiruns/ddp/0")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["strategy"] == "ddp_bucketed"
+    assert summary["final_train_loss"] == pytest.approx(single["final_train_loss"], abs=1e-5)
+    assert summary["val_loss"] == pytest.approx(single["val_loss"], abs=1e-5)
+    assert len([p for p in run.iterdir() if p.suffix == ".log"]) == 1
