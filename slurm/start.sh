@@ -2,7 +2,8 @@
 # Start a one-node Slurm cluster on localhost (Debian/Ubuntu packages slurm-wlm and munge).
 #
 #   sudo apt-get install -y slurm-wlm munge     # once
-#   sudo slurm/start.sh                         # starts munged, slurmctld, slurmd; waits until idle
+#   sudo slurm/start.sh [--clean]               # starts munged, slurmctld, slurmd; waits until idle
+#                                               # (--clean: forget jobs saved by an earlier start)
 #   sinfo; sbatch --wrap 'hostname'             # try it
 #   sudo slurm/stop.sh
 #
@@ -37,7 +38,9 @@ if ! pgrep -x munged >/dev/null; then
   su -s /bin/sh munge -c munged 2>/dev/null || munged --force
 fi
 
-pgrep -x slurmctld >/dev/null || slurmctld
+clean=""
+[ "${1:-}" = "--clean" ] && clean="-c"
+pgrep -x slurmctld >/dev/null || slurmctld $clean
 pgrep -x slurmd >/dev/null || slurmd
 
 # Wait until the node accepts jobs.
