@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from lmrun.data.corpora import DataConfig, validate_data
 from lmrun.eval.config import EvaluateConfig, validate_evaluate
+from lmrun.inference.config import GenerateConfig, validate_generate
 from lmrun.launch.config import (ClusterConfig, CollectConfig, LaunchConfig, ResourcesConfig, SweepConfig,
                                  validate_launch)
 from lmrun.kernels.config import BenchmarkConfig, validate_benchmark
@@ -58,6 +59,7 @@ class LmrunConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -118,6 +120,7 @@ def validate(cfg) -> None:
     validate_schedule(cfg.schedule)
     validate_train(cfg.train)
     validate_evaluate(cfg.evaluate, cfg.stage.name)
+    validate_generate(cfg.generate, cfg.stage.name)
     validate_benchmark(cfg.benchmark)
     validate_logger(cfg.logger)
     validate_launch(cfg.cluster, cfg.stage.resources, cfg.launch, cfg.collect)

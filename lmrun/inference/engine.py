@@ -309,7 +309,7 @@ class InferenceEngine:
             forward_cached(draft, torch.tensor([seq[:-1]], device=self.device), dc)
         st.prefill_s += time.perf_counter() - t0
         t0 = time.perf_counter()
-        probs = lambda logits: sampling_probs(logits, params.temperature, params.top_k, params.top_p)  # noqa: E731
+        probs = lambda logits: sampling_probs(logits, params.temperature, params.top_k, params.top_p)
         while not row.done:
             kk = min(k, params.max_new_tokens - len(row.c.token_ids))
             feed, qs, drafts = seq[dc.length:], [], []

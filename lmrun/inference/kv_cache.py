@@ -158,7 +158,7 @@ def _mla_step(m: MultiHeadLatentAttention, x: torch.Tensor, pos: torch.Tensor, c
               entry: dict) -> torch.Tensor:
     """The absorbed form of ``MultiHeadLatentAttention.absorbed_forward`` over a preallocated
     latent cache, with the padding mask."""
-    b, s, _ = x.shape
+    s = x.shape[1]
     h, r, n = m.num_heads, m.kv_rank, m.nope_dim
     t0, t1 = cache.length, cache.length + s
     if t1 > cache.capacity:
@@ -231,7 +231,7 @@ def forward_cached(model, token_ids: torch.Tensor, cache: InferenceCache) -> tor
     extended by ``s`` slots. The same function as ``model(row)`` on each row's unpadded tokens
     (tested for every mixer). Raises ValueError when a position would reach ``context_length``
     or the cache is full."""
-    b, s = token_ids.shape
+    s = token_ids.shape[1]
     pos = cache.positions(s)
     if int(pos.max()) >= model.context_length:
         raise ValueError(f"position {int(pos.max())} is beyond context_length={model.context_length}")

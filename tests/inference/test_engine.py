@@ -9,7 +9,14 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from lmrun.inference import InferenceEngine, SamplingParams, sample, speculative_accept, top_k_filter, top_p_filter
+from lmrun.inference import (
+    InferenceEngine,
+    SamplingParams,
+    sample,
+    speculative_accept,
+    top_k_filter,
+    top_p_filter,
+)
 from lmrun.model.transformer import TransformerLM
 
 VOCAB = 23
