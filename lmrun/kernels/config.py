@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from lmrun.errors import check, check_choice
 
-BENCHMARK_KINDS = ["attention", "rmsnorm", "model"]
+BENCHMARK_KINDS = ["attention", "rmsnorm", "model", "inference"]
 ATTENTION_IMPLS = ["naive", "compiled", "sdpa", "sdpa_math", "flash_torch", "flash_triton"]
 RMSNORM_IMPLS = ["torch", "compiled", "functional", "triton"]
 TRITON_IMPLS = {"flash_triton", "triton"}
@@ -52,6 +52,10 @@ class BenchmarkConfig:
     profile: also write a ``torch.profiler`` trace per implementation (first grid point) and, on
         CUDA, a memory snapshot (``profile/``).
     plot: write ``benchmark.png``.
+    batch_sizes, new_tokens, speculative_ks, memory_bandwidth: kind inference
+        (``lmrun.inference.bench``): prompts per batch, greedy tokens decoded per prompt
+        (prompt lengths: seq_lens; models: sizes), draft tokens per speculative round, and the
+        device's memory bandwidth in bytes/s (null: the bandwidth fraction is not reported).
     """
 
     kind: str = "attention"
@@ -77,6 +81,10 @@ class BenchmarkConfig:
     threads: int | None = None
     profile: bool = False
     plot: bool = True
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
+    new_tokens: int = 64
+    speculative_ks: list[int] = field(default_factory=lambda: [2, 4])
+    memory_bandwidth: float | None = None
 
 
 def model_variant(dtype: str, compiled: bool) -> str:
@@ -106,6 +114,13 @@ def validate_benchmark(cfg: BenchmarkConfig) -> None:
         check("benchmark.threads", cfg.threads, cfg.threads >= 1, "null or an integer >= 1")
     if cfg.peak_flops is not None:
         check("benchmark.peak_flops", cfg.peak_flops, cfg.peak_flops > 0, "null or FLOP/s > 0")
+    if cfg.kind == "inference":
+        check("benchmark.sizes", list(cfg.sizes), len(cfg.sizes) > 0, "a non-empty list of model size presets")
+        _nonempty_positive("benchmark.batch_sizes", cfg.batch_sizes)
+        _nonempty_positive("benchmark.seq_lens", cfg.seq_lens)
+        _nonempty_positive("benchmark.speculative_ks", cfg.speculative_ks)
+        check("benchmark.new_tokens", cfg.new_tokens, cfg.new_tokens >= 1, "an integer >= 1")
+        return
     if cfg.kind == "model":
         check("benchmark.sizes", list(cfg.sizes), len(cfg.sizes) > 0, "a non-empty list of model size presets")
         check("benchmark.compile", list(cfg.compile), len(cfg.compile) > 0, "a non-empty list of true/false")
