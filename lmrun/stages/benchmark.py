@@ -54,6 +54,7 @@ def plan(cfg) -> dict:
         for size in b.sizes:
             size_model_config(cfg.model, size)
         return {"stage": "benchmark", "kind": "inference", "device": _device_name(b.device),
+                "inputs": f"model={cfg.model.name} at each size preset, random weights and prompts (fixed seed)",
                 "grid": {"sizes": list(b.sizes), "batch_sizes": list(b.batch_sizes), "prompt_lens": list(b.seq_lens),
                          "new_tokens": b.new_tokens, "speculative_ks": list(b.speculative_ks)},
                 "impls": ["uncached", "cached", "cached_int8"] + [f"spec_k{k}" for k in b.speculative_ks],
