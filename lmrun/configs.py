@@ -12,6 +12,7 @@ from lmrun.curation.config import CurateConfig, validate_curate
 from lmrun.data.corpora import DataConfig, validate_data
 from lmrun.distributed.config import DistributedConfig, validate_distributed
 from lmrun.eval.config import EvaluateConfig, validate_evaluate
+from lmrun.inference.config import GenerateConfig, validate_generate
 from lmrun.launch.config import (ClusterConfig, CollectConfig, LaunchConfig, ResourcesConfig, SweepConfig,
                                  validate_launch)
 from lmrun.kernels.config import BenchmarkConfig, validate_benchmark
@@ -61,6 +62,7 @@ class LmrunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     curate: CurateConfig = field(default_factory=CurateConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -123,6 +125,7 @@ def validate(cfg) -> None:
     validate_train(cfg.train)
     validate_distributed(cfg.distributed, cfg.optimizer.name)
     validate_evaluate(cfg.evaluate, cfg.stage.name)
+    validate_generate(cfg.generate, cfg.stage.name)
     validate_benchmark(cfg.benchmark)
     validate_curate(cfg.curate, cfg.stage.name)
     validate_logger(cfg.logger)

@@ -1,6 +1,7 @@
-"""Autoregressive sampling with temperature and nucleus (top-p) filtering.
+"""Autoregressive sampling with temperature, top-k and nucleus (top-p) filtering.
 
-This is the plain form: every step runs the model on the (cropped) context, without a KV cache.
+``sample`` is the plain form: every step runs the model on the (cropped) context, without a KV
+cache (the baseline of ``lmrun.inference.engine``, which batches prompts and uses the cache).
 Source: Holtzman et al. 2020 (nucleus sampling); CS336 assignment 1 (``decode``).
 """
 from __future__ import annotations
@@ -19,6 +20,28 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
     filtered = torch.where(keep, probs, torch.zeros_like(probs))
     return filtered / filtered.sum(dim=-1, keepdim=True)
+
+
+def top_k_filter(probs: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Keep the ``top_k`` most likely tokens of each row (ties with the k-th kept too) and
+    renormalise. probs: (..., vocab), rows summing to 1; ``top_k`` 0 or >= vocab: unchanged."""
+    if top_k <= 0 or top_k >= probs.shape[-1]:
+        return probs
+    kth = torch.topk(probs, top_k, dim=-1).values[..., -1:]
+    filtered = torch.where(probs >= kth, probs, torch.zeros_like(probs))
+    return filtered / filtered.sum(dim=-1, keepdim=True)
+
+
+def sampling_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """The distribution tokens are drawn from: ``softmax(logits / temperature)``, then top-k,
+    then top-p. logits ``(..., vocab)`` -> probabilities ``(..., vocab)`` in float32 (float64 for
+    float64 logits). ``temperature == 0`` is greedy: one-hot on the argmax (the first on ties).
+    Sources: Holtzman et al. 2020 (top-p); Fan et al. 2018 (top-k)."""
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    if temperature == 0:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    return top_p_filter(top_k_filter(probs, top_k), top_p)
 
 
 @torch.no_grad()

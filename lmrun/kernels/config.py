@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from lmrun.errors import check, check_choice
 
-BENCHMARK_KINDS = ["attention", "rmsnorm", "model", "collectives", "ddp"]
+BENCHMARK_KINDS = ["attention", "rmsnorm", "model", "collectives", "ddp", "inference"]
 COLLECTIVE_OPS = ["all_reduce", "all_gather", "reduce_scatter"]
 #: benchmark=ddp: the strategies of ``lmrun.distributed`` plus ``local`` (no communication)
 DDP_IMPLS = ["local", "ddp_naive", "ddp_flat", "ddp", "ddp_bucketed", "zero1", "fsdp", "tp", "torch_ddp", "torch_fsdp"]
@@ -60,6 +60,10 @@ class BenchmarkConfig:
     profile: also write a ``torch.profiler`` trace per implementation (first grid point) and, on
         CUDA, a memory snapshot (``profile/``).
     plot: write ``benchmark.png``.
+    batch_sizes, new_tokens, speculative_ks, memory_bandwidth: kind inference
+        (``lmrun.inference.bench``): prompts per batch, greedy tokens decoded per prompt
+        (prompt lengths: seq_lens; models: sizes), draft tokens per speculative round, and the
+        device's memory bandwidth in bytes/s (null: the bandwidth fraction is not reported).
     """
 
     kind: str = "attention"
@@ -89,6 +93,10 @@ class BenchmarkConfig:
     world_sizes: list[int] = field(default_factory=lambda: [2])
     backends: list[str] = field(default_factory=lambda: ["gloo"])
     bucket_size_mb: float = 25.0
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
+    new_tokens: int = 64
+    speculative_ks: list[int] = field(default_factory=lambda: [2, 4])
+    memory_bandwidth: float | None = None
 
 
 def model_variant(dtype: str, compiled: bool) -> str:
@@ -132,6 +140,12 @@ def validate_benchmark(cfg: BenchmarkConfig) -> None:
         check("benchmark.sizes_mb", list(cfg.sizes_mb), len(cfg.sizes_mb) > 0 and all(v > 0 for v in cfg.sizes_mb),
               "a non-empty list of MiB > 0")
         check("benchmark.bucket_size_mb", cfg.bucket_size_mb, cfg.bucket_size_mb > 0, "MiB > 0")
+    if cfg.kind == "inference":
+        check("benchmark.sizes", list(cfg.sizes), len(cfg.sizes) > 0, "a non-empty list of model size presets")
+        _nonempty_positive("benchmark.batch_sizes", cfg.batch_sizes)
+        _nonempty_positive("benchmark.seq_lens", cfg.seq_lens)
+        _nonempty_positive("benchmark.speculative_ks", cfg.speculative_ks)
+        check("benchmark.new_tokens", cfg.new_tokens, cfg.new_tokens >= 1, "an integer >= 1")
         return
     if cfg.kind == "model":
         check("benchmark.sizes", list(cfg.sizes), len(cfg.sizes) > 0, "a non-empty list of model size presets")

@@ -85,6 +85,17 @@ def plan(cfg) -> dict:
                 "grid": {**grid, "world_sizes": list(b.world_sizes)}, "impls": list(b.impls), "baseline": b.baseline,
                 "outputs": ["benchmark.csv", "benchmark.md"] + (["benchmark.png"] if b.plot else [])
                 + ["summary.json", "run.json"]}
+    if b.kind == "inference":
+        from lmrun.train.bench_model import size_model_config
+
+        for size in b.sizes:
+            size_model_config(cfg.model, size)
+        return {"stage": "benchmark", "kind": "inference", "device": _device_name(b.device),
+                "inputs": f"model={cfg.model.name} at each size preset, random weights and prompts (fixed seed)",
+                "grid": {"sizes": list(b.sizes), "batch_sizes": list(b.batch_sizes), "prompt_lens": list(b.seq_lens),
+                         "new_tokens": b.new_tokens, "speculative_ks": list(b.speculative_ks)},
+                "impls": ["uncached", "cached", "cached_int8"] + [f"spec_k{k}" for k in b.speculative_ks],
+                "baseline": "uncached", "outputs": ["benchmark.csv", "benchmark.md", "summary.json", "run.json"]}
     if b.kind == "model":
         from lmrun.train.bench_model import size_model_config
 
@@ -123,6 +134,8 @@ def run(cfg) -> dict:
     device = torch.device(_device_name(b.device))
     if b.threads is not None:
         torch.set_num_threads(int(b.threads))
+    if b.kind == "inference":
+        return _run_inference(cfg, run, device)
     if b.kind == "attention":
         cases = attention_cases(b, device)
     elif b.kind == "rmsnorm":
@@ -216,3 +229,29 @@ def _run_distributed(cfg, run) -> dict:
         if vals:
             speedups[impl] = round(statistics.geometric_mean(vals), 4)
     return {"kind": b.kind, "cases": len(rows), "ok": len(rows), "baseline": b.baseline, "geomean_speedup": speedups}
+
+
+def _run_inference(cfg, run, device) -> dict:
+    import torch
+
+    from lmrun.inference.bench import inference_markdown, inference_rows
+    from lmrun.tracking.tables import write_csv
+
+    rows = inference_rows(cfg, device)
+    for i, row in enumerate(rows):
+        run.log({k: v for k, v in row.items() if isinstance(v, (int, float, str)) and v is not None}, step=i)
+    dev_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)")
+    title = f"benchmark=inference on {dev_name}"
+    write_csv(rows, run.dir / "benchmark.csv")
+    report = inference_markdown(rows, title)
+    atomic_write_text(run.dir / "benchmark.md", report)
+    print(report)
+    summary = {"kind": "inference", "device": dev_name, "cases": len(rows), "baseline": "uncached"}
+    for impl in dict.fromkeys(r["impl"] for r in rows if r["pass"] == "decode" and r.get("speedup")):
+        summary[f"decode_speedup_{impl}"] = round(statistics.geometric_mean(
+            [r["speedup"] for r in rows if r["impl"] == impl and r.get("speedup")]), 4)
+    acc = [r["acceptance"] for r in rows if r.get("acceptance") is not None]
+    if acc:
+        summary["mean_acceptance"] = round(statistics.mean(acc), 4)
+    return summary

@@ -9,50 +9,18 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 from lmrun.data.corpora import prepare_corpus
-from lmrun.errors import DataError, FormatError
+from lmrun.errors import FormatError
+from lmrun.stages.checkpoints import checkpoint_facts as _checkpoint_facts
+from lmrun.stages.checkpoints import checkpoint_tokenizer_files as _tokenizer_files
+from lmrun.stages.checkpoints import resolve_checkpoint
 from lmrun.stages.encode import get_or_encode_tokens, tokens_material
-from lmrun.stages.tokenizer import TokenizerFiles, open_cache
+from lmrun.stages.tokenizer import open_cache
 from lmrun.tracking.files import atomic_write_json
 from lmrun.tracking.run import active_run
 
 log = logging.getLogger(__name__)
-
-
-def resolve_checkpoint(value: str) -> Path:
-    """A checkpoint file, or the latest ``checkpoints/ckpt_*.pt`` of a run directory."""
-    path = Path(value).expanduser()
-    if path.is_dir():
-        found = sorted((path / "checkpoints").glob("ckpt_*.pt")) or sorted(path.glob("ckpt_*.pt"))
-        if not found:
-            raise DataError(f"evaluate.checkpoint={value}: no checkpoints/ckpt_*.pt in this directory")
-        return found[-1].absolute()
-    if not path.is_file():
-        raise DataError(f"evaluate.checkpoint={value}: no such file or run directory")
-    return path.absolute()
-
-
-def _checkpoint_facts(path: Path) -> dict:
-    from lmrun.train.checkpoint import read_checkpoint
-
-    obj = read_checkpoint(path)
-    missing = [k for k in ("model_config", "tokenizer") if k not in obj]
-    if missing:
-        raise FormatError(f"{path}: checkpoint lacks {', '.join(missing)} (not written by stage=pretrain)")
-    return obj
-
-
-def _tokenizer_files(facts: dict, path: Path) -> TokenizerFiles:
-    tok = facts["tokenizer"]
-    vocab, merges = Path(tok["vocab"]), Path(tok["merges"])
-    for f in (vocab, merges):
-        if not f.is_file():
-            raise DataError(f"{path}: the checkpoint's tokenizer file is gone: {f} (re-run stage=tokenizer with the "
-                            "same data and config, or restore the cache)")
-    identity = {k: v for k, v in tok.items() if k not in ("vocab", "merges")}
-    return TokenizerFiles(vocab, merges, identity, True, {})
 
 
 def plan(cfg) -> dict:
@@ -77,8 +45,7 @@ def run(cfg) -> dict:
     import numpy as np
     import torch
 
-    from lmrun.model import build_model
-    from lmrun.train.checkpoint import load_checkpoint
+    from lmrun.stages.checkpoints import load_model
     from lmrun.train.evaluation import bits_per_byte, evaluate_loss
     from lmrun.train.trainer import resolve_device
 
@@ -95,8 +62,7 @@ def run(cfg) -> dict:
         raise FormatError(f"{path}: the model's vocabulary ({facts['model_config']['vocab_size']}) is smaller than "
                           f"its tokenizer's ({meta['vocab_size']})")
     device = resolve_device(e.device)
-    model = build_model(facts["model_config"], device=device)
-    step = load_checkpoint(path, model)
+    model, step = load_model(path, facts, device)
     context = int(facts["model_config"]["context_length"])
     results = {"checkpoint": str(path), "step": step, "data": corpus.name}
     for split in (["train", "val"] if e.split == "both" else [e.split]):

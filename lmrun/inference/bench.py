@@ -1,0 +1,119 @@
+"""``stage=benchmark benchmark=inference``: prefill and decode throughput, cached vs uncached,
+weight-only int8, speculative decoding — each against the uncached baseline in the same run.
+
+Per size preset × batch size × prompt length (``benchmark.sizes``, ``batch_sizes``,
+``seq_lens``), a randomly initialised model (fixed seed) decodes ``new_tokens`` greedy tokens:
+
+- ``prefill``: one cached forward pass over the prompts (tokens/s = batch·prompt / time);
+- ``decode``: the ``new_tokens`` steps after it — ``uncached`` (full recomputation each step,
+  the baseline), ``cached``, ``cached_int8`` (weight-only int8 linears) and, at batch 1,
+  ``spec_k{k}`` (speculative decoding; the draft is the int8 copy of the target — self-speculation,
+  since random weights give a trained draft nothing to agree on; acceptance is reported).
+
+Also: cache bytes, and the bytes a decode step must read (weights + cache) per token against
+``benchmark.memory_bandwidth`` (bytes/s; null: not reported) — how close to the memory-bound limit.
+"""
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+
+import torch
+
+from lmrun.inference.engine import InferenceEngine, SamplingParams
+from lmrun.inference.kv_cache import InferenceCache, forward_cached
+from lmrun.inference.quantize import quantize_int8, weight_bytes
+
+
+def _time(fn, reps: int) -> tuple[float, object]:
+    out, times = None, []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def inference_rows(cfg, device: torch.device) -> list[dict]:
+    from lmrun.model import build_model
+    from lmrun.train.bench_model import size_model_config
+
+    b = cfg.benchmark
+    rows: list[dict] = []
+    reps = max(1, int(b.min_reps))
+    for size in b.sizes:
+        mc = size_model_config(cfg.model, size)
+        torch.manual_seed(int(cfg.seed))
+        model = build_model(mc, device=device).eval()
+        q8 = quantize_int8(copy.deepcopy(model))
+        n_new = int(b.new_tokens)
+        for batch in b.batch_sizes:
+            for prompt in b.seq_lens:
+                if prompt + n_new > mc.context_length:
+                    continue
+                gen = torch.Generator().manual_seed(int(cfg.seed))
+                ids = torch.randint(0, mc.vocab_size, (batch, prompt), generator=gen).tolist()
+                common = {"size": size, "batch": batch, "prompt": prompt}
+
+                def prefill(model=model, ids=ids):
+                    cache = InferenceCache(model, len(ids), len(ids[0]))
+                    with torch.no_grad():
+                        forward_cached(model, torch.tensor(ids, device=device), cache)
+                    return cache
+
+                t, cache = _time(prefill, reps)
+                rows.append({**common, "pass": "prefill", "impl": "cached", "status": "ok", "median_ms": t * 1e3,
+                             "tokens_per_s": batch * prompt / t, "note": ""})
+                params = SamplingParams(max_new_tokens=n_new, temperature=0)
+                variants = [("uncached", InferenceEngine(model, use_cache=False)), ("cached", InferenceEngine(model)),
+                            ("cached_int8", InferenceEngine(q8))]
+                if batch == 1:
+                    variants += [(f"spec_k{k}", InferenceEngine(model, draft_model=q8, speculative_k=int(k)))
+                                 for k in b.speculative_ks]
+                for impl, engine in variants:
+                    t, _ = _time(lambda engine=engine, ids=ids: engine.generate(ids, params), reps)
+                    st = engine.last_stats
+                    dec = st.decode_s if st.decode_s > 0 else t
+                    row = {**common, "pass": "decode", "impl": impl, "status": "ok", "median_ms": dec * 1e3,
+                           "tokens_per_s": batch * n_new / dec, "note": "",
+                           "acceptance": st.acceptance_rate}
+                    m = q8 if impl == "cached_int8" else model
+                    full = InferenceCache(m, batch, prompt + n_new)
+                    row["cache_mb"] = full.nbytes() / 2**20 if impl != "uncached" else None
+                    if impl in ("cached", "cached_int8"):
+                        per_token = (weight_bytes(m) + full.nbytes() / 2) / batch  # weights + average cache read
+                        row["bytes_per_token"] = per_token
+                        if b.memory_bandwidth:
+                            row["bandwidth_frac"] = per_token * row["tokens_per_s"] / float(b.memory_bandwidth)
+                    rows.append(row)
+                del cache
+    for r in rows:  # speed-up against the uncached decode of the same case (prefill: none)
+        base = next((x for x in rows if x["pass"] == "decode" and x["impl"] == "uncached"
+                     and all(x[k] == r[k] for k in ("size", "batch", "prompt"))), None)
+        r["speedup"] = r["tokens_per_s"] / base["tokens_per_s"] if base and r["pass"] == "decode" else None
+    return rows
+
+
+def inference_markdown(rows: list[dict], title: str) -> str:
+    from lmrun.tracking.tables import pivot_markdown
+
+    keys = ["size", "batch", "prompt"]
+    tps = pivot_markdown(rows, keys, lambda r: f"{r['tokens_per_s']:,.0f}"
+                         + (f" ({r['speedup']:.2f}×)" if r.get("speedup") else ""))
+    acc = [r for r in rows if r.get("acceptance") is not None]
+    parts = [f"# {title}", "", "Tokens per second (decode: speed-up against `uncached`, full recomputation each step).",
+             "", tps, "", "Cache memory (MiB) at prompt + new tokens.", "",
+             pivot_markdown([r for r in rows if r.get("cache_mb") is not None], keys,
+                            lambda r: f"{r['cache_mb']:.3g}")]
+    if acc:
+        parts += ["", "Speculative decoding: acceptance rate (draft = the int8 copy of the target).", "",
+                  pivot_markdown(acc, keys, lambda r: f"{r['acceptance']:.2f}")]
+    mem = [r for r in rows if r.get("bytes_per_token")]
+    if mem:
+        parts += ["", "Bytes read per decoded token (weights + cache)"
+                  + (", and the fraction of the memory bandwidth it reaches." if any("bandwidth_frac" in r for r in mem)
+                     else "."), "",
+                  pivot_markdown(mem, keys, lambda r: f"{r['bytes_per_token'] / 2**20:.3g} MiB"
+                                 + (f" ({r['bandwidth_frac']:.1%})" if "bandwidth_frac" in r else ""))]
+    return "\n".join(parts) + "\n"

@@ -1,0 +1,57 @@
+"""Shared by the stages that read a pretrain checkpoint (``evaluate``, ``generate``): resolve a
+checkpoint file or run directory, read its facts (model config, tokenizer identity) and rebuild
+the model and tokenizer. Not a stage (no ``conf/stage`` entry)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from lmrun.errors import DataError, FormatError
+from lmrun.stages.tokenizer import TokenizerFiles
+
+
+def resolve_checkpoint(value: str, key: str = "evaluate.checkpoint") -> Path:
+    """A checkpoint file, or the latest ``checkpoints/ckpt_*.pt`` of a run directory. DataError
+    (naming ``key``) when there is none."""
+    path = Path(value).expanduser()
+    if path.is_dir():
+        found = sorted((path / "checkpoints").glob("ckpt_*.pt")) or sorted(path.glob("ckpt_*.pt"))
+        if not found:
+            raise DataError(f"{key}={value}: no checkpoints/ckpt_*.pt in this directory")
+        return found[-1].absolute()
+    if not path.is_file():
+        raise DataError(f"{key}={value}: no such file or run directory")
+    return path.absolute()
+
+
+def checkpoint_facts(path: Path) -> dict:
+    """The whole checkpoint dict; FormatError when it lacks ``model_config`` or ``tokenizer``."""
+    from lmrun.train.checkpoint import read_checkpoint
+
+    obj = read_checkpoint(path)
+    missing = [k for k in ("model_config", "tokenizer") if k not in obj]
+    if missing:
+        raise FormatError(f"{path}: checkpoint lacks {', '.join(missing)} (not written by stage=pretrain)")
+    return obj
+
+
+def checkpoint_tokenizer_files(facts: dict, path: Path) -> TokenizerFiles:
+    """The checkpoint's tokenizer files; DataError when they are gone."""
+    tok = facts["tokenizer"]
+    vocab, merges = Path(tok["vocab"]), Path(tok["merges"])
+    for f in (vocab, merges):
+        if not f.is_file():
+            raise DataError(f"{path}: the checkpoint's tokenizer file is gone: {f} (re-run stage=tokenizer with the "
+                            "same data and config, or restore the cache)")
+    identity = {k: v for k, v in tok.items() if k not in ("vocab", "merges")}
+    return TokenizerFiles(vocab, merges, identity, True, {})
+
+
+def load_model(path: Path, facts: dict, device):
+    """Rebuild the checkpoint's ``TransformerLM`` on ``device`` and load its weights ->
+    ``(model in eval mode, step)``."""
+    from lmrun.model import build_model
+    from lmrun.train.checkpoint import load_checkpoint
+
+    model = build_model(facts["model_config"], device=device)
+    step = load_checkpoint(path, model)
+    return model.eval(), step

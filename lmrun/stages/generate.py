@@ -1,0 +1,156 @@
+"""Stage ``generate``: completions from a pretrain checkpoint with ``lmrun.inference``.
+
+``lmrun stage=generate generate.checkpoint=runs/pretrain/<run> generate.prompt="To be"`` streams
+the completion to the console; ``generate.prompts_file=prompts.jsonl`` (one ``{"prompt": ...}``
+or JSON string per line) decodes them in batches of ``generate.batch_size``.
+``generate.draft_checkpoint=…`` enables speculative decoding (same tokenizer). Writes
+``generations.jsonl`` (one object per completion: prompt, sample index, text, token ids,
+log-probs, finish reason) and ``summary.json`` (tokens, decode tokens/s, acceptance rate).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+from lmrun.errors import DataError, FormatError
+from lmrun.stages.checkpoints import checkpoint_facts, checkpoint_tokenizer_files, resolve_checkpoint
+from lmrun.tracking.files import atomic_write_text
+from lmrun.tracking.run import active_run
+
+log = logging.getLogger(__name__)
+
+
+def read_prompts(g) -> list[str]:
+    """The prompts of ``generate.prompt`` or ``generate.prompts_file`` (JSONL)."""
+    if g.prompt is not None:
+        return [str(g.prompt)]
+    path = Path(g.prompts_file).expanduser()
+    if not path.is_file():
+        raise DataError(f"generate.prompts_file={g.prompts_file}: no such file")
+    prompts = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise FormatError(f"{path}:{i}: not JSON ({e.msg})") from None
+        text = obj.get("prompt") if isinstance(obj, dict) else obj
+        if not isinstance(text, str) or not text:
+            raise FormatError(f'{path}:{i}: expected a non-empty string or {{"prompt": "..."}}')
+        prompts.append(text)
+    if not prompts:
+        raise DataError(f"generate.prompts_file={g.prompts_file}: no prompts")
+    return prompts
+
+
+def _sources(g):
+    path = resolve_checkpoint(g.checkpoint, "generate.checkpoint")
+    facts = checkpoint_facts(path)
+    files = checkpoint_tokenizer_files(facts, path)
+    draft = None
+    if g.draft_checkpoint:
+        dpath = resolve_checkpoint(g.draft_checkpoint, "generate.draft_checkpoint")
+        dfacts = checkpoint_facts(dpath)
+        dfiles = checkpoint_tokenizer_files(dfacts, dpath)
+        if (dfiles.vocab, dfiles.merges) != (files.vocab, files.merges):
+            raise FormatError(f"generate.draft_checkpoint={g.draft_checkpoint}: its tokenizer ({dfiles.vocab}) is not "
+                              f"the target's ({files.vocab})")
+        draft = (dpath, dfacts)
+    return path, facts, files, draft
+
+
+def plan(cfg) -> dict:
+    from lmrun.model.flops import model_summary
+
+    g = cfg.generate
+    path, facts, files, draft = _sources(cfg.generate)
+    prompts = read_prompts(g)
+    summary = model_summary(facts["model_config"])
+    out = {"stage": "generate", "checkpoint": str(path), "step": int(facts["iteration"]),
+           "model": {"architecture": summary["architecture"], "params": summary["params"]["total"]},
+           "tokenizer": str(files.vocab), "prompts": len(prompts), "completions": len(prompts) * g.num_samples,
+           "decoding": ("speculative" if draft else "cached" if g.use_cache else "uncached")
+           + (" int8" if g.int8 else ""),
+           "outputs": ["generations.jsonl", "summary.json", "run.json"]}
+    if draft:
+        out["draft_checkpoint"] = str(draft[0])
+    return out
+
+
+def run(cfg) -> dict:
+    import torch
+
+    from lmrun.inference.engine import GenerationStats, InferenceEngine, SamplingParams
+    from lmrun.stages.checkpoints import load_model
+    from lmrun.train.trainer import resolve_device
+
+    run = active_run()
+    g = cfg.generate
+    path, facts, files, draft_src = _sources(g)
+    prompts = read_prompts(g)
+    device = resolve_device(g.device)
+    model, step = load_model(path, facts, device)
+    draft = load_model(draft_src[0], draft_src[1], device)[0] if draft_src else None
+    if g.int8:
+        from lmrun.inference.quantize import quantize_int8
+
+        quantize_int8(model)
+        if draft is not None:
+            quantize_int8(draft)
+    tok = files.load(list(facts["tokenizer"]["special_tokens"]))
+    specials = tuple(tok.special_ids.values()) if g.stop_at_special else ()
+    engine = InferenceEngine(model, tok, draft, speculative_k=int(g.speculative_k), use_cache=bool(g.use_cache))
+    if engine.use_cache and draft is None:
+        from lmrun.inference.kv_cache import supports_cache
+
+        if not supports_cache(model):
+            log.info("this model's token mixer (Hyena) has no cache here: every step recomputes the sequence")
+    items = [(p, s) for p in prompts for s in range(int(g.num_samples))]
+    total = GenerationStats()
+    lines, results = [], []
+    stream = len(items) == 1
+    for start in range(0, len(items), int(g.batch_size)):
+        chunk = items[start:start + int(g.batch_size)]
+        params = SamplingParams(max_new_tokens=int(g.max_new_tokens), temperature=float(g.temperature),
+                                top_k=int(g.top_k), top_p=float(g.top_p), stop_token_ids=specials,
+                                stop_strings=tuple(g.stop), seed=int(cfg.seed) + start)
+        on_token = None
+        if stream:
+            printed = [0]
+            ids: list[int] = []
+            sys.stdout.write(chunk[0][0])
+
+            def on_token(row, token, ids=ids, printed=printed):
+                ids.append(token)
+                text = tok.decode([t for t in ids if t not in specials])
+                if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                    sys.stdout.write(text[printed[0]:])
+                    sys.stdout.flush()
+                    printed[0] = len(text)
+        with torch.no_grad():
+            out = engine.generate([p for p, _ in chunk], params, on_token)
+        if stream:
+            sys.stdout.write("\n")
+        st = engine.last_stats
+        for name in ("prompt_tokens", "new_tokens", "prefill_s", "decode_s", "target_passes", "proposed", "accepted"):
+            setattr(total, name, getattr(total, name) + getattr(st, name))
+        for (prompt, s), c in zip(chunk, out):
+            rec = {"prompt": prompt, "sample": s, "text": c.text, "finish_reason": c.finish_reason,
+                   "token_ids": c.token_ids, "logprobs": [round(x, 6) for x in c.logprobs]}
+            results.append(rec)
+            lines.append(json.dumps(rec, ensure_ascii=False))
+    atomic_write_text(run.dir / "generations.jsonl", "\n".join(lines) + "\n")
+    summary = {k: v for k, v in total.as_dict().items() if v is not None}
+    summary.update({"checkpoint": str(path), "step": step, "completions": len(results),
+                    "finished_by_stop": sum(r["finish_reason"] == "stop" for r in results)})
+    run.log({k: v for k, v in summary.items() if isinstance(v, (int, float))}, step=step)
+    if not stream:
+        for r in results[:3]:
+            log.info("%r -> %r (%s)", r["prompt"], r["text"], r["finish_reason"])
+    log.info("%d completions, %d new tokens, %.1f decode tokens/s%s", len(results), total.new_tokens,
+             summary.get("decode_tokens_per_s") or 0.0,
+             f", acceptance rate {total.acceptance_rate:.2f}" if total.acceptance_rate is not None else "")
+    return summary

@@ -1,0 +1,104 @@
+"""Cached decoding equals full recomputation, for every mixer with a cache and mixed prompt lengths."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmrun.inference.kv_cache import InferenceCache, forward_cached, supports_cache
+from lmrun.model.transformer import TransformerLM
+from lmrun.model.variants import HyenaConfig, LinearAttentionConfig, MLAConfig
+
+VOCAB = 37
+
+VARIANTS = {
+    "mha": dict(),
+    "gqa": dict(n_kv_heads=2),
+    "mqa": dict(n_kv_heads=1),
+    "qk_norm_bias": dict(qk_norm=True, bias=True),
+    "sliding_window": dict(windows=[3, 3]),
+    "local_global": dict(windows=[4, None], n_kv_heads=2),
+    "mla": dict(attention_kind="mla", mla=MLAConfig(kv_lora_rank=12, q_lora_rank=0, rope_head_dim=4)),
+    "mla_qlatent_bias": dict(attention_kind="mla", bias=True, mla=MLAConfig(kv_lora_rank=12, q_lora_rank=8)),
+    "linear": dict(attention_kind="linear", linear=LinearAttentionConfig(chunk_size=4)),
+    "linear_gqa_nope": dict(attention_kind="linear", n_kv_heads=2, position="none"),
+    "learned_post_norm": dict(position="learned", norm="layernorm", norm_placement="post"),
+    "sinusoidal_softcap": dict(position="sinusoidal", logit_softcap=5.0),
+    "moe": dict(ffn="moe"),
+}
+
+
+def tiny(seed: int = 0, **kw) -> TransformerLM:
+    torch.manual_seed(seed)
+    model = TransformerLM(VOCAB, 32, 16, 2, 4, 32, **kw).double().eval()
+    for p in model.parameters():  # larger weights than init: attention patterns far from uniform
+        p.data.mul_(2.0)
+    return model
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_cached_logits_equal_recomputation_mixed_lengths(name):
+    model = tiny(**VARIANTS[name])
+    lengths = [5, 1, 9]
+    gen = torch.Generator().manual_seed(1)
+    rows = [torch.randint(0, VOCAB, (n + 6,), generator=gen) for n in lengths]  # prompt + 6 decoded tokens
+    L = max(lengths)
+    pad = torch.tensor([L - n for n in lengths])
+    prompt = torch.zeros(3, L, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        prompt[i, L - n:] = rows[i][:n]
+    cache = InferenceCache(model, 3, L + 6, pad)
+    got = [forward_cached(model, prompt, cache)]
+    for t in range(6):
+        got.append(forward_cached(model, torch.stack([r[lengths[i] + t] for i, r in enumerate(rows)])[:, None], cache))
+    for i, n in enumerate(lengths):
+        ref = model(rows[i][None])[0]  # (n + 6, vocab), the row alone, no padding
+        cached = torch.cat([got[0][i, L - n:]] + [g[i] for g in got[1:]])  # logits after each of its tokens
+        torch.testing.assert_close(cached, ref, atol=1e-10, rtol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["mha", "sliding_window", "mla"])
+def test_chunked_prefill_and_truncate(name):
+    """Feeding tokens in chunks of different sizes, and rolling back, gives the same logits."""
+    model = tiny(**VARIANTS[name])
+    ids = torch.randint(0, VOCAB, (2, 14), generator=torch.Generator().manual_seed(3))
+    ref = model(ids)
+    cache = InferenceCache(model, 2, 14, slack=4)
+    out = [forward_cached(model, ids[:, :4], cache), forward_cached(model, ids[:, 4:7], cache)]
+    forward_cached(model, ids[:, 7:10], cache)  # speculative tokens, then rolled back
+    cache.truncate(7)
+    out += [forward_cached(model, ids[:, 7:8], cache), forward_cached(model, ids[:, 8:], cache)]
+    torch.testing.assert_close(torch.cat(out, dim=1), ref, atol=1e-10, rtol=1e-9)
+
+
+def test_ring_buffer_is_bounded_by_window_and_refuses_deep_rollback():
+    model = tiny(windows=[3, 3])
+    cache = InferenceCache(model, 1, 30, slack=2)
+    assert cache.layers[0]["k"].shape[2] == 5  # window + slack, not the capacity
+    forward_cached(model, torch.zeros(1, 10, dtype=torch.long), cache)
+    with pytest.raises(ValueError, match="slack"):
+        cache.truncate(7)
+
+
+def test_recurrent_state_is_constant_size_and_not_rollbackable():
+    model = tiny(**VARIANTS["linear"])
+    cache = InferenceCache(model, 1, 30)
+    before = cache.nbytes()
+    forward_cached(model, torch.zeros(1, 10, dtype=torch.long), cache)
+    assert cache.nbytes() == before
+    with pytest.raises(ValueError, match="rolled back"):
+        cache.truncate(5)
+
+
+def test_hyena_has_no_cache():
+    model = tiny(attention_kind="hyena", position="none", hyena=HyenaConfig(filter_dim=8, filter_emb_dim=5))
+    assert not supports_cache(model)
+    with pytest.raises(ValueError, match="Hyena"):
+        InferenceCache(model, 1, 8)
+
+
+def test_mla_cache_holds_only_latent_and_rope_key():
+    model = tiny(**VARIANTS["mla"])
+    cache = InferenceCache(model, 2, 10)
+    per_token = sum(e["c"].shape[-1] + e["kr"].shape[-1] for e in cache.layers)
+    assert per_token == 2 * (12 + 4)
+    assert cache.nbytes() == 2 * 10 * per_token * 8
