@@ -140,6 +140,7 @@ def validate_benchmark(cfg: BenchmarkConfig) -> None:
         check("benchmark.sizes_mb", list(cfg.sizes_mb), len(cfg.sizes_mb) > 0 and all(v > 0 for v in cfg.sizes_mb),
               "a non-empty list of MiB > 0")
         check("benchmark.bucket_size_mb", cfg.bucket_size_mb, cfg.bucket_size_mb > 0, "MiB > 0")
+        return
     if cfg.kind == "inference":
         check("benchmark.sizes", list(cfg.sizes), len(cfg.sizes) > 0, "a non-empty list of model size presets")
         _nonempty_positive("benchmark.batch_sizes", cfg.batch_sizes)
