@@ -118,16 +118,21 @@ def optimal_points_envelope(runs: list[ScalingRun]) -> list[tuple[float, float, 
 
 def optimal_points_isoflop(runs: list[ScalingRun]) -> list[tuple[float, float, float, np.ndarray]]:
     """Approach 2: ``[(C, N_opt, L at the vertex, parabola coefficients)]`` per budget with at
-    least three sizes."""
+    least three sizes and a convex profile (a profile whose parabola opens downwards has no
+    minimum and is left out)."""
     out = []
     for c, group in budgets(runs):
         if len({r.parameters for r in group}) < 3:
             continue
         x = [math.log(r.parameters) for r in group]
-        n_opt, coef = parabola_vertex(x, [r.loss for r in group])
+        try:
+            n_opt, coef = parabola_vertex(x, [r.loss for r in group])
+        except ValueError:  # a concave profile (optimum far outside the sizes tried): no vertex
+            continue
         out.append((c, n_opt, float(np.polyval(coef, math.log(n_opt))), coef))
     if len(out) < 2:
-        raise DataError("approach 2 needs at least two compute budgets with three or more model sizes each")
+        raise DataError("approach 2 needs at least two compute budgets with three or more model sizes each and a "
+                        "convex loss profile (a minimum)")
     return out
 
 
@@ -254,7 +259,8 @@ def bootstrap(runs: list[ScalingRun], approach: str, targets: list[float], n_boo
     ``{"fit": the full-data fit, "coefficients": {name: (value, low, high)}, "predictions":
     [{compute, n_opt: (value, low, high), d_opt: ..., loss: ...}]}`` with percentile intervals.
     Approaches 1 and 2 resample budgets (whole IsoFLOP profiles); approach 3 resamples runs and
-    restarts L-BFGS from the full-data optimum. Resamples whose fit fails are skipped."""
+    restarts L-BFGS from the full-data optimum. Resamples whose fit fails are skipped; with fewer
+    than three units to resample the intervals are NaN (no honest interval exists)."""
     rng = np.random.default_rng(seed)
     fitter = {"1": approach1, "2": approach2, "3": approach3}[approach]
     fit = fitter(runs)
@@ -266,8 +272,11 @@ def bootstrap(runs: list[ScalingRun], approach: str, targets: list[float], n_boo
         units = [[r] for r in runs]
     else:
         refit = fitter
-        units = [group for _, group in budgets(runs)]
+        used = {p[0] for p in fit.points}  # approach 2 leaves out budgets without a minimum
+        units = [group for c, group in budgets(runs) if c in used]
     coefs, preds = [], []
+    if len(units) < 3:  # resampling two units gives back the data or a degenerate sample: no interval
+        n_boot = 0
     for _ in range(n_boot):
         idx = rng.integers(0, len(units), len(units))
         sample = [r for i in idx for r in units[i]]
@@ -277,7 +286,7 @@ def bootstrap(runs: list[ScalingRun], approach: str, targets: list[float], n_boo
             continue
         coefs.append(f.coefficients())
         preds.append([f.predict(c) for c in targets])
-    if len(coefs) < max(10, n_boot // 4):
+    if n_boot and len(coefs) < max(10, n_boot // 4):
         raise DataError(f"approach {approach}: only {len(coefs)} of {n_boot} bootstrap resamples could be fitted")
     lo_q, hi_q = 100 * (1 - confidence) / 2, 100 * (1 + confidence) / 2
 
