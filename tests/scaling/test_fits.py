@@ -163,3 +163,13 @@ def test_planner_spends_within_budget_reuses_runs_and_recovers_the_optimum(tmp_p
     n_calls = len(calls)
     again = plan_and_run(model_cfg, store, **args)
     assert len(calls) == n_calls and again["spent"] == 0 and again["reused"] == len(again["runs"])
+
+
+def test_concave_profiles_are_left_out_and_two_budgets_give_no_interval():
+    runs = synthetic(budget_list=(1e18, 1e19), sizes=7)
+    runs += [ScalingRun(n, 1e16 / (6 * n), 1e16, loss) for n, loss in ((1e6, 5.0), (2e6, 5.3), (4e6, 5.4))]  # concave
+    points = fits.optimal_points_isoflop(runs)
+    assert [p[0] for p in points] == [1e18, 1e19]
+    r = fits.bootstrap(runs, "2", [1e21], n_boot=50)
+    value, lo, hi = r["coefficients"]["a"]
+    assert math.isfinite(value) and math.isnan(lo) and math.isnan(hi)
