@@ -26,7 +26,7 @@ from pathlib import Path
 from lmrun.curation.config import DEDUP_STEPS, DOC_STEPS
 from lmrun.curation.readers import EOT, read_documents
 from lmrun.errors import DataError
-from lmrun.tracking.files import atomic_write, atomic_write_json, config_digest
+from lmrun.tracking.files import atomic_write, atomic_write_json, config_digest, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -455,9 +455,7 @@ def plot_report(report: dict, path: Path) -> None:
         for x, v in enumerate(values):
             ax.text(x, v, f"{v:,.0f}" if label == "documents" else f"{v:.2f}", ha="center", va="bottom", fontsize=7)
     fig.suptitle("curation: what each step keeps")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def write_report(report: dict, out_dir: Path) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from lmrun.scaling.data import ScalingRun, budgets
+from lmrun.tracking.files import save_figure
 
 
 def _figure():
@@ -17,14 +18,6 @@ def _figure():
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     return plt, fig, ax
-
-
-def _save(plt, fig, out: Path) -> None:
-    fig.tight_layout()
-    tmp = out.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(out)
 
 
 def plot_isoflop_profiles(runs: list[ScalingRun], points: list, out: Path) -> None:
@@ -49,7 +42,7 @@ def plot_isoflop_profiles(runs: list[ScalingRun], points: list, out: Path) -> No
     ax.set_title("IsoFLOP profiles (approach 2): parabolas in log N, minima starred")
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
-    _save(plt, fig, out)
+    save_figure(fig, out)
 
 
 def plot_allocation(fits: dict, grid: list[float], quantity: str, points: dict, out: Path) -> None:
@@ -73,7 +66,7 @@ def plot_allocation(fits: dict, grid: list[float], quantity: str, points: dict, 
     ax.set_ylabel({"n_opt": "compute-optimal parameters N_opt", "d_opt": "compute-optimal tokens D_opt"}[quantity])
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    _save(plt, fig, out)
+    save_figure(fig, out)
 
 
 def plot_loss_vs_compute(runs: list[ScalingRun], fits: dict, out: Path) -> None:
@@ -91,4 +84,4 @@ def plot_loss_vs_compute(runs: list[ScalingRun], fits: dict, out: Path) -> None:
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    _save(plt, fig, out)
+    save_figure(fig, out)

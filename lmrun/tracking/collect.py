@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 
 from lmrun.errors import DataError
+from lmrun.tracking.files import save_figure
 from lmrun.launch import sweep as sweeps
 
 SEED_KEY = "seed"
@@ -236,11 +237,7 @@ def plot_metric(groups: list[dict], x_key: str, keys: list[str], metric: str, ou
     ax.grid(alpha=0.3)
     if len(lines) > 1:
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = out.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(out)
+    save_figure(fig, out)
 
 
 def _as_float(v) -> float | None:

@@ -69,3 +69,17 @@ def config_digest(obj: Any, length: int = 8) -> str:
     """Short SHA-256 hex digest of a JSON-serialisable object (keys sorted), e.g. a resolved config."""
     blob = json.dumps(obj, sort_keys=True, default=str, ensure_ascii=False).encode("utf-8")
     return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def save_figure(fig, path: str | os.PathLike, **savefig_kwargs) -> None:
+    """Write a matplotlib figure as PNG atomically (temp file + rename) and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    tmp = path.with_suffix(".tmp.png")
+    try:
+        fig.tight_layout()
+        fig.savefig(tmp, **savefig_kwargs)
+    finally:
+        plt.close(fig)
+    tmp.replace(path)

@@ -22,6 +22,7 @@ from lmrun.launch import preemption
 from lmrun.model import build_model
 from lmrun.model.flops import model_summary
 from lmrun.optim import build_optimizer, build_schedule, clip_grad_norm, set_lr
+from lmrun.tracking.files import save_figure
 from lmrun.train.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
 from lmrun.train.data import BatchStream
 from lmrun.train.evaluation import bits_per_byte, evaluate_loss
@@ -443,8 +444,4 @@ def plot_loss_curve(history: dict, out: Path, title: str) -> None:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    tmp = out.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(out)
+    save_figure(fig, out)
