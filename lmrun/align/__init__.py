@@ -1,0 +1,1 @@
+"""Alignment: SFT, DPO, GRPO, expert iteration and verifiable rewards."""
