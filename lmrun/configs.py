@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lmrun.align.config import (AlignConfig, DPOConfig, ExpertIterationConfig, GRPOConfig, SFTConfig,
+                                validate_align)
 from lmrun.curation.config import CurateConfig, validate_curate
 from lmrun.data.corpora import DataConfig, validate_data
 from lmrun.distributed.config import DistributedConfig, validate_distributed
@@ -65,6 +67,11 @@ class LmrunConfig:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     curate: CurateConfig = field(default_factory=CurateConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    expert_iteration: ExpertIterationConfig = field(default_factory=ExpertIterationConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
@@ -128,6 +135,7 @@ def validate(cfg) -> None:
     validate_generate(cfg.generate, cfg.stage.name)
     validate_benchmark(cfg.benchmark)
     validate_curate(cfg.curate, cfg.stage.name)
+    validate_align(cfg, cfg.stage.name)
     validate_logger(cfg.logger)
     validate_launch(cfg.cluster, cfg.stage.resources, cfg.launch, cfg.collect)
     validate_scaling(cfg.scaling, cfg.stage.name)

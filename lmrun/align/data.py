@@ -1,0 +1,153 @@
+"""Alignment data: prompt/response tokenisation with response masks, JSONL readers, packed SFT
+sequences and batch iteration.
+
+Sequences are next-token shifted: for tokens ``x_0 … x_n`` the model reads ``input_ids = x_0 …
+x_{n-1}`` and predicts ``labels = x_1 … x_n``; ``response_mask[t]`` is 1 where ``labels[t]`` is a
+response token. Source: CS336 assignment 5 (``tokenize_prompt_and_output``).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from lmrun.errors import DataError, FormatError
+
+
+def tokenize_prompt_and_output(prompt_strs: list[str], output_strs: list[str], tokenizer,
+                               pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+    """Tokenise prompts and outputs separately, concatenate, right-pad to the longest pair and
+    shift.
+
+    Returns ``{"input_ids", "labels", "response_mask"}``, each ``(batch, max_len - 1)`` where
+    ``max_len`` is the longest prompt+output length (tokens); ``input_ids``/``labels`` int64
+    (padding = ``pad_token_id``), ``response_mask`` bool. ValueError when the lists' lengths
+    differ or a prompt+output pair has fewer than 2 tokens."""
+    if len(prompt_strs) != len(output_strs):
+        raise ValueError(f"{len(prompt_strs)} prompts but {len(output_strs)} outputs")
+    pairs = [(list(tokenizer.encode(p)), list(tokenizer.encode(o))) for p, o in zip(prompt_strs, output_strs)]
+    return collate_pairs(pairs, pad_token_id)
+
+
+def collate_pairs(pairs: list[tuple[list[int], list[int]]], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+    """``(prompt ids, output ids)`` pairs -> the padded, shifted batch of
+    ``tokenize_prompt_and_output``."""
+    if not pairs:
+        raise ValueError("no sequences to collate")
+    max_len = max(len(p) + len(o) for p, o in pairs)
+    if max_len < 2:
+        raise ValueError("every prompt+output pair has fewer than 2 tokens")
+    full = torch.full((len(pairs), max_len), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(pairs), max_len), dtype=torch.bool)
+    for i, (p, o) in enumerate(pairs):
+        full[i, :len(p) + len(o)] = torch.tensor(p + o, dtype=torch.long)
+        mask[i, len(p):len(p) + len(o)] = True
+    return {"input_ids": full[:, :-1], "labels": full[:, 1:], "response_mask": mask[:, 1:]}
+
+
+def read_jsonl(path: str | Path, keys: tuple[str, ...], what: str) -> list[dict]:
+    """Records of a JSONL file that each hold string values for ``keys``. ``what`` names the
+    config key in errors. DataError for a missing file, FormatError (with the line number) for
+    a line that is not a JSON object with those keys, or an empty file."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"{what}={path}: no such file")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise FormatError(f"{what}={path}: line {n} is not JSON ({e.msg})") from None
+            if not isinstance(row, dict) or any(not isinstance(row.get(k), str) for k in keys):
+                raise FormatError(f"{what}={path}: line {n} is not an object with string fields {list(keys)}")
+            rows.append(row)
+    if not rows:
+        raise FormatError(f"{what}={path}: no records")
+    return rows
+
+
+@dataclass
+class SFTSequences:
+    """Tokenised SFT data: ``pairs`` of (prompt ids, response ids) — or, packed, fixed-length
+    ``(n, context_length + 1)`` ``tokens`` with their ``mask`` (1 where a token is a response
+    token; loss is taken where the *label* is a response token)."""
+
+    pairs: list[tuple[list[int], list[int]]] | None = None
+    tokens: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.pairs) if self.pairs is not None else int(self.tokens.shape[0])
+
+    @property
+    def response_tokens(self) -> int:
+        if self.pairs is not None:
+            return sum(len(o) for _, o in self.pairs)
+        return int(self.mask.sum())
+
+    def batch(self, index: list[int], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+        """The shifted batch (see ``tokenize_prompt_and_output``) of the rows in ``index``."""
+        if self.pairs is not None:
+            return collate_pairs([self.pairs[i] for i in index], pad_token_id)
+        t, m = self.tokens[index], self.mask[index]
+        return {"input_ids": t[:, :-1], "labels": t[:, 1:], "response_mask": m[:, 1:]}
+
+
+def build_sft_sequences(prompts: list[str], responses: list[str], tokenizer, eos_token_id: int | None,
+                        context_length: int, packing: bool = False) -> tuple[SFTSequences, int]:
+    """Tokenise prompt/response pairs (the response gets ``eos_token_id`` appended when not
+    None) for a model of ``context_length`` tokens.
+
+    Unpacked: one sequence per example; an example longer than ``context_length + 1`` tokens is
+    cut at the end (its response keeps what fits). Packed: examples are concatenated in order
+    into rows of exactly ``context_length + 1`` tokens (the last partial row is dropped;
+    attention crosses example boundaries, as in the CS336 packed SFT dataset). Returns
+    ``(sequences, number of examples truncated)``. ValueError when no example has a response
+    token that fits."""
+    limit = context_length + 1
+    pairs, truncated = [], 0
+    for p, r in zip(prompts, responses):
+        pi = list(tokenizer.encode(p))
+        ri = list(tokenizer.encode(r)) + ([eos_token_id] if eos_token_id is not None else [])
+        if len(pi) + len(ri) > limit:
+            truncated += 1
+            ri = ri[:max(0, limit - len(pi))]
+        if ri and pi:
+            pairs.append((pi, ri))
+    if not pairs:
+        raise ValueError(f"no example has a response that fits in context_length={context_length}")
+    if not packing:
+        return SFTSequences(pairs=pairs), truncated
+    flat = [t for p, r in pairs for t in p + r]
+    flags = [f for p, r in pairs for f in [False] * len(p) + [True] * len(r)]
+    rows = len(flat) // limit
+    if rows == 0:
+        raise ValueError(f"packing: {len(flat)} tokens make no full row of {limit}")
+    tokens = torch.tensor(flat[:rows * limit], dtype=torch.long).view(rows, limit)
+    mask = torch.tensor(flags[:rows * limit], dtype=torch.bool).view(rows, limit)
+    return SFTSequences(tokens=tokens, mask=mask), truncated
+
+
+def iterate_batches(n: int, batch_size: int, shuffle: bool = True, seed: int = 0,
+                    drop_last: bool = False) -> Iterator[list[int]]:
+    """Endless epochs of index batches over ``range(n)``: each epoch a fresh permutation
+    (seeded by ``seed`` and the epoch number) cut into ``batch_size`` pieces; the last partial
+    piece is kept unless ``drop_last`` (or ``n < batch_size`` would leave none)."""
+    if n < 1 or batch_size < 1:
+        raise ValueError(f"n={n}, batch_size={batch_size}: expected both >= 1")
+    epoch = 0
+    while True:
+        order = (torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+                 if shuffle else list(range(n)))
+        for i in range(0, n, batch_size):
+            piece = order[i:i + batch_size]
+            if drop_last and len(piece) < batch_size and n >= batch_size:
+                continue
+            yield piece
+        epoch += 1

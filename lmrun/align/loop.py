@@ -1,0 +1,223 @@
+"""What the alignment stages share: loading the policy and task, prompts, the optimizer step
+(gradient accumulation is the caller's; clipping, lr schedule, a non-finite guard here),
+sampling in chunks, held-out task evaluation, and the curves figure."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lmrun.align.prompts import format_prompt, load_prompt, template_fields
+from lmrun.align.tasks import Task, TaskExample, build_task
+from lmrun.errors import LmrunError
+
+GENERATION_CHUNK = 256  # prompts per InferenceEngine call (bounds the KV cache's memory)
+
+
+class NonFiniteLossError(LmrunError):
+    """A loss or gradient norm became NaN/inf; the step was not applied."""
+
+
+def resolve_device(name: str) -> torch.device:
+    from lmrun.train.trainer import resolve_device as _resolve
+
+    return _resolve(name)
+
+
+@dataclass
+class Prompter:
+    """Fills a prompt template with a question (every field of the template gets it)."""
+
+    template: str
+    name: str
+
+    @classmethod
+    def from_config(cls, name_or_path: str) -> "Prompter":
+        return cls(load_prompt(name_or_path), Path(name_or_path).stem)
+
+    def __call__(self, question: str) -> str:
+        return format_prompt(self.template, **{f: question for f in template_fields(self.template)})
+
+
+def load_policy(cfg, key: str = "align.model", path: str | None = None):
+    """The ``CausalLM`` at ``path`` (default ``cfg.align.model``) on the configured device, in
+    train mode."""
+    from lmrun.eval.models import load_causal_lm
+
+    lm = load_causal_lm(path or cfg.align.model, resolve_device(cfg.align.device), key=key)
+    lm.model.train()
+    return lm
+
+
+def load_task(cfg) -> Task | None:
+    return build_task(cfg.align.task, Path(cfg.align.prompt_template).stem) if cfg.align.task.name else None
+
+
+class OptimizerStep:
+    """The optimizer and lr schedule of the ``optimizer``/``schedule`` groups over
+    ``total_steps`` optimizer steps. ``__call__(step)`` clips gradients to ``max_grad_norm``
+    (0: no clipping), sets the scheduled lr, steps and zeroes the gradients; returns ``{lr,
+    grad_norm}``. NonFiniteLossError (nothing applied) when the gradient norm is not finite."""
+
+    def __init__(self, cfg, model: torch.nn.Module, total_steps: int):
+        from lmrun.optim import build_optimizer, build_schedule
+
+        self.model = model
+        self.optimizer = build_optimizer(model, cfg.optimizer)
+        self.schedule = build_schedule(cfg.schedule, float(cfg.optimizer.lr), max(1, total_steps))
+        self.max_grad_norm = float(cfg.align.max_grad_norm)
+
+    def __call__(self, step: int) -> dict:
+        from lmrun.optim import clip_grad_norm, set_lr
+
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = float(clip_grad_norm(params, self.max_grad_norm if self.max_grad_norm > 0 else math.inf))
+        if not math.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(f"step {step}: the gradient norm is {norm}; the update was skipped and training "
+                                     "stopped (lower optimizer.lr, or check the data)")
+        lr = self.schedule(step)
+        set_lr(self.optimizer, lr)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"lr": lr, "grad_norm": norm}
+
+
+def check_finite(value: float, what: str, step: int) -> None:
+    if not math.isfinite(value):
+        raise NonFiniteLossError(f"step {step}: {what} is {value}; training stopped before the update (lower "
+                                 "optimizer.lr, or check the data)")
+
+
+def sample(lm, prompts: list[str], *, max_new_tokens: int, temperature: float, top_p: float = 1.0,
+           seed: int | None = 0) -> list:
+    """``lm.generate`` in chunks of ``GENERATION_CHUNK`` prompts (model mode restored)."""
+    from lmrun.inference.engine import SamplingParams
+
+    out = []
+    for i in range(0, len(prompts), GENERATION_CHUNK):
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                seed=None if seed is None else seed + i)
+        out.extend(lm.generate(prompts[i:i + GENERATION_CHUNK], params))
+    return out
+
+
+def evaluate_task(lm, task: Task, examples: list[TaskExample], prompter: Prompter, max_new_tokens: int) -> dict:
+    """Greedy responses to ``examples`` scored by the task's reward. Returns ``{accuracy,
+    format_rate, response_tokens (mean), records}``; records hold question, response, answer
+    and rewards per example."""
+    completions = sample(lm, [prompter(e.question) for e in examples], max_new_tokens=max_new_tokens,
+                         temperature=0.0)
+    records, correct, formatted, length = [], 0.0, 0.0, 0
+    for e, c in zip(examples, completions):
+        r = task.reward(c.text, e.answer)
+        correct += r["reward"]
+        formatted += r["format_reward"]
+        length += len(c.token_ids)
+        records.append({"question": e.question, "response": c.text, "answer": e.answer, **r})
+    n = max(1, len(examples))
+    return {"accuracy": correct / n, "format_rate": formatted / n, "response_tokens": length / n, "records": records}
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA, nothing elsewhere."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def save_policy(lm, run_dir: Path, step: int, stage: str, **extra) -> Path:
+    """Write ``checkpoints/ckpt_<step>.pt`` in the run directory (readable by ``align.model``,
+    ``evaluate.checkpoint`` and ``generate.checkpoint``)."""
+    path = run_dir / "checkpoints" / f"ckpt_{step:08d}.pt"
+    return lm.save(path, iteration=step, align={"stage": stage, **extra})
+
+
+def plot_curves(history: dict[str, list[tuple[int, float]]], out: Path, title: str) -> None:
+    """One panel per metric (``name -> [(step, value), ...]``), as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lmrun.tracking.files import save_figure
+
+    names = [k for k, v in history.items() if v]
+    if not names:
+        return
+    cols = min(3, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), dpi=110, squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        xs, ys = zip(*history[name])
+        ax.plot(xs, ys, "o-" if len(xs) < 30 else "-", ms=3)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, out)
+
+
+class History:
+    """Metric series for the curves figure and the log: ``add(step, metrics)``."""
+
+    def __init__(self, keys: tuple[str, ...]):
+        self.keys = keys
+        self.series: dict[str, list[tuple[int, float]]] = {k: [] for k in keys}
+        self.t0 = time.time()
+
+    def add(self, step: int, metrics: dict) -> None:
+        for k in self.keys:
+            v = metrics.get(k)
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                self.series[k].append((step, float(v)))
+
+
+def sft_update(lm, opt: OptimizerStep, seqs, index: list[int], microbatch_size: int, step: int,
+               normalize_constant: float | None = None) -> dict:
+    """One SFT optimizer step over the rows ``index`` of ``seqs`` (``SFTSequences``), in
+    microbatches of ``microbatch_size`` (gradient accumulation). normalize_constant: None = mean
+    NLL per response token over each microbatch; else ``sft_microbatch_train_step``'s constant.
+    Returns ``{loss (mean NLL per response token, nats), lr, grad_norm, response_tokens}``."""
+    from lmrun.align.losses import get_response_log_probs, sft_microbatch_train_step
+
+    pad = lm.eos_token_id or 0
+    chunks = [index[i:i + microbatch_size] for i in range(0, len(index), microbatch_size)]
+    total_nll, tokens = 0.0, 0
+    for chunk in chunks:
+        b = {k: v.to(lm.device) for k, v in seqs.batch(chunk, pad).items()}
+        n_tok = int(b["response_mask"].sum())
+        with autocast(lm.device):
+            lp = get_response_log_probs(lm.model, b["input_ids"], b["labels"])["log_probs"]
+        const = normalize_constant if normalize_constant is not None else max(1, n_tok) / len(chunk)
+        _, meta = sft_microbatch_train_step(lp, b["response_mask"], len(chunks), const)
+        nll = float(meta["nll_per_token"])
+        check_finite(nll, "the SFT loss", step)
+        total_nll += nll * n_tok
+        tokens += n_tok
+    return {"loss": total_nll / max(1, tokens), **opt(step), "response_tokens": tokens}
+
+
+@torch.no_grad()
+def sft_eval_loss(lm, seqs, batch_size: int) -> float:
+    """Mean NLL per response token (nats) of ``seqs`` under ``lm`` (eval mode, restored)."""
+    from lmrun.align.losses import get_response_log_probs
+
+    was = lm.model.training
+    lm.model.eval()
+    pad = lm.eos_token_id or 0
+    total, tokens = 0.0, 0
+    try:
+        for i in range(0, len(seqs), batch_size):
+            b = {k: v.to(lm.device) for k, v in seqs.batch(list(range(i, min(len(seqs), i + batch_size))), pad).items()}
+            with autocast(lm.device):
+                lp = get_response_log_probs(lm.model, b["input_ids"], b["labels"])["log_probs"]
+            total += float(-(lp * b["response_mask"]).sum())
+            tokens += int(b["response_mask"].sum())
+    finally:
+        lm.model.train(was)
+    return total / max(1, tokens)

@@ -1,0 +1,121 @@
+"""Stage ``sft``: supervised fine-tuning on prompt/response pairs, loss on response tokens only.
+
+``lmrun stage=sft align.model=runs/pretrain/<run> align.train_data=train.jsonl
+[align.val_data=val.jsonl]`` (JSONL records ``{"prompt": ..., "response": ...}``; the prompt is
+put into ``align.prompt_template``), or ``align.task.name=arithmetic`` to fine-tune on a
+verifiable task's solutions (and report held-out task accuracy while training).
+``sft.packing=true`` packs examples into full context rows. Every response gets the
+end-of-text token appended, so the model learns to stop.
+
+Writes ``checkpoints/ckpt_<step>.pt`` (an lmrun checkpoint: ``align.model`` of the next stage),
+``metrics.jsonl``, ``eval_samples.jsonl`` (final held-out responses, with a task),
+``curves.png`` and ``summary.json``.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+from lmrun.tracking.files import atomic_write_text
+from lmrun.tracking.run import active_run
+
+log = logging.getLogger(__name__)
+
+
+def _examples(cfg, prompter, task, split: str):
+    """(prompts, responses) from the JSONL file of ``split`` or the task; None when neither."""
+    from lmrun.align.data import read_jsonl
+
+    a = cfg.align
+    path = a.train_data if split == "train" else a.val_data
+    if path:
+        rows = read_jsonl(path, ("prompt", "response"), f"align.{split}_data")
+        return [prompter(r["prompt"]) for r in rows], [r["response"] for r in rows]
+    if task is None:
+        return None
+    n = int(a.train_examples) if split == "train" else int(a.eval_examples)
+    ex = task.examples("train" if split == "train" else "test", n, int(cfg.seed))
+    return [prompter(e.question) for e in ex], [e.solution for e in ex]
+
+
+def plan(cfg) -> dict:
+    a = cfg.align
+    return {"stage": "sft", "model": a.model, "data": a.train_data or f"task {a.task.name} ({a.train_examples} "
+            "generated train examples)", "val": a.val_data or (f"task {a.task.name} test split" if a.task.name else None),
+            "template": a.prompt_template, "steps": a.steps, "batch_size": a.batch_size,
+            "gradient_accumulation": a.batch_size // a.microbatch_size, "packing": cfg.sft.packing,
+            "outputs": ["checkpoints/", "metrics.jsonl", "curves.png", "summary.json"]}
+
+
+def run(cfg) -> dict:
+    import json
+
+    from lmrun.align.data import build_sft_sequences, iterate_batches
+    from lmrun.align.loop import (History, OptimizerStep, Prompter, evaluate_task, load_policy, load_task,
+                                  plot_curves, save_policy, sft_eval_loss, sft_update)
+    from lmrun.tracking.run import seed_everything
+
+    run = active_run()
+    a = cfg.align
+    seed_everything(int(cfg.seed))
+    lm = load_policy(cfg)
+    task = load_task(cfg)
+    prompter = Prompter.from_config(a.prompt_template)
+    prompts, responses = _examples(cfg, prompter, task, "train")
+    seqs, truncated = build_sft_sequences(prompts, responses, lm.tokenizer, lm.eos_token_id, lm.context_length,
+                                          packing=bool(cfg.sft.packing))
+    if truncated:
+        log.warning("%d of %d training examples were longer than the context (%d tokens) and were cut", truncated,
+                    len(prompts), lm.context_length)
+    val = _examples(cfg, prompter, task, "val")
+    val_seqs = build_sft_sequences(*val, lm.tokenizer, lm.eos_token_id, lm.context_length)[0] if val else None
+    test = task.examples("test", int(a.eval_examples), int(cfg.seed)) if task else None
+    log.info("SFT: %d sequences (%d response tokens), %d steps of %d", len(seqs), seqs.response_tokens, a.steps,
+             a.batch_size)
+
+    opt = OptimizerStep(cfg, lm.model, int(a.steps))
+    history = History(("loss", "val_loss", "accuracy"))
+
+    def evaluate(step: int) -> dict:
+        out = {}
+        if val_seqs is not None:
+            out["val_loss"] = sft_eval_loss(lm, val_seqs, int(a.microbatch_size))
+        if task is not None:
+            r = evaluate_task(lm, task, test, prompter, int(a.max_new_tokens))
+            out.update(accuracy=r["accuracy"], format_rate=r["format_rate"], response_tokens=r["response_tokens"])
+            out["_records"] = r["records"]
+        return out
+
+    def report(step: int, ev: dict) -> dict:
+        clean = {k: v for k, v in ev.items() if not k.startswith("_")}
+        run.log(clean, step=step)
+        history.add(step, clean)
+        log.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in clean.items()))
+        return ev
+
+    first = report(0, evaluate(0))
+    batches = iterate_batches(len(seqs), int(a.batch_size), shuffle=True, seed=int(cfg.seed))
+    t0, tokens = time.time(), 0
+    last = first
+    for step in range(1, int(a.steps) + 1):
+        m = sft_update(lm, opt, seqs, next(batches), int(a.microbatch_size), step,
+                       cfg.sft.normalize_constant)
+        tokens += m["response_tokens"]
+        history.add(step, m)
+        if step % int(a.log_every) == 0 or step == int(a.steps):
+            run.log({**m, "response_tokens_per_s": tokens / max(1e-9, time.time() - t0)}, step=step)
+            log.info("step %d: loss %.4f, lr %.2e, grad norm %.3f", step, m["loss"], m["lr"], m["grad_norm"])
+        if (a.eval_every and step % int(a.eval_every) == 0) or step == int(a.steps):
+            last = report(step, evaluate(step))
+    seconds = time.time() - t0
+    ckpt = save_policy(lm, run.dir, int(a.steps), "sft", source=lm.source)
+    if "_records" in last:
+        atomic_write_text(run.dir / "eval_samples.jsonl", "".join(json.dumps(r) + "\n" for r in last["_records"]))
+    plot_curves(history.series, run.dir / "curves.png", f"SFT ({a.task.name or a.train_data})")
+    summary = {"steps": int(a.steps), "train_seconds": round(seconds, 3), "response_tokens": tokens,
+               "final_train_loss": m["loss"], "checkpoint": str(ckpt)}
+    for k in ("val_loss", "accuracy", "format_rate"):
+        if k in last:
+            summary[k] = last[k]
+            summary[f"initial_{k}"] = first[k]
+    return summary
