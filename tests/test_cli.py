@@ -32,6 +32,8 @@ EXTRA = {("data", "text_files"): ["data.train=/dev/null"], ("stage", "evaluate")
          ("stage", "generate"): ["generate.checkpoint=ckpt.pt", "generate.prompt=x"],
          ("stage", "scaling"): ["scaling.input=runs.json"], ("stage", "collect"): ["sweep.dir=multiruns/x"],
          ("stage", "curate"): ["curate.inputs=[/dev/null]"],
+         **{("stage", s): ["align.model=ckpt.pt", "align.task.name=arithmetic"]
+            for s in ("sft", "dpo", "grpo", "expert_iteration")},
          ("experiment", "tinystories_a1"): ["data.train=/dev/null"], ("experiment", "owt_leaderboard"): ["data.train=/dev/null"],
          ("model/attention", "hyena"): ["model/position=none"]}  # Hyena has no queries/keys for the default RoPE
 
@@ -59,7 +61,8 @@ def test_presets_found():
     assert {"stage", "data", "tokenizer", "logger", "experiment"} <= groups
 
 
-@pytest.mark.parametrize("stage", [s for s in cli.stage_names() if s not in ("evaluate", "collect", "curate", "generate", "scaling")])  # tested with their inputs
+@pytest.mark.parametrize("stage", [s for s in cli.stage_names() if s not in ("evaluate", "collect", "curate", "generate", "scaling", "sft", "dpo",
+                                                                  "grpo", "expert_iteration")])  # tested with their inputs
 def test_dry_run_every_stage_writes_nothing(stage, isolated_workspace, cache_dir, capsys):
     assert cli.main([f"stage={stage}", "dry_run=true"]) == 0
     out = capsys.readouterr().out
@@ -76,7 +79,7 @@ def test_dry_run_every_stage_writes_nothing(stage, isolated_workspace, cache_dir
         (["stage=tokenizer", "tokenizer.vocab_size=abc"], r"tokenizer\.vocab_size='abc': .*expected int"),
         (["stage=tokenizer", "tokenizer.vocab_size=100"], r"tokenizer\.vocab_size=100: expected an integer >= 257"),
         (["stage=tokenizer", "data=nope"], r"data=nope: no such option; available: text_files, tinyshakespeare"),
-        (["stage=nope"], r"stage=nope: no such option; available: benchmark, collect, curate, encode, evaluate, generate, pretrain, scaling, tokenizer"),
+        (["stage=nope"], r"stage=nope: no such option; available: benchmark, collect, curate, dpo, encode, evaluate, expert_iteration, generate, grpo, pretrain, scaling, sft, tokenizer"),
         (["stage=evaluate"], r"evaluate\.checkpoint=None: expected a checkpoint file or a pretrain run directory"),
         ([], r"stage"),
         (["stage=tokenizer", "data=text_files"], r"data\.train=None: expected a UTF-8 text file path"),
@@ -157,7 +160,7 @@ def test_help_lists_stages_and_groups(capsys):
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
     assert "== Stages ==" in out and "  pretrain   train a Transformer LM" in out
-    assert "stage: benchmark, collect, curate, encode, evaluate, generate, pretrain, scaling, tokenizer" in out and "data: text_files, tinyshakespeare" in out and "logger: none, wandb" in out
+    assert "stage: benchmark, collect, curate, dpo, encode, evaluate, expert_iteration, generate, grpo, pretrain, scaling, sft, tokenizer" in out and "data: text_files, tinyshakespeare" in out and "logger: none, wandb" in out
 
 
 def test_load_stage_rejects_unregistered():

@@ -105,8 +105,10 @@ def build_sft_sequences(prompts: list[str], responses: list[str], tokenizer, eos
     None) for a model of ``context_length`` tokens.
 
     Unpacked: one sequence per example; an example longer than ``context_length + 1`` tokens is
-    cut at the end (its response keeps what fits). Packed: examples are concatenated in order
-    into rows of exactly ``context_length + 1`` tokens (the last partial row is dropped;
+    cut at the end (its response keeps what fits; an example whose prompt fills the context is
+    dropped). Packed: examples are concatenated in order
+    into rows of exactly ``context_length + 1`` tokens, long examples spanning rows (the last
+    partial row is dropped;
     attention crosses example boundaries, as in the CS336 packed SFT dataset). Returns
     ``(sequences, number of examples truncated)``. ValueError when no example has a response
     token that fits."""
@@ -115,7 +117,7 @@ def build_sft_sequences(prompts: list[str], responses: list[str], tokenizer, eos
     for p, r in zip(prompts, responses):
         pi = list(tokenizer.encode(p))
         ri = list(tokenizer.encode(r)) + ([eos_token_id] if eos_token_id is not None else [])
-        if len(pi) + len(ri) > limit:
+        if not packing and len(pi) + len(ri) > limit:
             truncated += 1
             ri = ri[:max(0, limit - len(pi))]
         if ri and pi:

@@ -33,6 +33,7 @@ def plan(cfg) -> dict:
                               f"{d.pair_prompts} questions")
     return {"stage": "dpo", "model": a.model, "reference": a.reference or a.model, "data": source,
             "beta": d.beta, "steps": a.steps, "batch_size": a.batch_size,
+            "inputs": [a.model] + [x for x in (a.train_data, a.val_data) if x],
             "outputs": ["checkpoints/", "metrics.jsonl", "curves.png", "summary.json"]}
 
 

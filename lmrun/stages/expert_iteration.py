@@ -27,6 +27,7 @@ def plan(cfg) -> dict:
     a, e = cfg.align, cfg.expert_iteration
     return {"stage": "expert_iteration", "model": a.model, "task": a.task.name, "iterations": e.iterations,
             "samples_per_round": e.questions * e.samples_per_question, "sft_epochs": e.sft_epochs,
+            "inputs": [a.model] + [x for x in (a.train_data, a.val_data) if x],
             "outputs": ["checkpoints/", "metrics.jsonl", "curves.png", "eval_samples.jsonl", "summary.json"]}
 
 

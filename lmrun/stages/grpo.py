@@ -35,6 +35,7 @@ def plan(cfg) -> dict:
             "steps": a.steps, "questions_per_step": g.rollout_batch_size // g.group_size, "group_size": g.group_size,
             "optimizer_steps": a.steps * per_step, "loss_type": g.loss_type, "normalize_by_std": g.normalize_by_std,
             "length_normalization": g.length_normalization,
+            "inputs": [a.model] + [x for x in (a.train_data, a.val_data) if x],
             "outputs": ["checkpoints/", "metrics.jsonl", "curves.png", "eval_samples.jsonl", "summary.json"]}
 
 

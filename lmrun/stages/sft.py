@@ -44,6 +44,7 @@ def plan(cfg) -> dict:
             "generated train examples)", "val": a.val_data or (f"task {a.task.name} test split" if a.task.name else None),
             "template": a.prompt_template, "steps": a.steps, "batch_size": a.batch_size,
             "gradient_accumulation": a.batch_size // a.microbatch_size, "packing": cfg.sft.packing,
+            "inputs": [a.model] + [x for x in (a.train_data, a.val_data) if x],
             "outputs": ["checkpoints/", "metrics.jsonl", "curves.png", "summary.json"]}
 
 
