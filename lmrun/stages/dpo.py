@@ -177,9 +177,9 @@ def run(cfg) -> dict:
             loss, info = dpo_loss(c.float(), r.float(), ref_train[0][part].to(lm.device),
                                   ref_train[1][part].to(lm.device), float(d.beta))
             check_finite(float(loss.detach()), "the DPO loss", step)
-            (loss * len(part) / len(index)).backward()
             w = len(part) / len(index)
-            sums["loss"] += float(loss) * w
+            (loss * w).backward()
+            sums["loss"] += float(loss.detach()) * w
             for k in ("chosen_reward", "rejected_reward", "reward_margin", "preference_accuracy"):
                 sums[k] += float(info[k]) * w
         m = {**sums, **opt(step)}
