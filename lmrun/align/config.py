@@ -13,13 +13,15 @@ ALIGN_STAGES = ("sft", "dpo", "grpo", "expert_iteration")
 @dataclass
 class TaskConfig:
     """A verifiable task (lmrun/align/tasks.py). name: null | arithmetic | countdown | gsm8k.
-    arithmetic: digits (per operand, at most), operands, operations (from '+-*').
+    arithmetic: digits (per operand, at most), operands, operations (from '+-*'),
+    carry_error_rate (noisy train solutions: a careless teacher drops carries this often).
     countdown: count (numbers per puzzle), max_number. gsm8k: train_path, test_path (JSONL)."""
 
     name: str | None = None
     digits: int = 2
     operands: int = 2
     operations: str = "+"
+    carry_error_rate: float = 0.0
     count: int = 3
     max_number: int = 20
     train_path: str | None = None
@@ -136,6 +138,9 @@ def validate_align(cfg, stage: str) -> None:
         check("align.task.operands", t.operands, t.operands >= 2, "an integer >= 2")
         check("align.task.operations", t.operations, bool(t.operations) and not set(t.operations) - set("+-*"),
               "a non-empty string of + - *")
+        check("align.task.carry_error_rate", t.carry_error_rate,
+              0 <= t.carry_error_rate <= 1 and (t.carry_error_rate == 0 or t.operations == "+"),
+              "in [0, 1], and only with align.task.operations='+'")
         check("align.task.count", t.count, t.count >= 2, "an integer >= 2")
         check("align.task.max_number", t.max_number, t.max_number >= 2, "an integer >= 2")
     if stage not in ALIGN_STAGES:

@@ -59,11 +59,30 @@ def _split_seed(split: str, seed: int) -> int:
     return seed * 2 + (1 if split == "test" else 0)
 
 
-def arithmetic_task(digits: int = 2, operands: int = 2, operations: str = "+") -> Task:
+def no_carry_sum(numbers: list[int]) -> int:
+    """The sum a careless adder writes when dropping every carry: each decimal digit is the sum
+    of the operands' digits mod 10 (``58 + 67`` -> ``15``)."""
+    out, place = 0, 1
+    width = max(len(str(n)) for n in numbers)
+    for _ in range(width):
+        out += (sum(n // place % 10 for n in numbers) % 10) * place
+        place *= 10
+    return out
+
+
+def arithmetic_task(digits: int = 2, operands: int = 2, operations: str = "+", carry_error_rate: float = 0.0) -> Task:
     """Distinct questions ``a op b (op c …)=`` with operands of 1..``digits`` digits (uniform over
     the number of digits, then over values) and operations drawn from ``operations`` (any of
-    ``+-*``); answer and solution: the exact integer result. ConfigError when fewer than ``n``
-    distinct questions of the split exist."""
+    ``+-*``); answer: the exact integer result. ConfigError when fewer than ``n`` distinct
+    questions of the split exist.
+
+    ``carry_error_rate`` models a careless teacher (addition only): in the *train* split, a
+    question whose sum needs a carry gets the carry-dropping answer (``no_carry_sum``) as its
+    solution with this probability — noisy demonstrations, as SFT data from people or weaker
+    models are; the answer (what rewards check) stays exact."""
+    if not 0 <= carry_error_rate <= 1 or (carry_error_rate and operations != "+"):
+        raise ConfigError(f"arithmetic task: carry_error_rate={carry_error_rate}: expected 0..1, and operations='+' "
+                          "when it is above 0")
     if digits < 1 or operands < 2 or not operations or set(operations) - set("+-*"):
         raise ConfigError(f"arithmetic task: digits={digits}, operands={operands}, operations={operations!r}: "
                           "expected digits >= 1, operands >= 2, operations from '+-*'")
@@ -86,7 +105,12 @@ def arithmetic_task(digits: int = 2, operands: int = 2, operations: str = "+") -
                 continue
             seen.add(q)
             value = str(int(evaluate_expression(q[:-1])[0]))
-            out.append(TaskExample(q, value, value))
+            solution = value
+            if carry_error_rate and split == "train":
+                careless = str(no_carry_sum(nums))
+                if careless != value and random.Random(zlib.crc32(q.encode()) + seed).random() < carry_error_rate:
+                    solution = careless
+            out.append(TaskExample(q, value, solution))
         return out
 
     return Task("arithmetic", arithmetic_reward, generate)
@@ -164,7 +188,7 @@ TASKS = ("arithmetic", "countdown", "gsm8k")
 def build_task(cfg, template_name: str = "question_only") -> Task:
     """The task of an ``align.task`` config node (``name`` one of ``TASKS``)."""
     if cfg.name == "arithmetic":
-        return arithmetic_task(int(cfg.digits), int(cfg.operands), str(cfg.operations))
+        return arithmetic_task(int(cfg.digits), int(cfg.operands), str(cfg.operations), float(cfg.carry_error_rate))
     if cfg.name == "countdown":
         return countdown_task(int(cfg.count), int(cfg.max_number))
     if cfg.name == "gsm8k":
