@@ -8,8 +8,8 @@ or ``{instruction}``; both receive the same text). Defaults (``DEFAULT_TEMPLATES
 ``r1_zero`` (stops at ``</answer>``), MMLU ``question_only`` (CS336 assignment 5's MMLU prompt
 ends with ``Answer:``), AlpacaEval and safety ``alpaca``.
 
-- **GSM8K** (Cobbe et al. 2021): accuracy of the response's answer — the last number of the text
-  after ``<answer>`` if there is one, else of the whole response (``parse_gsm8k_response``) —
+- **GSM8K** (Cobbe et al. 2021): accuracy of the response's answer — the last number inside
+  ``<answer>…</answer>`` if there is one, else of the whole response (``parse_gsm8k_response``) —
   against the ``#### <number>`` of the reference (``numbers_equal``).
 - **MMLU** (Hendrycks et al. 2021): ``generate``: the letter parsed from the response
   (``parse_mmlu_response``; unparsed counts as wrong); ``loglik``: the option letter whose
@@ -87,12 +87,12 @@ def _generation_metrics(res: Responses) -> dict:
 
 
 def gsm8k_answer(response: str) -> str | None:
-    """The answer of a GSM8K response: the last number after the last ``<answer>`` if the
-    response has one (R1-zero format), else the last number of the whole response; None if
-    there is no number."""
+    """The answer of a GSM8K response: the last number between the last ``<answer>`` and the
+    ``</answer>`` after it (R1-zero format; the closing tag may be missing, as when generation
+    stopped at it), else the last number of the whole response; None if there is no number."""
     text = response or ""
     if "<answer>" in text:
-        text = text.rsplit("<answer>", 1)[1]
+        text = text.rsplit("<answer>", 1)[1].split("</answer>", 1)[0]
     return parse_gsm8k_response(text)
 
 
