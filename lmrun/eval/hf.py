@@ -18,6 +18,7 @@ downloaded. ``lmrun.eval.models.load_causal_lm`` calls it for any directory hold
 """
 from __future__ import annotations
 
+import inspect
 import json
 import time
 from dataclasses import dataclass, field
@@ -126,7 +127,8 @@ class HFEngine:
         batch, mask = batch.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         t0 = time.perf_counter()
-        out = self.model(input_ids=batch, attention_mask=mask, position_ids=positions, use_cache=True)
+        keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self.model.forward).parameters else {}
+        out = self.model(input_ids=batch, attention_mask=mask, position_ids=positions, use_cache=True, **keep)
         tokens, logp = InferenceEngine._choose(out.logits[:, -1].float(), params, gen)
         tokens.tolist()
         st.prefill_s, st.target_passes = time.perf_counter() - t0, 1

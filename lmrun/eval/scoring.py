@@ -70,10 +70,11 @@ def continuation_logprobs(lm, contexts: list[str], continuations: list[str], bat
             batch = torch.zeros(len(chunk), width, dtype=torch.long)
             for i, (s, _) in enumerate(chunk):
                 batch[i, :len(s)] = torch.tensor(s)
-            logp = torch.log_softmax(lm.logits(batch.to(device)).double(), -1)
+            logits = lm.logits(batch.to(device))
             for i, (s, n) in enumerate(chunk):
                 targets = torch.tensor(s[len(s) - n:], device=device)
-                rows = logp[i, len(s) - n - 1:len(s) - 1]  # the logits at t predict token t + 1
+                # the logits at t predict token t + 1; only the continuation's rows are normalised
+                rows = torch.log_softmax(logits[i, len(s) - n - 1:len(s) - 1].double(), -1)
                 out.append(float(rows.gather(-1, targets[:, None]).sum()))
     finally:
         lm.model.train(was_training)
