@@ -9,7 +9,8 @@ a checkpoint the same loader reads back (so ``stage=sft`` output feeds ``stage=g
 ``stage=evaluate`` and ``stage=generate``).
 
 Our checkpoints (a ``stage=pretrain``/``sft``/... checkpoint file or run directory) load by
-default.
+default; a directory with a Hugging Face ``config.json`` loads through ``lmrun.eval.hf`` (the
+``[hf]`` extra) as an ``HFCausalLM``.
 """
 from __future__ import annotations
 
@@ -89,14 +90,19 @@ def load_causal_lm(path: str | Path, device: str | torch.device = "cpu", key: st
     """Load a model for scoring/sampling/training.
 
     path: a checkpoint written by an lmrun stage (file, or a run directory: its latest
-    ``checkpoints/ckpt_*.pt``). device: where the weights go. key: the config key named in
-    errors. Raises DataError (missing file, missing tokenizer files) or FormatError (not an
-    lmrun checkpoint)."""
+    ``checkpoints/ckpt_*.pt``), or a local Hugging Face model directory (``config.json``; see
+    ``lmrun.eval.hf.load_hf_causal_lm``). device: where the weights go. key: the config key
+    named in errors. Raises DataError (missing file, missing tokenizer files) or FormatError
+    (not an lmrun checkpoint)."""
     from lmrun.stages.checkpoints import checkpoint_facts, checkpoint_tokenizer_files, load_model, resolve_checkpoint
 
     p = Path(path).expanduser()
     if not p.exists():
         raise DataError(f"{key}={path}: no such checkpoint file or run directory")
+    if p.is_dir() and (p / "config.json").is_file():
+        from lmrun.eval.hf import load_hf_causal_lm
+
+        return load_hf_causal_lm(p, device, key)
     ckpt = resolve_checkpoint(str(p), key)
     facts = checkpoint_facts(ckpt)
     files = checkpoint_tokenizer_files(facts, ckpt)
