@@ -100,9 +100,11 @@ class SFTSequences:
 
 
 def build_sft_sequences(prompts: list[str], responses: list[str], tokenizer, eos_token_id: int | None,
-                        context_length: int, packing: bool = False) -> tuple[SFTSequences, int]:
+                        context_length: int, packing: bool = False, prefix_ids: list[int] | None = None
+                        ) -> tuple[SFTSequences, int]:
     """Tokenise prompt/response pairs (the response gets ``eos_token_id`` appended when not
-    None) for a model of ``context_length`` tokens.
+    None; every prompt gets ``prefix_ids`` — e.g. a BOS token — in front) for a model of
+    ``context_length`` tokens.
 
     Unpacked: one sequence per example; an example longer than ``context_length + 1`` tokens is
     cut at the end (its response keeps what fits; an example whose prompt fills the context is
@@ -115,7 +117,7 @@ def build_sft_sequences(prompts: list[str], responses: list[str], tokenizer, eos
     limit = context_length + 1
     pairs, truncated = [], 0
     for p, r in zip(prompts, responses):
-        pi = list(tokenizer.encode(p))
+        pi = list(prefix_ids or []) + list(tokenizer.encode(p))
         ri = list(tokenizer.encode(r)) + ([eos_token_id] if eos_token_id is not None else [])
         if not packing and len(pi) + len(ri) > limit:
             truncated += 1

@@ -129,7 +129,12 @@ def autocast(device: torch.device):
 
 def save_policy(lm, run_dir: Path, step: int, stage: str, **extra) -> Path:
     """Write ``checkpoints/ckpt_<step>.pt`` in the run directory (readable by ``align.model``,
-    ``evaluate.checkpoint`` and ``generate.checkpoint``)."""
+    ``evaluate.checkpoint`` and ``generate.checkpoint``); a Hugging Face policy is saved as a
+    model directory ``hf_model/`` (``align.model=<run dir>`` finds it)."""
+    from lmrun.eval.models import HF_RUN_SUBDIR
+
+    if lm.kind == "hf":
+        return lm.save(run_dir / HF_RUN_SUBDIR, iteration=step, align={"stage": stage, **extra})
     path = run_dir / "checkpoints" / f"ckpt_{step:08d}.pt"
     return lm.save(path, iteration=step, align={"stage": stage, **extra})
 
@@ -185,7 +190,7 @@ def sft_update(lm, opt: OptimizerStep, seqs, index: list[int], microbatch_size: 
     Returns ``{loss (mean NLL per response token, nats), lr, grad_norm, response_tokens}``."""
     from lmrun.align.losses import get_response_log_probs, sft_microbatch_train_step
 
-    pad = lm.eos_token_id or 0
+    pad = lm.pad_id
     chunks = [index[i:i + microbatch_size] for i in range(0, len(index), microbatch_size)]
     total_nll, tokens = 0.0, 0
     for chunk in chunks:
@@ -209,7 +214,7 @@ def sft_eval_loss(lm, seqs, batch_size: int) -> float:
 
     was = lm.model.training
     lm.model.eval()
-    pad = lm.eos_token_id or 0
+    pad = lm.pad_id
     total, tokens = 0.0, 0
     try:
         for i in range(0, len(seqs), batch_size):

@@ -159,8 +159,6 @@ class HFCausalLM(CausalLM):
     (``logits`` reads ``.logits`` of its output); ``tokenizer`` an ``HFTokenizer``; ``prefix_ids``
     the ids put in front of every prompt (BOS where the tokenizer adds one)."""
 
-    prefix_ids: list[int] = field(default_factory=list)
-    pad_id: int = 0
     kind: str = "hf"
 
     @property

@@ -22,6 +22,7 @@ import torch
 from lmrun.errors import DataError
 
 EOS_TOKEN = "<|endoftext|>"
+HF_RUN_SUBDIR = "hf_model"  # where alignment stages save a Hugging Face policy inside their run directory
 
 
 @dataclass
@@ -38,6 +39,8 @@ class CausalLM:
     source: str = ""
     facts: dict = field(default_factory=dict)
     kind: str = "lmrun"
+    prefix_ids: list[int] = field(default_factory=list)
+    pad_id: int = 0
 
     @property
     def device(self) -> torch.device:
@@ -99,6 +102,8 @@ def load_causal_lm(path: str | Path, device: str | torch.device = "cpu", key: st
     p = Path(path).expanduser()
     if not p.exists():
         raise DataError(f"{key}={path}: no such checkpoint file or run directory")
+    if p.is_dir() and not (p / "config.json").is_file() and (p / HF_RUN_SUBDIR / "config.json").is_file():
+        p = p / HF_RUN_SUBDIR  # a run directory of an alignment stage that trained a Hugging Face policy
     if p.is_dir() and (p / "config.json").is_file():
         from lmrun.eval.hf import load_hf_causal_lm
 

@@ -62,7 +62,7 @@ def _encode_pairs(lm, prompter, pairs: list[dict]) -> list[tuple[list[int], list
     eos = [lm.eos_token_id] if lm.eos_token_id is not None else []
     out = []
     for p in pairs:
-        prompt = lm.encode(prompter(p["prompt"]))
+        prompt = list(lm.prefix_ids) + lm.encode(prompter(p["prompt"]))
         chosen, rejected = lm.encode(p["chosen"]) + eos, lm.encode(p["rejected"]) + eos
         keep = lm.context_length + 1 - len(prompt)
         if keep < 1:
@@ -122,7 +122,7 @@ def run(cfg) -> dict:
     if not train:
         raise DataError("dpo: no training pairs (the reference's samples were all correct or all wrong, or every "
                         "prompt is longer than the context); raise dpo.samples_per_prompt or dpo.temperature")
-    pad = lm.eos_token_id or 0
+    pad = lm.pad_id
     mb = int(a.microbatch_size)
 
     def ref_logps(encoded):

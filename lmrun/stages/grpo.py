@@ -55,7 +55,7 @@ def _rollout_batch(lm, task, pool, prompter, g, a, rng: random.Random, seed: int
     responses = [c.text for c in completions]
     advantages, raw, meta = compute_group_normalized_rewards(task.reward, responses, truths, int(g.group_size),
                                                              float(g.advantage_eps), bool(g.normalize_by_std))
-    batch = collate_pairs([(c.prompt_ids, c.token_ids) for c in completions], lm.eos_token_id or 0)
+    batch = collate_pairs([(c.prompt_ids, c.token_ids) for c in completions], lm.pad_id)
     meta["response_length"] = sum(len(c.token_ids) for c in completions) / len(completions)
     meta["stop_fraction"] = sum(c.finish_reason == "stop" for c in completions) / len(completions)
     return batch, advantages.unsqueeze(1), raw.unsqueeze(1), meta, list(zip(prompts, responses, truths))

@@ -64,12 +64,13 @@ def run(cfg) -> dict:
     prompter = Prompter.from_config(a.prompt_template)
     prompts, responses = _examples(cfg, prompter, task, "train")
     seqs, truncated = build_sft_sequences(prompts, responses, lm.tokenizer, lm.eos_token_id, lm.context_length,
-                                          packing=bool(cfg.sft.packing))
+                                          packing=bool(cfg.sft.packing), prefix_ids=lm.prefix_ids)
     if truncated:
         log.warning("%d of %d training examples were longer than the context (%d tokens) and were cut", truncated,
                     len(prompts), lm.context_length)
     val = _examples(cfg, prompter, task, "val")
-    val_seqs = build_sft_sequences(*val, lm.tokenizer, lm.eos_token_id, lm.context_length)[0] if val else None
+    val_seqs = (build_sft_sequences(*val, lm.tokenizer, lm.eos_token_id, lm.context_length,
+                                    prefix_ids=lm.prefix_ids)[0] if val else None)
     test = task.examples("test", int(a.eval_examples), int(cfg.seed)) if task else None
     log.info("SFT: %d sequences (%d response tokens), %d steps of %d", len(seqs), seqs.response_tokens, a.steps,
              a.batch_size)

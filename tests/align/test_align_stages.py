@@ -112,3 +112,27 @@ def test_align_errors_are_one_line(base, isolated_workspace, tmp_path, capsys):
     assert "grpo.rollout_batch_size" in capsys.readouterr().err
     assert cli.main(["stage=dpo", *COMMON, f"align.model={base}", "align.task.name=arithmetic", "dpo.beta=0"]) == 2
     assert "dpo.beta" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_hf_policy_sft_then_grpo_and_dpo(arch, isolated_workspace, tmp_path):
+    pytest.importorskip("transformers")
+    from lmrun.eval.models import load_causal_lm
+    from tests.eval.helpers import save_tiny_hf_model
+
+    hf = save_tiny_hf_model(tmp_path / "hf", arch=arch)
+    assert cli.main(["stage=sft", *COMMON, f"align.model={hf}", "align.task.name=arithmetic", "align.steps=3",
+                     "align.eval_every=0"]) == 0
+    sft_run, summary = _latest(isolated_workspace, "sft")
+    assert (sft_run / "hf_model" / "config.json").is_file()  # an HF policy stays an HF directory
+    lm = load_causal_lm(sft_run)
+    assert lm.kind == "hf" and (lm.prefix_ids != []) == (arch == "llama")
+    assert cli.main(["stage=grpo", *COMMON, f"align.model={sft_run}", "align.task.name=arithmetic", "align.steps=1",
+                     "grpo.rollout_batch_size=8", "grpo.group_size=4"]) == 0
+    _, summary = _latest(isolated_workspace, "grpo")
+    assert summary["optimizer_steps"] == 1
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"{a}+1=", "chosen": str(a + 1), "rejected": "x"}) + "\n"
+                             for a in range(8)))
+    assert cli.main(["stage=dpo", *COMMON, f"align.model={sft_run}", f"align.train_data={pairs}", "align.steps=2"]) == 0
