@@ -56,3 +56,35 @@ def test_gopher_rules_match_datatrove_with_whitespace_words():
     theirs = [dt.filter(Document(text=t, id=str(i))) is True for i, t in enumerate(docs)]
     assert ours == theirs
     assert 0 < sum(ours) < len(docs)
+
+
+def test_ablation_table_and_figure_from_a_sweep(tmp_path):
+    """lmrun.curation.ablation reads each job's arm (data.train's folder), summary and curve."""
+    import json
+
+    from lmrun.curation.ablation import main
+
+    sweep = tmp_path / "sweep"
+    for job, (arm, loss) in enumerate([("curated", 5.5), ("raw", 5.7)]):
+        d = sweep / str(job)
+        d.mkdir(parents=True)
+        text = tmp_path / arm / "clean.txt"
+        text.parent.mkdir()
+        text.write_text("x" * 2_000_000)
+        (d / "run.json").write_text(json.dumps({"overrides": [f"data.train={text}", "experiment=curation_ablation"]}))
+        (d / "summary.json").write_text(json.dumps({"steps": 10, "tokens": 40960, "val_loss": loss, "val_bpb": loss / 2.4,
+                                                    "final_train_loss": loss - 0.1, "train_seconds": 12.0}))
+        lines = [{"step": s, "loss": 7.0 - s / 10, "tokens": s * 4096} for s in (5, 10)]
+        lines += [{"step": 5, "val_loss": loss + 0.5, "val_bpb": 1.0}, {"step": 10, "val_loss": loss, "val_bpb": 1.0}]
+        (d / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    ev = tmp_path / "eval_curated"
+    ev.mkdir()
+    (ev / "eval.json").write_text(json.dumps({"val_loss": 6.1, "val_bpb": 2.5}))
+    out = tmp_path / "fig.png"
+    assert main([str(sweep), "--out", str(out), "--md", str(tmp_path / "t.md"), "--eval",
+                 f"curated={ev}:wikitext"]) == 0
+    assert out.stat().st_size > 10_000
+    rows = (tmp_path / "t.md").read_text().splitlines()
+    assert rows[2].startswith("| curated | 2.00 | 40,960 | 5.5000 | 2.2917 |") and rows[2].endswith("| 6.1000 / 2.5000 |")
+    assert rows[3].startswith("| raw |") and rows[3].endswith("| - |")
+    assert main([str(tmp_path / "eval_curated"), "--out", str(out)]) == 2  # no jobs: one-line error
