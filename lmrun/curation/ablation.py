@@ -4,13 +4,14 @@ Usage::
 
     python -m lmrun.curation.ablation multiruns/pretrain/curation_ablation-<hash> \\
         --out experiments/results/curation_ablation.png [--md table.md] \\
-        [--eval ARM=runs/evaluate/<run> ...]
+        [--eval 0=runs/evaluate/<run>:wikitext ...]
 
 Each job of the sweep is one arm, named by the folder of its ``data.train`` file (``curated``,
 ``raw``, ``quality`` for ``runs/curation_ablation/<arm>/clean.txt``). The table gives, per
 arm, the training corpus (MB, tokens), the tokens trained on, the final validation loss
 (nats/token over the whole held-out set) and bits per byte, the training loss, the wall time;
-``--eval`` adds the loss and bits per byte of ``stage=evaluate`` runs (e.g. on WikiText-2). The
+``--eval JOB=RUN_DIR:NAME`` adds the loss and bits per byte of ``stage=evaluate`` runs of a
+job's checkpoint (e.g. on WikiText-2), and a second table averages each arm over its seeds. The
 figure shows the validation loss against training tokens (periodic evaluations on the first
 ``train.eval_tokens`` held-out tokens, and the final one on all of them) and the final bits per
 byte per arm.
@@ -41,7 +42,7 @@ def load_arms(sweep: Path) -> list[dict]:
         summary = json.loads((job / "summary.json").read_text(encoding="utf-8"))
         records = _jsonl(job / "metrics.jsonl")
         arms.append({"job": job.name, "arm": Path(train).parent.name if train else job.name, "train_file": train,
-                     "summary": summary, "records": records})
+                     "seed": run.get("seed"), "summary": summary, "records": records})
     if not arms:
         raise DataError(f"{sweep}: no completed pretrain job (summary.json) in this sweep folder")
     return arms
@@ -57,17 +58,28 @@ def _corpus_facts(arm: dict) -> dict:
 
 def table(arms: list[dict], evals: dict[str, dict]) -> str:
     eval_names = sorted({k for e in evals.values() for k in e})
-    head = ["arm", "training text (MB)", "tokens trained", "val loss (nats/token)", "val bits/byte",
+    head = ["arm", "seed", "training text (MB)", "tokens trained", "val loss (nats/token)", "val bits/byte",
             "final train loss", "train seconds"] + [f"{n} loss / bpb" for n in eval_names]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for a in arms:
         s = a["summary"]
         f = _corpus_facts(a)
-        row = [a["arm"], f"{f.get('train_mb', float('nan')):.2f}", f"{s['tokens']:,}", f"{s['val_loss']:.4f}",
+        row = [a["arm"], str(a.get("seed")), f"{f.get('train_mb', float('nan')):.2f}", f"{s['tokens']:,}", f"{s['val_loss']:.4f}",
                f"{s['val_bpb']:.4f}", f"{s['final_train_loss']:.4f}", f"{s['train_seconds']:.0f}"]
         for n in eval_names:
-            e = evals.get(a["arm"], {}).get(n)
+            e = evals.get(a["job"], {}).get(n)
             row.append(f"{e['loss']:.4f} / {e['bpb']:.4f}" if e else "-")
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "| arm | runs | val loss, mean (min-max) | val bits/byte, mean |"
+              + "".join(f" {n} loss, mean |" for n in eval_names), "|---|---|---|---|" + "---|" * len(eval_names)]
+    for name in dict.fromkeys(a["arm"] for a in arms):
+        group = [a for a in arms if a["arm"] == name]
+        losses = [a["summary"]["val_loss"] for a in group]
+        row = [name, str(len(group)), f"{sum(losses) / len(losses):.4f} ({min(losses):.4f}-{max(losses):.4f})",
+               f"{sum(a['summary']['val_bpb'] for a in group) / len(group):.4f}"]
+        for n in eval_names:
+            vals = [evals[a["job"]][n]["loss"] for a in group if n in evals.get(a["job"], {})]
+            row.append(f"{sum(vals) / len(vals):.4f}" if vals else "-")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
@@ -80,7 +92,9 @@ def plot(arms: list[dict], out: Path) -> None:
 
     from lmrun.tracking.files import save_figure
 
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4), dpi=120, gridspec_kw={"width_ratios": [2, 1]})
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=120, gridspec_kw={"width_ratios": [2, 1]})
+    names = list(dict.fromkeys(a["arm"] for a in arms))
+    colors = {n: f"C{i}" for i, n in enumerate(names)}
     for a in arms:
         tokens_at = {r["step"]: r["tokens"] for r in a["records"] if "tokens" in r and "loss" in r}
         per_step = a["summary"]["tokens"] / max(a["summary"]["steps"], 1)
@@ -88,18 +102,19 @@ def plot(arms: list[dict], out: Path) -> None:
         if not pts:
             continue
         xs, ys = zip(*pts)
-        line, = ax.plot(xs[:-1], ys[:-1], "o-", label=f"{a['arm']} (periodic, held-out subset)")
-        ax.plot(xs[-1:], ys[-1:], "s", color=line.get_color(), markersize=8, label=f"{a['arm']} (final, all held-out)")
+        c = colors[a["arm"]]
+        ax.plot(xs[:-1], ys[:-1], "o-", color=c, alpha=0.8, label=f"{a['arm']} seed {a.get('seed')}")
+        ax.plot(xs[-1:], ys[-1:], "s", color=c, markersize=7)
     ax.set_xlabel("training tokens")
     ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title("circles: first 65,536 held-out tokens; squares: final, whole held-out set", fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    names = [a["arm"] for a in arms]
     bpb = [a["summary"]["val_bpb"] for a in arms]
-    bx.bar(range(len(arms)), bpb, color="#4477aa")
+    bx.bar(range(len(arms)), bpb, color=[colors[a["arm"]] for a in arms])
     for i, v in enumerate(bpb):
-        bx.text(i, v, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
-    bx.set_xticks(range(len(arms)), names)
+        bx.text(i, v, f"{v:.3f}", ha="center", va="bottom", fontsize=7)
+    bx.set_xticks(range(len(arms)), [f"{a['arm']}\ns{a.get('seed')}" for a in arms], fontsize=8)
     bx.set_ylim(min(bpb) * 0.95, max(bpb) * 1.02)
     bx.set_ylabel("final validation bits/byte")
     fig.suptitle("curated vs raw web text at the same token budget (held-out: curated tutorial/faq/howto pages)")
@@ -111,17 +126,17 @@ def main(argv=None) -> int:
     ap.add_argument("sweep", type=Path)
     ap.add_argument("--out", type=Path, required=True, help="the figure (PNG)")
     ap.add_argument("--md", type=Path, default=None, help="also write the table here")
-    ap.add_argument("--eval", nargs="*", default=[], metavar="ARM=RUN_DIR[:NAME]",
-                    help="stage=evaluate runs to add as columns (NAME defaults to 'eval')")
+    ap.add_argument("--eval", nargs="*", default=[], metavar="JOB=RUN_DIR[:NAME]",
+                    help="stage=evaluate runs of job number JOB's checkpoint, added as columns (NAME: 'eval')")
     a = ap.parse_args(argv)
     try:
         arms = load_arms(a.sweep)
         evals: dict[str, dict] = {}
         for item in a.eval:
-            arm, _, rest = item.partition("=")
+            job, _, rest = item.partition("=")
             run_dir, _, name = rest.partition(":")
             e = json.loads((Path(run_dir) / "eval.json").read_text(encoding="utf-8"))
-            evals.setdefault(arm, {})[name or "eval"] = {"loss": e["val_loss"], "bpb": e["val_bpb"]}
+            evals.setdefault(job, {})[name or "eval"] = {"loss": e["val_loss"], "bpb": e["val_bpb"]}
     except (DataError, OSError, KeyError, json.JSONDecodeError) as e:
         print(f"lmrun.curation.ablation: {e}", file=sys.stderr)
         return 2

@@ -71,7 +71,7 @@ def test_ablation_table_and_figure_from_a_sweep(tmp_path):
         text = tmp_path / arm / "clean.txt"
         text.parent.mkdir()
         text.write_text("x" * 2_000_000)
-        (d / "run.json").write_text(json.dumps({"overrides": [f"data.train={text}", "experiment=curation_ablation"]}))
+        (d / "run.json").write_text(json.dumps({"seed": 0, "overrides": [f"data.train={text}", "experiment=curation_ablation"]}))
         (d / "summary.json").write_text(json.dumps({"steps": 10, "tokens": 40960, "val_loss": loss, "val_bpb": loss / 2.4,
                                                     "final_train_loss": loss - 0.1, "train_seconds": 12.0}))
         lines = [{"step": s, "loss": 7.0 - s / 10, "tokens": s * 4096} for s in (5, 10)]
@@ -82,9 +82,10 @@ def test_ablation_table_and_figure_from_a_sweep(tmp_path):
     (ev / "eval.json").write_text(json.dumps({"val_loss": 6.1, "val_bpb": 2.5}))
     out = tmp_path / "fig.png"
     assert main([str(sweep), "--out", str(out), "--md", str(tmp_path / "t.md"), "--eval",
-                 f"curated={ev}:wikitext"]) == 0
+                 f"0={ev}:wikitext"]) == 0
     assert out.stat().st_size > 10_000
     rows = (tmp_path / "t.md").read_text().splitlines()
-    assert rows[2].startswith("| curated | 2.00 | 40,960 | 5.5000 | 2.2917 |") and rows[2].endswith("| 6.1000 / 2.5000 |")
-    assert rows[3].startswith("| raw |") and rows[3].endswith("| - |")
+    assert rows[2].startswith("| curated | 0 | 2.00 | 40,960 | 5.5000 | 2.2917 |") and rows[2].endswith("| 6.1000 / 2.5000 |")
+    assert rows[3].startswith("| raw | 0 |") and rows[3].endswith("| - |")
+    assert rows[7] == "| curated | 1 | 5.5000 (5.5000-5.5000) | 2.2917 | 6.1000 |"
     assert main([str(tmp_path / "eval_curated"), "--out", str(out)]) == 2  # no jobs: one-line error
