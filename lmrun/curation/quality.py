@@ -78,20 +78,34 @@ def _sigmoid(z: float) -> float:
     return 1.0 / (1.0 + np.exp(-z)) if z >= 0 else np.exp(z) / (1.0 + np.exp(z))
 
 
+def shuffle_blocks(items: list, block: int, rng: random.Random) -> list:
+    """``items`` cut into runs of ``block`` consecutive items, the runs shuffled and joined:
+    neighbours (chunks of one document) stay together, so the first k items of the result
+    overlap the rest in at most one run."""
+    runs = [items[i:i + block] for i in range(0, len(items), block)]
+    rng.shuffle(runs)
+    return [x for run in runs for x in run]
+
+
 def train_quality_classifier(positives: list[str], negatives: list[str], *, num_buckets: int = 1 << 20,
                              ngrams: int = 2, epochs: int = 5, lr: float = 0.5, heldout_fraction: float = 0.2,
-                             seed: int = 0, balance: bool = True) -> tuple[QualityModel, dict]:
-    """Train on texts (``positives`` -> ``wiki``, ``negatives`` -> ``cc``); the classes are
-    balanced by down-sampling the larger one (``balance``), ``heldout_fraction`` of each is
-    held out. Returns the model and ``{"train_examples", "heldout_examples", "heldout_accuracy",
-    "heldout_accuracy_wiki", "heldout_accuracy_cc", "train_accuracy", "positives",
-    "negatives"}``. Raises DataError when a class has fewer than 2 examples."""
+                             seed: int = 0, balance: bool = True, heldout_block: int = 10) -> tuple[QualityModel, dict]:
+    """Train on texts (``positives`` -> ``wiki``, ``negatives`` -> ``cc``), given in corpus
+    order (chunks of one document next to each other). Each class is cut into runs of
+    ``heldout_block`` consecutive examples and the runs shuffled (:func:`shuffle_blocks`), so
+    the held-out examples (the first ``heldout_fraction`` of each class) are not neighbours of
+    training examples from the same passage — a chunk-level shuffle would put adjacent chunks of
+    one document on both sides and overstate the accuracy. The classes are balanced by
+    down-sampling the larger one (``balance``; whole runs). Returns the model and
+    ``{"train_examples", "heldout_examples", "heldout_accuracy", "heldout_accuracy_wiki",
+    "heldout_accuracy_cc", "train_accuracy", "positives", "negatives"}``. Raises DataError
+    when a class has fewer than 2 examples."""
     rng = random.Random(seed)
     pos, neg = list(positives), list(negatives)
     if len(pos) < 2 or len(neg) < 2:
         raise DataError(f"quality classifier: need at least 2 examples per class, got {len(pos)} wiki / {len(neg)} cc")
-    rng.shuffle(pos)
-    rng.shuffle(neg)
+    block = max(1, int(heldout_block))
+    pos, neg = shuffle_blocks(pos, block, rng), shuffle_blocks(neg, block, rng)
     if balance:
         m = min(len(pos), len(neg))
         pos, neg = pos[:m], neg[:m]

@@ -163,8 +163,16 @@ def read_jsonl(path: Path) -> Iterator[dict]:
 
 
 def read_html(path: Path) -> Iterator[dict]:
-    """One HTML file as one document (bytes; the extract step detects the encoding)."""
-    yield {"id": str(path), "url": path.as_uri(), "source": str(path), "html": path.read_bytes()}
+    """One HTML file as one document (bytes; the extract step detects the encoding); a
+    ``.gz`` file (Debian compresses its larger pages, e.g. ``changelog.html.gz``) is
+    decompressed. Raises DataError for a ``.gz`` file that is not gzip."""
+    data = path.read_bytes()
+    if path.name.lower().endswith(".gz"):
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as e:
+            raise DataError(f"{path}: not a gzip file ({e})") from None
+    yield {"id": str(path), "url": path.as_uri(), "source": str(path), "html": data}
 
 
 def read_documents(path: Path, fmt: str) -> Iterator[dict]:

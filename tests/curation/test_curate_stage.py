@@ -39,6 +39,21 @@ def test_read_text_and_jsonl(tmp_path):
         list(read_documents(j, "jsonl"))
 
 
+def test_read_gzipped_html_file(tmp_path):
+    import gzip
+
+    page = b"<html><body><p>Compressed page, as Debian ships its larger docs pages.</p></body></html>"
+    gz = tmp_path / "changelog.html.gz"
+    gz.write_bytes(gzip.compress(page))
+    files = list_input_files([str(tmp_path)])
+    assert files == [(gz, "html")]
+    (doc,) = read_documents(gz, "html")
+    assert doc["html"] == page
+    (tmp_path / "bad.html.gz").write_bytes(b"<html>not gzip</html>")
+    with pytest.raises(DataError, match="not a gzip file"):
+        list(read_documents(tmp_path / "bad.html.gz", "html"))
+
+
 def test_list_and_shard_files(tmp_path):
     for i, size in enumerate([5000, 100, 3000, 2000]):
         (tmp_path / f"p{i}.html").write_bytes(b"x" * size)

@@ -8,8 +8,8 @@ from tests.conftest import FIXTURES, REPO
 
 from lmrun.curation.gopher import gopher_quality_filter, gopher_reasons
 from lmrun.curation.harmful import classify_nsfw, classify_toxic_speech, harmful_probability
-from lmrun.curation.quality import (QualityModel, classify_quality, features, train_quality_classifier,
-                                    training_chunks)
+from lmrun.curation.quality import (QualityModel, classify_quality, features, shuffle_blocks,
+                                    train_quality_classifier, training_chunks)
 from lmrun.errors import DataError, FormatError
 
 
@@ -85,6 +85,20 @@ def test_quality_features_are_stable_and_normalised():
     assert np.array_equal(idx, idx2) and np.allclose(vals, vals2)
     assert np.isclose((vals ** 2).sum(), 1.0) and len(idx) <= 11
     assert len(features("!!!", 1024, 2)[0]) == 0
+
+
+def test_shuffle_blocks_keeps_neighbours_together():
+    import random
+
+    out = shuffle_blocks(list(range(95)), 10, random.Random(0))
+    assert sorted(out) == list(range(95)) and out != list(range(95))
+    runs = [out[i:i + 10] for i in range(0, 90, 10)]
+    # every run is 10 consecutive items (or the short tail run), so a held-out prefix of k
+    # runs shares no neighbours with the rest except at one boundary
+    assert all(r == list(range(r[0], r[0] + len(r))) for r in runs if r[0] != 90)
+    heldout = set(out[:20])
+    neighbours = sum((x + 1 in heldout) != (x in heldout) for x in range(94))
+    assert neighbours <= 4  # a chunk-level shuffle would give ~30 boundaries
 
 
 def test_quality_classifier_separates_wikipedia_from_shakespeare(tmp_path):
