@@ -35,7 +35,7 @@ def main(work: Path, out: Path) -> None:
         ax.plot(x, [100 * v for v in y], "o-", ms=3, label=label)
     ax.set_xlabel("seconds since the stage's first evaluation")
     ax.set_ylabel("held-out greedy accuracy (%)")
-    ax.set_title("2-digit addition, 200 held-out questions")
+    ax.set_title("2-digit addition, held-out questions (align.eval_examples)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     dpo = latest(work, "dpo")
