@@ -25,6 +25,8 @@ class EvaluateConfig:
     split: which split of the data preset to score (perplexity: val, train or both).
     max_tokens: score only the first N tokens of each split (perplexity; null: all).
     batch_size: sequences per forward pass / prompts decoded together. device: auto, cpu or cuda.
+    int8: perplexity of the model with weight-only int8 linear layers (lmrun.inference.quantize),
+        to measure what quantization costs.
     data_path: the task's data file or folder (required for the task evaluations).
     limit: evaluate only the first N examples (MMLU: of each subject; null: all).
     prompt_template: a template name of ``lmrun/align/prompts`` (alpaca, r1_zero, question_only)
@@ -45,6 +47,7 @@ class EvaluateConfig:
     max_tokens: int | None = None
     batch_size: int = 16
     device: str = "auto"
+    int8: bool = False
     data_path: str | None = None
     limit: int | None = None
     prompt_template: str | None = None

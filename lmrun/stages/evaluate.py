@@ -76,8 +76,12 @@ def run(cfg) -> dict:
                           f"its tokenizer's ({meta['vocab_size']})")
     device = resolve_device(e.device)
     model, step = load_model(path, facts, device)
+    if e.int8:
+        from lmrun.inference.quantize import quantize_int8
+
+        quantize_int8(model)
     context = int(facts["model_config"]["context_length"])
-    results = {"checkpoint": str(path), "step": step, "data": corpus.name}
+    results = {"checkpoint": str(path), "step": step, "data": corpus.name, "int8": bool(e.int8)}
     for split in (["train", "val"] if e.split == "both" else [e.split]):
         tokens = np.memmap(artifact.path / f"{split}.bin", dtype=meta["dtype"], mode="r")
         r = evaluate_loss(model, tokens, int(e.batch_size), context, device, max_tokens=e.max_tokens,
