@@ -53,8 +53,10 @@ def target_for(model_cfg, n_non_embedding: float) -> float:
     """The ``model.target_params`` whose by_params shape has the non-embedding parameter count
     nearest (in log) to ``n_non_embedding`` (the shape rule counts Transformer blocks only; this
     one counts the LM head too, and the shapes are discrete: d_model is a multiple of the head
-    dimension). Bisection in log space for the first target reaching ``n_non_embedding``; the
-    shape just below it is taken when it is nearer."""
+    dimension). Bisection in log space for a target where the count crosses ``n_non_embedding``;
+    the shape just below the crossing is taken when it is nearer than the one above. (Where the
+    rule adds a layer, the count is not monotone in the target and a slightly nearer shape can
+    be missed.)"""
     from lmrun.model.config import as_model_config
 
     base = as_model_config(model_cfg)
@@ -140,11 +142,12 @@ def plan_and_run(model_cfg, store: RunStore, exploration_budget: float, target_b
             center = math.sqrt(budget / 120.0)  # C = 6·N·D with D = 20·N (Hoffmann et al. 2022)
             source = "20 tokens/parameter"
         sizes = center * np.logspace(-math.log10(size_spread), math.log10(size_spread), sizes_per_budget)
-        requests = []  # sizes that map to the same discrete shape are trained once
+        requests, shapes = [], []  # sizes that map to the same discrete shape are trained once
         for n in sizes:
-            overrides = [f"model.target_params={target_for(model_cfg, float(n))}", f"train.max_flops={budget:.6g}"]
-            if overrides not in requests:
-                requests.append(overrides)
+            target = target_for(model_cfg, float(n))
+            if shape_of(model_cfg, target) not in shapes:
+                shapes.append(shape_of(model_cfg, target))
+                requests.append([f"model.target_params={target}", f"train.max_flops={budget:.6g}"])
         new_cost = sum(budget for o in requests if not _stored(store, o))
         if spent + new_cost > exploration_budget:
             log.info("round %d: budget %.3g would spend %.3g FLOPs (%.3g left): stop", r, budget, new_cost,
