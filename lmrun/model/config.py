@@ -123,6 +123,8 @@ class ModelConfig:
     dropout: probability for embedding and residual dropout (0 disables; training mode only).
     target_params: the non-embedding parameter count the ``by_params`` size preset derives the
         shape from (lmrun.scaling.shapes); a label otherwise.
+    shape_aspect, shape_head_dim: the ``by_params`` shape rule's d_model / num_layers and head
+        dimension (d_model is a multiple of it: 16 gives finer steps between small models).
     norm, ffn, position, attention: the component configs (see their classes).
     """
 
@@ -140,6 +142,8 @@ class ModelConfig:
     logit_softcap: float | None = None
     dropout: float = 0.0
     target_params: float | None = None
+    shape_aspect: int = 64
+    shape_head_dim: int = 32
     norm: NormConfig = field(default_factory=NormConfig)
     ffn: FFNConfig = field(default_factory=FFNConfig)
     position: PositionConfig = field(default_factory=PositionConfig)
@@ -205,7 +209,7 @@ def validate_model(cfg: ModelConfig) -> None:
     ``logit_softcap > 0``, and that Triton kernels can run here when an impl asks for them (a CUDA
     GPU, or ``TRITON_INTERPRET=1``). Accepts a ``ModelConfig`` or the composed ``cfg.model`` node.
     """
-    for key in ("vocab_size", "context_length", "d_model", "num_layers", "num_heads"):
+    for key in ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "shape_aspect", "shape_head_dim"):
         value = getattr(cfg, key)
         check(f"model.{key}", value, value >= 1, "an integer >= 1")
     validate_norm(cfg.norm)

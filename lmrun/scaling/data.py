@@ -70,11 +70,30 @@ def load_file(path: str | Path) -> list[ScalingRun]:
     return [_row_to_run(r, f"{path} row {i}") for i, r in enumerate(rows)]
 
 
+def run_from_dir(run_dir: str | Path, summary: dict, params_key: str = "params_non_embedding") -> ScalingRun:
+    """One completed ``pretrain`` run directory as a ScalingRun: N = ``summary[params_key]``,
+    D = tokens, C = ``compute_budget`` (``train.max_flops``) or else the exact training FLOPs,
+    L = final validation loss; the curve pairs each logged validation loss in ``metrics.jsonl``
+    with its compute (training FLOPs per token × tokens so far). DataError without
+    ``params_key``."""
+    if params_key not in summary:
+        raise DataError(f"{run_dir}: summary.json has no {params_key!r} (scaling.params_key)")
+    tokens = float(summary["tokens"])
+    flops_per_token = float(summary["train_flops"]) / tokens
+    curve = []
+    metrics = Path(run_dir) / "metrics.jsonl"
+    if metrics.exists() and summary.get("steps"):
+        tokens_per_step = tokens / float(summary["steps"])
+        for line in metrics.read_text(encoding="utf-8").splitlines():
+            rec = json.loads(line)
+            if rec.get("val_loss") is not None and rec.get("step"):
+                curve.append((flops_per_token * tokens_per_step * rec["step"], float(rec["val_loss"])))
+    return ScalingRun(float(summary[params_key]), tokens, float(summary.get("compute_budget", summary["train_flops"])),
+                      float(summary["val_loss"]), curve)
+
+
 def load_sweep(sweep_dir: str | Path, params_key: str = "params_non_embedding") -> list[ScalingRun]:
-    """Completed ``pretrain`` runs of a sweep directory: N = ``summary[params_key]``, D = tokens,
-    C = ``compute_budget`` (``train.max_flops``) or else the exact training FLOPs, L = final
-    validation loss; the curve pairs each logged validation loss with its compute
-    (training FLOPs per token × tokens so far)."""
+    """Completed ``pretrain`` runs of a sweep directory (each as :func:`run_from_dir`)."""
     from lmrun.tracking.collect import load_sweep as load_jobs
 
     runs = []
@@ -82,29 +101,43 @@ def load_sweep(sweep_dir: str | Path, params_key: str = "params_non_embedding") 
         s = job["summary"]
         if job["state"] != "completed" or "val_loss" not in s:
             continue
-        if params_key not in s:
-            raise DataError(f"{job['dir']}: summary.json has no {params_key!r} (scaling.params_key)")
-        tokens = float(s["tokens"])
-        flops_per_token = float(s["train_flops"]) / tokens
-        curve = []
-        metrics = Path(job["dir"]) / "metrics.jsonl"
-        if metrics.exists() and s.get("steps"):
-            tokens_per_step = tokens / float(s["steps"])
-            for line in metrics.read_text(encoding="utf-8").splitlines():
-                rec = json.loads(line)
-                if rec.get("val_loss") is not None and rec.get("step"):
-                    curve.append((flops_per_token * tokens_per_step * rec["step"], float(rec["val_loss"])))
-        runs.append(ScalingRun(float(s[params_key]), tokens, float(s.get("compute_budget", s["train_flops"])),
-                               float(s["val_loss"]), curve))
+        runs.append(run_from_dir(job["dir"], s, params_key))
     if not runs:
         raise DataError(f"scaling.input={sweep_dir}: no completed pretrain runs with a validation loss")
     return runs
 
 
+def load_plan(plan_dir: str | Path, params_key: str = "params_non_embedding") -> list[ScalingRun]:
+    """The runs of a ``scaling.mode=plan`` run directory (its ``plan.json``): each from its
+    pretrain run directory (:func:`run_from_dir`, with the round's budget as C) where that still
+    exists, else from the values plan.json recorded. DataError on a malformed plan.json."""
+    path = Path(plan_dir) / "plan.json"
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))["runs"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise DataError(f"scaling.input={plan_dir}: unreadable plan.json ({e})") from None
+    runs = []
+    for i, e in enumerate(entries):
+        summary_path = Path(e.get("dir") or "/nonexistent") / "summary.json"
+        if summary_path.is_file():
+            r = run_from_dir(summary_path.parent, json.loads(summary_path.read_text(encoding="utf-8")), params_key)
+            r.compute = float(e["compute"])
+        else:
+            r = _row_to_run({"parameters": e.get("parameters"), "tokens": e.get("tokens"),
+                             "compute_budget": e.get("compute"), "final_loss": e.get("loss")}, f"{path} run {i}")
+        runs.append(r)
+    if not runs:
+        raise DataError(f"scaling.input={plan_dir}: the plan holds no runs")
+    return runs
+
+
 def load_runs(source: str | Path, params_key: str = "params_non_embedding") -> list[ScalingRun]:
-    """:func:`load_sweep` for a directory, :func:`load_file` for a file."""
+    """:func:`load_plan` for a planner's run directory (with ``plan.json``), :func:`load_sweep`
+    for another directory, :func:`load_file` for a file."""
     source = Path(source).expanduser()
-    return load_sweep(source, params_key) if source.is_dir() else load_file(source)
+    if source.is_dir():
+        return load_plan(source, params_key) if (source / "plan.json").is_file() else load_sweep(source, params_key)
+    return load_file(source)
 
 
 def budgets(runs: list[ScalingRun], rel_tol: float = 0.05) -> list[tuple[float, list[ScalingRun]]]:

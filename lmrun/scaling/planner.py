@@ -5,7 +5,8 @@ recommend the compute-optimal model for a target budget.
 Round r trains ``sizes_per_budget`` models at budget C_r = first_budget · budget_factor^r, sizes
 spread geometrically (``size_spread``× either side) around the current estimate of N_opt(C_r) —
 the fitted law once two budgets exist, else Chinchilla's 20 tokens per parameter
-(C = 6·N·20·N). A round that would overspend the budget is not started. Runs are real
+(C = 6·N·20·N) — each mapped to the nearest discrete by_params shape (a size whose shape
+repeats one already in the round is trained once). A round that would overspend the budget is not started. Runs are real
 ``pretrain`` runs (subprocesses of this lmrun), kept by their overrides under
 ``<multiruns_dir>/scaling-plan-runs/<hash>/``: a run with the same overrides, in this plan or an
 earlier one, is reused and costs nothing.
@@ -38,22 +39,44 @@ def nonembedding_for_shape(model_cfg, shape: dict) -> int:
     return count_params(dataclasses.replace(as_model_config(model_cfg), d_ff=None, **shape))["non_embedding"]
 
 
-def target_for(model_cfg, n_non_embedding: float) -> float:
-    """The ``model.target_params`` whose by_params shape has about ``n_non_embedding``
-    non-embedding parameters (the shape rule counts Transformer blocks only; this one counts
-    the LM head too). Bisection in log space."""
+def shape_of(model_cfg, target_params: float) -> dict:
+    """The by_params shape for ``target_params`` under ``model_cfg``'s shape rule
+    (``model.shape_aspect``, ``model.shape_head_dim``)."""
     from lmrun.model.config import as_model_config
     from lmrun.scaling.shapes import shape_for_params
 
     base = as_model_config(model_cfg)
+    return shape_for_params(target_params, base.shape_aspect, base.shape_head_dim)
+
+
+def target_for(model_cfg, n_non_embedding: float) -> float:
+    """The ``model.target_params`` whose by_params shape has the non-embedding parameter count
+    nearest (in log) to ``n_non_embedding`` (the shape rule counts Transformer blocks only; this
+    one counts the LM head too, and the shapes are discrete: d_model is a multiple of the head
+    dimension). Bisection in log space for a target where the count crosses ``n_non_embedding``;
+    the shape just below the crossing is taken when it is nearer than the one above. (Where the
+    rule adds a layer, the count is not monotone in the target and a slightly nearer shape can
+    be missed.)"""
+    from lmrun.model.config import as_model_config
+
+    base = as_model_config(model_cfg)
+
+    def count(t):
+        return nonembedding_for_shape(base, shape_of(base, t))
+
     lo, hi = 1e2, max(1e3, 10 * n_non_embedding)
     for _ in range(60):
         mid = math.sqrt(lo * hi)
-        if nonembedding_for_shape(base, shape_for_params(mid)) < n_non_embedding:
+        if count(mid) < n_non_embedding:
             lo = mid
         else:
             hi = mid
-    return float(f"{hi:.4g}")
+    # step off the shape boundary before rounding, so that each side keeps its shape
+    below, above = float(f"{lo / 1.001:.5g}"), float(f"{hi * 1.001:.5g}")
+    if count(above) < n_non_embedding or count(below) >= n_non_embedding:
+        return above
+    near_below = math.log(n_non_embedding / count(below)) < math.log(count(above) / n_non_embedding)
+    return below if near_below else above
 
 
 class RunStore:
@@ -97,14 +120,15 @@ def run_pretrain_subprocess(overrides: list[str], run_dir: Path) -> None:
 def plan_and_run(model_cfg, store: RunStore, exploration_budget: float, target_budget: float, first_budget: float,
                  budget_factor: float, sizes_per_budget: int, size_spread: float, params_key: str,
                  max_rounds: int = 20) -> dict:
-    """Run the rounds; returns ``{"rounds": [...], "runs": [ScalingRun], "spent": FLOPs,
-    "reused": count}``. Each round records its budget, the sizes trained, their losses, the
-    FLOPs it spent and the fitted exponent after it."""
+    """Run the rounds; returns ``{"rounds": [...], "runs": [ScalingRun], "run_dirs": [path per
+    run], "spent": FLOPs, "reused": count}``. Each round records its budget, the sizes trained,
+    their losses, the FLOPs it spent and the fitted exponent after it."""
     import numpy as np
 
     from lmrun.scaling.fits import approach2
 
     runs: list[ScalingRun] = []
+    run_dirs: list[str] = []
     rounds, spent, reused = [], 0.0, 0
     budget = float(first_budget)
     fit = None
@@ -118,14 +142,18 @@ def plan_and_run(model_cfg, store: RunStore, exploration_budget: float, target_b
             center = math.sqrt(budget / 120.0)  # C = 6·N·D with D = 20·N (Hoffmann et al. 2022)
             source = "20 tokens/parameter"
         sizes = center * np.logspace(-math.log10(size_spread), math.log10(size_spread), sizes_per_budget)
-        requests = [[f"model.target_params={target_for(model_cfg, float(n))}", f"train.max_flops={budget:.6g}"]
-                    for n in sizes]
+        requests, shapes = [], []  # sizes that map to the same discrete shape are trained once
+        for n in sizes:
+            target = target_for(model_cfg, float(n))
+            if shape_of(model_cfg, target) not in shapes:
+                shapes.append(shape_of(model_cfg, target))
+                requests.append([f"model.target_params={target}", f"train.max_flops={budget:.6g}"])
         new_cost = sum(budget for o in requests if not _stored(store, o))
         if spent + new_cost > exploration_budget:
             log.info("round %d: budget %.3g would spend %.3g FLOPs (%.3g left): stop", r, budget, new_cost,
                      exploration_budget - spent)
             break
-        losses = []
+        losses, params = [], []
         for overrides in requests:
             summary, was_reused = store.get(overrides)
             reused += was_reused
@@ -133,18 +161,20 @@ def plan_and_run(model_cfg, store: RunStore, exploration_budget: float, target_b
                 spent += float(summary.get("train_flops", budget))
             runs.append(ScalingRun(float(summary[params_key]), float(summary["tokens"]), budget,
                                    float(summary["val_loss"])))
+            run_dirs.append(str((store.root / store.key(overrides)).absolute()))
             losses.append(float(summary["val_loss"]))
+            params.append(float(summary[params_key]))
         try:
             fit = approach2(runs)
         except (DataError, ValueError):
             fit = None
         rounds.append({"round": r, "budget": budget, "center": center, "center_from": source,
-                       "sizes": [float(s) for s in sizes], "losses": losses, "spent_after": spent,
+                       "sizes": [float(s) for s in sizes], "parameters": params, "losses": losses, "spent_after": spent,
                        "a": None if fit is None else fit.n_law.a})
         log.info("round %d: C=%.3g, %d sizes around N=%.3g (%s); spent %.3g of %.3g FLOPs; a=%s", r, budget,
-                 len(sizes), center, source, spent, exploration_budget, "-" if fit is None else f"{fit.n_law.a:.3f}")
+                 len(requests), center, source, spent, exploration_budget, "-" if fit is None else f"{fit.n_law.a:.3f}")
         budget *= budget_factor
-    return {"rounds": rounds, "runs": runs, "spent": spent, "reused": reused}
+    return {"rounds": rounds, "runs": runs, "run_dirs": run_dirs, "spent": spent, "reused": reused}
 
 
 def _stored(store: RunStore, overrides: list[str]) -> bool:

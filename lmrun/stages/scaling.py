@@ -65,8 +65,7 @@ def _model_cfg(cfg):
 def run_plan(cfg) -> dict:
     from lmrun.scaling import plots
     from lmrun.scaling.fits import bootstrap, optimal_points_isoflop
-    from lmrun.scaling.planner import RunStore, plan_and_run, target_for
-    from lmrun.scaling.shapes import shape_for_params
+    from lmrun.scaling.planner import RunStore, plan_and_run, shape_of, target_for
 
     run, sc = active_run(), cfg.scaling
     model_cfg = _model_cfg(cfg)
@@ -82,10 +81,11 @@ def run_plan(cfg) -> dict:
     runs = result["runs"]
     lines = [f"# Scaling plan: target {sc.target_budget:.3g} FLOPs, exploration budget {sc.exploration_budget:.3g}",
              "", f"Spent {result['spent']:.3g} FLOPs on {len(runs) - result['reused']} new runs "
-             f"({result['reused']} reused).", "", "| round | budget C | sizes around | from | val losses | spent after |",
+             f"({result['reused']} reused).", "", "| round | budget C | sizes around | from | N (val loss) | spent after |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {r['round']} | {r['budget']:.3g} | {r['center']:.3g} | {r['center_from']} | "
-              f"{', '.join(f'{x:.3f}' for x in r['losses'])} | {r['spent_after']:.3g} |" for r in result["rounds"]]
+              f"{', '.join(f'{n:.3g} ({x:.3f})' for n, x in zip(r['parameters'], r['losses']))} | {r['spent_after']:.3g} |"
+              for r in result["rounds"]]
     summary = {"spent_flops": result["spent"], "runs": len(runs), "reused": result["reused"],
                "rounds": len(result["rounds"])}
     try:
@@ -96,7 +96,7 @@ def run_plan(cfg) -> dict:
     if b is not None:
         p = b["predictions"][0]
         target = target_for(model_cfg, p["n_opt"][0])
-        shape = shape_for_params(target)
+        shape = shape_of(model_cfg, target)
         level = f"{int(round(float(sc.confidence) * 100))}%"
         lines += ["", f"## Recommendation for C = {sc.target_budget:.3g} FLOPs (approach 2, {level} bootstrap CI)", "",
                   f"- N_opt ({sc.params_key}): {_fmt(p['n_opt'])}",
@@ -112,7 +112,7 @@ def run_plan(cfg) -> dict:
     report = "\n".join(lines) + "\n"
     atomic_write_text(run.dir / "plan.md", report)
     atomic_write_json(run.dir / "plan.json", {"rounds": result["rounds"], "summary": summary,
-                                              "runs": [r.__dict__ for r in runs]})
+                                              "runs": [{**r.__dict__, "dir": d} for r, d in zip(runs, result["run_dirs"])]})
     print(report, flush=True)
     return summary
 

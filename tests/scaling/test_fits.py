@@ -173,3 +173,72 @@ def test_concave_profiles_are_left_out_and_two_budgets_give_no_interval():
     r = fits.bootstrap(runs, "2", [1e21], n_boot=50)
     value, lo, hi = r["coefficients"]["a"]
     assert math.isfinite(value) and math.isnan(lo) and math.isnan(hi)
+
+
+def test_planner_maps_sizes_to_the_nearest_distinct_shape():
+    """Shapes are discrete (d_model a multiple of the head dimension): each wanted size gets the
+    shape whose count is nearest in log, and head dim 16 gives finer steps than 32."""
+    from lmrun.model.config import as_model_config
+    from lmrun.scaling.planner import nonembedding_for_shape, shape_of, target_for
+
+    base = as_model_config(cli.compose(["stage=pretrain", "tokenizer.vocab_size=512"]).model)
+    fine = as_model_config(cli.compose(["stage=pretrain", "tokenizer.vocab_size=512", "model.shape_head_dim=16"]).model)
+
+    def counts(cfg):  # every distinct shape the rule yields between 1e4 and 2e6 target parameters
+        return sorted({nonembedding_for_shape(cfg, shape_of(cfg, t)) for t in np.logspace(4, 6.3, 300)})
+
+    for cfg in (base, fine):
+        available = counts(cfg)
+        for want in (3e4, 5e4, 7e4, 1e5, 1.4e5):  # below the 1 -> 2 layer step the count rises with the target
+            got = nonembedding_for_shape(cfg, shape_of(cfg, target_for(cfg, want)))
+            nearest = min(available, key=lambda n: abs(math.log(n / want)))
+            assert got == nearest
+    for want in np.logspace(5, 6, 25):  # head dim 16: always within 25% (head dim 32: shapes up to 1.6x apart)
+        got = nonembedding_for_shape(fine, shape_of(fine, target_for(fine, want)))
+        assert abs(math.log(got / want)) < math.log(1.25)
+    assert len(counts(fine)) > 1.5 * len(counts(base))
+    # a preset's shape follows model.shape_head_dim
+    m = cli.compose(["stage=pretrain", "model/size=by_params", "model.target_params=3e4", "model.shape_head_dim=16"]).model
+    assert (m.d_model, m.num_heads) == (48, 3)
+
+
+def test_planner_trains_a_repeated_shape_once_and_plan_runs_load_back(tmp_path):
+    """Sizes that map to one shape are one run; plan.json's runs load back (from their run
+    directories, or from the recorded values when a directory is gone)."""
+    from lmrun.model.config import as_model_config
+    from lmrun.scaling.data import load_plan
+    from lmrun.scaling.planner import RunStore, nonembedding_for_shape, plan_and_run, shape_of
+
+    model_cfg = as_model_config(cli.compose(["stage=pretrain", "tokenizer.vocab_size=512"]).model)
+    trained = []
+
+    def oracle(overrides, run_dir):
+        o = dict(x.split("=", 1) for x in overrides)
+        n = nonembedding_for_shape(model_cfg, shape_of(model_cfg, float(o["model.target_params"])))
+        c = float(o["train.max_flops"])
+        trained.append(n)
+        run_dir.mkdir(parents=True)
+        (run_dir / "summary.json").write_text(json.dumps({"params_non_embedding": n, "tokens": c / (6 * n), "steps": 10,
+                                                          "train_flops": c, "val_loss": float(law(n, c / (6 * n)))}))
+        (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 10, "val_loss": float(law(n, c / (6 * n)))}) + "\n")
+        (run_dir / "run.json").write_text(json.dumps({"status": "completed"}))
+
+    store = RunStore(tmp_path / "runs", [], runner=oracle)
+    # at 1e11 FLOPs the 20-tokens/parameter centre is ~2.9e4: 9 sizes 1.5x apart over shapes 2-3x apart collide
+    out = plan_and_run(model_cfg, store, exploration_budget=1e13, target_budget=1e11, first_budget=1e11,
+                       budget_factor=3.0, sizes_per_budget=9, size_spread=6.0, params_key="params_non_embedding")
+    (rd,) = out["rounds"]
+    assert len(trained) == len(set(trained)) == len(rd["parameters"]) < 9
+    assert out["spent"] == pytest.approx(1e11 * len(trained))
+    plan = tmp_path / "plan"
+    plan.mkdir()
+    entries = [{**r.__dict__, "dir": d} for r, d in zip(out["runs"], out["run_dirs"])]
+    entries[0]["dir"] = str(tmp_path / "gone")
+    (plan / "plan.json").write_text(json.dumps({"runs": entries}))
+    loaded = load_runs(plan)
+    assert [r.parameters for r in loaded] == [r.parameters for r in out["runs"]]
+    assert all(r.compute == 1e11 for r in loaded)
+    assert loaded[0].curve == [] and len(loaded[1].curve) == 1
+    (plan / "plan.json").write_text("{")
+    with pytest.raises(DataError, match="plan.json"):
+        load_plan(plan)
