@@ -127,6 +127,13 @@ def test_evaluate_stage_reproduces_the_final_validation_loss(isolated_workspace,
     assert result["val_loss"] == pytest.approx(summary["val_loss"], rel=1e-6)
     assert result["val_bpb"] == pytest.approx(summary["val_bpb"], rel=1e-6)
     assert result["train_loss"] > 0 and result["train_tokens"] > result["val_tokens"]
+    # weight-only int8: what quantization costs, measured (small, not zero)
+    assert cli.main(["stage=evaluate", "logger=none", "progress=false", f"evaluate.checkpoint={run_dir}",
+                     "evaluate.int8=true"]) == 0
+    int8_dir = max((isolated_workspace / "runs" / "evaluate").iterdir())
+    q = json.loads((int8_dir / "eval.json").read_text())
+    assert q["int8"] is True and q["val_loss"] != result["val_loss"]
+    assert q["val_loss"] == pytest.approx(result["val_loss"], rel=0.01)
     # another text with the checkpoint's tokenizer, and a bad checkpoint path
     other = tmp_path / "other.txt"
     other.write_text("To be, or not to be, that is the question.\n" * 200)
