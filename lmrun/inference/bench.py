@@ -117,3 +117,33 @@ def inference_markdown(rows: list[dict], title: str) -> str:
                   pivot_markdown(mem, keys, lambda r: f"{r['bytes_per_token'] / 2**20:.3g} MiB"
                                  + (f" ({r['bandwidth_frac']:.1%})" if "bandwidth_frac" in r else ""))]
     return "\n".join(parts) + "\n"
+
+
+def plot_inference(rows: list[dict], path, title: str) -> None:
+    """Decode tokens/s (log scale) against batch size, one line per implementation × model size
+    × prompt length; speculative rows (batch 1 only) are points. PNG written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lmrun.tracking.files import save_figure
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    lines: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["pass"] == "decode" and r["status"] == "ok":
+            lines.setdefault(f"{r['impl']} {r['size']} prompt {r['prompt']}", []).append(r)
+    for label, rs in lines.items():
+        rs = sorted(rs, key=lambda r: r["batch"])
+        ax.plot([r["batch"] for r in rs], [r["tokens_per_s"] for r in rs], marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch (prompts decoded together)")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    if lines:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)

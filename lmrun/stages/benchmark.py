@@ -95,7 +95,8 @@ def plan(cfg) -> dict:
                 "grid": {"sizes": list(b.sizes), "batch_sizes": list(b.batch_sizes), "prompt_lens": list(b.seq_lens),
                          "new_tokens": b.new_tokens, "speculative_ks": list(b.speculative_ks)},
                 "impls": ["uncached", "cached", "cached_int8"] + [f"spec_k{k}" for k in b.speculative_ks],
-                "baseline": "uncached", "outputs": ["benchmark.csv", "benchmark.md", "summary.json", "run.json"]}
+                "baseline": "uncached", "outputs": ["benchmark.csv", "benchmark.md"]
+                + (["benchmark.png"] if b.plot else []) + ["summary.json", "run.json"]}
     if b.kind == "model":
         from lmrun.train.bench_model import size_model_config
 
@@ -234,7 +235,7 @@ def _run_distributed(cfg, run) -> dict:
 def _run_inference(cfg, run, device) -> dict:
     import torch
 
-    from lmrun.inference.bench import inference_markdown, inference_rows
+    from lmrun.inference.bench import inference_markdown, inference_rows, plot_inference
     from lmrun.tracking.tables import write_csv
 
     rows = inference_rows(cfg, device)
@@ -246,6 +247,8 @@ def _run_inference(cfg, run, device) -> dict:
     write_csv(rows, run.dir / "benchmark.csv")
     report = inference_markdown(rows, title)
     atomic_write_text(run.dir / "benchmark.md", report)
+    if cfg.benchmark.plot and rows:
+        plot_inference(rows, run.dir / "benchmark.png", title)
     print(report)
     summary = {"kind": "inference", "device": dev_name, "cases": len(rows), "baseline": "uncached"}
     for impl in dict.fromkeys(r["impl"] for r in rows if r["pass"] == "decode" and r.get("speedup")):

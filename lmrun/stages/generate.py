@@ -14,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-from lmrun.errors import DataError, FormatError
+from lmrun.errors import ConfigError, DataError, FormatError
 from lmrun.stages.checkpoints import checkpoint_facts, checkpoint_tokenizer_files, resolve_checkpoint
 from lmrun.tracking.files import atomic_write_text
 from lmrun.tracking.run import active_run
@@ -55,7 +55,7 @@ def _sources(g):
         dpath = resolve_checkpoint(g.draft_checkpoint, "generate.draft_checkpoint")
         dfacts = checkpoint_facts(dpath)
         dfiles = checkpoint_tokenizer_files(dfacts, dpath)
-        if (dfiles.vocab, dfiles.merges) != (files.vocab, files.merges):
+        if dfiles.identity != files.identity:  # content digests: equal tokenizers in two caches are the same
             raise FormatError(f"generate.draft_checkpoint={g.draft_checkpoint}: its tokenizer ({dfiles.vocab}) is not "
                               f"the target's ({files.vocab})")
         draft = (dpath, dfacts)
@@ -131,7 +131,10 @@ def run(cfg) -> dict:
                     sys.stdout.flush()
                     printed[0] = len(text)
         with torch.no_grad():
-            out = engine.generate([p for p, _ in chunk], params, on_token)
+            try:
+                out = engine.generate([p for p, _ in chunk], params, on_token)
+            except ValueError as e:  # a prompt too long for the context, an empty prompt
+                raise ConfigError(f"generate.max_new_tokens={g.max_new_tokens}: {e}") from None
         if stream:
             sys.stdout.write("\n")
         st = engine.last_stats

@@ -125,3 +125,16 @@ def test_bad_settings_are_one_line_errors(isolated_workspace, capsys, overrides,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"lmrun: error: {message}"), err
     assert not (Path.cwd() / "runs").exists()
+
+
+def test_inference_benchmark_writes_tables_and_plot(isolated_workspace, capsys):
+    run_dir = run_benchmark("benchmark=inference", "benchmark.batch_sizes=[1,2]", "benchmark.new_tokens=6",
+                            "benchmark.speculative_ks=[2]", "benchmark.min_reps=1", "benchmark.threads=1")
+    rows = read_csv(run_dir / "benchmark.csv")
+    decode = {(r["impl"], r["batch"]) for r in rows if r["pass"] == "decode"}
+    # uncached / cached / int8 at both batch sizes, speculative at batch 1 only
+    assert decode == {(i, b) for i in ("uncached", "cached", "cached_int8") for b in ("1", "2")} | {("spec_k2", "1")}
+    assert all(float(r["speedup"]) == 1.0 for r in rows if r["impl"] == "uncached")
+    assert (run_dir / "benchmark.png").stat().st_size > 0 and "spec_k2" in capsys.readouterr().out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["decode_speedup_cached"] > 0 and 0 <= summary["mean_acceptance"] <= 1
