@@ -126,16 +126,16 @@ def run(cfg) -> dict:
     pad = lm.pad_id
     mb = int(a.microbatch_size)
 
-    def ref_logps(encoded):
+    def logps(model_lm, encoded):  # (chosen, rejected) summed log-probs, no gradient, in microbatches
         out_c, out_r = [], []
-        with torch.no_grad(), autocast(ref.device):
+        with torch.no_grad(), autocast(model_lm.device):
             for i in range(0, len(encoded), mb):
-                c, r = pair_log_probs(ref.model, encoded[i:i + mb], ref.device, pad)
+                c, r = pair_log_probs(model_lm.model, encoded[i:i + mb], model_lm.device, pad)
                 out_c.append(c.float().cpu())
                 out_r.append(r.float().cpu())
         return torch.cat(out_c), torch.cat(out_r)
 
-    ref_train, ref_val = ref_logps(train), (ref_logps(val) if val else None)
+    ref_train, ref_val = logps(ref, train), (logps(ref, val) if val else None)
     test = task.examples("test", int(a.eval_examples), int(cfg.seed)) if task else None
     opt = OptimizerStep(cfg, lm.model, int(a.steps))
     history = History(("loss", "reward_margin", "preference_accuracy", "val_preference_accuracy", "eval_accuracy"))
@@ -143,16 +143,7 @@ def run(cfg) -> dict:
     def evaluate(step: int) -> dict:
         m = {}
         if val:
-            was = lm.model.training
-            lm.model.eval()
-            pc, pr = [], []
-            with torch.no_grad(), autocast(lm.device):
-                for i in range(0, len(val), mb):
-                    c, r = pair_log_probs(lm.model, val[i:i + mb], lm.device, pad)
-                    pc.append(c.float().cpu())
-                    pr.append(r.float().cpu())
-            lm.model.train(was)
-            loss, info = dpo_loss(torch.cat(pc), torch.cat(pr), *ref_val, float(d.beta))
+            loss, info = dpo_loss(*logps(lm, val), *ref_val, float(d.beta))
             m.update(val_loss=float(loss), val_preference_accuracy=float(info["preference_accuracy"]),
                      val_reward_margin=float(info["reward_margin"]))
         if task is not None:
