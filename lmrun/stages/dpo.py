@@ -51,8 +51,9 @@ def verifier_pairs(ref_lm, task, examples, prompter, d, a, seed: int) -> list[di
     pairs = []
     for i, e in enumerate(examples):
         group = completions[i * k:(i + 1) * k]
-        good = [c.text for c in group if task.reward(c.text, e.answer)["reward"] == 1.0]
-        bad = [c.text for c in group if task.reward(c.text, e.answer)["reward"] < 1.0]
+        scored = [(c.text, task.reward(c.text, e.answer)["reward"]) for c in group]
+        good = [t for t, r in scored if r == 1.0]
+        bad = [t for t, r in scored if r < 1.0]
         if good and bad:
             pairs.append({"prompt": e.question, "chosen": good[0], "rejected": bad[0]})
     return pairs

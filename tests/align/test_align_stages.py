@@ -136,3 +136,32 @@ def test_hf_policy_sft_then_grpo_and_dpo(arch, isolated_workspace, tmp_path):
     pairs.write_text("".join(json.dumps({"prompt": f"{a}+1=", "chosen": str(a + 1), "rejected": "x"}) + "\n"
                              for a in range(8)))
     assert cli.main(["stage=dpo", *COMMON, f"align.model={sft_run}", f"align.train_data={pairs}", "align.steps=2"]) == 0
+
+
+def test_verifier_pairs_pair_a_correct_with_an_incorrect_sample():
+    from types import SimpleNamespace
+
+    from lmrun.align.loop import Prompter
+    from lmrun.align.tasks import TaskExample, arithmetic_task
+    from lmrun.inference.engine import Completion
+    from lmrun.stages.dpo import verifier_pairs
+
+    scripted = {"1+1=": ["3", "2", "2", "4"], "2+2=": ["4", "4", "4", "4"], "3+3=": ["5", "7", "6", "8"]}
+
+    class ScriptedLM:
+        def generate(self, prompts, params):
+            seen: dict[str, int] = {}
+            out = []
+            for p in prompts:
+                i = seen.get(p, 0)
+                seen[p] = i + 1
+                out.append(Completion(prompt_ids=[1], token_ids=[2], text=scripted[p][i]))
+            return out
+
+    examples = [TaskExample(q, str(2 * (k + 1)), "") for k, q in enumerate(scripted)]
+    d = SimpleNamespace(samples_per_prompt=4, temperature=1.0)
+    a = SimpleNamespace(max_new_tokens=3)
+    pairs = verifier_pairs(ScriptedLM(), arithmetic_task(), examples, Prompter("{question}", "q"), d, a, seed=0)
+    # 2+2 has no incorrect sample: no pair; the others pair their first correct with their first incorrect
+    assert pairs == [{"prompt": "1+1=", "chosen": "2", "rejected": "3"},
+                     {"prompt": "3+3=", "chosen": "6", "rejected": "5"}]
