@@ -4,7 +4,6 @@ sampling in chunks, held-out task evaluation, and the curves figure."""
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,12 +18,6 @@ GENERATION_CHUNK = 256  # prompts per InferenceEngine call (bounds the KV cache'
 
 class NonFiniteLossError(LmrunError):
     """A loss or gradient norm became NaN/inf; the step was not applied."""
-
-
-def resolve_device(name: str) -> torch.device:
-    from lmrun.train.trainer import resolve_device as _resolve
-
-    return _resolve(name)
 
 
 @dataclass
@@ -46,6 +39,7 @@ def load_policy(cfg, key: str = "align.model", path: str | None = None):
     """The ``CausalLM`` at ``path`` (default ``cfg.align.model``) on the configured device, in
     train mode."""
     from lmrun.eval.models import load_causal_lm
+    from lmrun.train.trainer import resolve_device
 
     lm = load_causal_lm(path or cfg.align.model, resolve_device(cfg.align.device), key=key)
     lm.model.train()
@@ -173,7 +167,6 @@ class History:
     def __init__(self, keys: tuple[str, ...]):
         self.keys = keys
         self.series: dict[str, list[tuple[int, float]]] = {k: [] for k in keys}
-        self.t0 = time.time()
 
     def add(self, step: int, metrics: dict) -> None:
         for k in self.keys:
