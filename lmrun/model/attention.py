@@ -132,9 +132,11 @@ class MultiHeadSelfAttention(nn.Module):
         *lead, s, _ = x.shape
         x = x.reshape(-1, s, self.d_model)
         b, h, kvh, d_k = x.shape[0], self.num_heads, self.n_kv_heads, self.d_k
-        q = self.q_proj(x).view(b, s, h, d_k).transpose(1, 2)  # (b, h, s, d_k)
-        k = self.k_proj(x).view(b, s, kvh, d_k).transpose(1, 2)  # (b, kvh, s, d_k)
-        v = self.v_proj(x).view(b, s, kvh, d_k).transpose(1, 2)
+        # QK-norm and RoPE act on the contiguous (b, s, heads, d_k) projections, before the
+        # transpose to (b, heads, s, d_k): no copy to make the rotation's pairs contiguous
+        q = self.q_proj(x).view(b, s, h, d_k)
+        k = self.k_proj(x).view(b, s, kvh, d_k)
+        v = self.v_proj(x).view(b, s, kvh, d_k).transpose(1, 2)  # (b, kvh, s, d_k)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope is not None:
@@ -142,8 +144,9 @@ class MultiHeadSelfAttention(nn.Module):
                 pos = torch.arange(s, device=x.device)
             else:
                 pos = token_positions.reshape(-1, s) if token_positions.dim() > 1 else token_positions
-                pos = pos.unsqueeze(1) if pos.dim() > 1 else pos  # (b, 1, s): broadcast over heads
+            pos = pos.unsqueeze(-1)  # (s, 1) or (b, s, 1): broadcast over heads
             q, k = self.rope(q, pos), self.rope(k, pos)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (b, h, s, d_k), (b, kvh, s, d_k)
         if self.impl == "sdpa" and self.window is not None:
             mask = causal_mask(s, 1, x.device, self.window)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=kvh != h)

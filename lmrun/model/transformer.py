@@ -174,7 +174,12 @@ class TransformerLM(nn.Module):
                    norm_impl=cfg.norm.impl,
                    device=device, dtype=dtype)
 
-    def forward(self, token_ids: torch.Tensor, token_positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, token_ids: torch.Tensor, token_positions: torch.Tensor | None = None, *,
+                return_hidden: bool = False) -> torch.Tensor:
+        """``token_ids (..., seq_len)`` -> logits ``(..., seq_len, vocab_size)``; with
+        ``return_hidden`` the final hidden states ``(..., seq_len, d_model)`` after the final norm
+        instead (the LM head is left to a fused loss, ``lmrun.train.loss.linear_cross_entropy``).
+        Raises ValueError for a sequence longer than ``context_length``."""
         seq_len = token_ids.shape[-1]
         if seq_len > self.context_length:
             raise ValueError(f"sequence of {seq_len} tokens is longer than context_length={self.context_length}")
@@ -186,7 +191,10 @@ class TransformerLM(nn.Module):
         x = self.embed_drop(x)
         for layer in self.layers:
             x = layer(x, token_positions)
-        logits = self.lm_head(self.ln_final(x))
+        x = self.ln_final(x)
+        if return_hidden:
+            return x
+        logits = self.lm_head(x)
         if self.logit_softcap is not None:
             logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
         return logits

@@ -5,9 +5,13 @@ The baseline (:class:`NaiveLM`) is what one writes first: ``nn.Linear`` / ``nn.E
 RMSNorm, RoPE and SwiGLU as plain tensor expressions, attention as ``softmax(QKᵀ/√d + mask) V``
 materialising the (seq × seq) matrix, ``F.cross_entropy``, ``torch.optim.AdamW``, no compile.
 lmrun's step is the pretrain stage's: :class:`lmrun.model.TransformerLM` built from the config
-(SDPA attention by default), lmrun's loss and optimizer, and ``train.compile`` if set.
-Both use the same shapes, batch, parameter count (checked) and thread count; steps alternate in
-rounds so machine load hits both alike; tokens/s is the median over rounds.
+(SDPA attention by default), the fused LM-head loss (``train.fused_loss``), lmrun's optimizer,
+glibc's heap kept between steps on CPU (``train.keep_heap_memory``) and ``train.compile`` if set.
+A third contender, ``baseline_heap``, is the baseline with lmrun's allocator setting, so the
+table separates what the allocator gives from what the model and loss code give.
+All use the same shapes, batch, parameter count (checked) and thread count; steps alternate in
+rounds so machine load hits them alike; tokens/s is the median over rounds and a ratio the median
+of the per-round ratios.
 
 Usage::
 
@@ -86,12 +90,19 @@ class NaiveLM(nn.Module):
         return self.lm_head(NaiveBlock.rmsnorm(x, self.ln_final))
 
 
+def paired_ratio(ours: list[float], base: list[float]) -> float:
+    """Median over rounds of the per-round tokens/s ratio: each round's contenders ran back to back,
+    so a load change on the shared machine between rounds cancels out."""
+    return round(statistics.median(a / b for a, b in zip(ours, base)), 3)
+
+
 def run_benchmark(overrides: list[str], steps: int, rounds: int, compile_ours: bool) -> dict:
     from lmrun.cli import compose
     from lmrun.model import build_model
     from lmrun.model.config import as_model_config, resolved_d_ff
     from lmrun.optim import build_optimizer, clip_grad_norm
-    from lmrun.train.loss import cross_entropy_with_z
+    from lmrun.train.loss import cross_entropy_with_z, linear_cross_entropy
+    from lmrun.train.trainer import keep_heap_memory
 
     cfg = compose(["stage=pretrain", *overrides])
     mc = as_model_config(cfg.model)
@@ -112,8 +123,13 @@ def run_benchmark(overrides: list[str], steps: int, rounds: int, compile_ours: b
     if n_ours != n_base:
         raise SystemExit(f"parameter counts differ: lmrun {n_ours}, baseline {n_base}")
 
+    fused = bool(cfg.train.fused_loss) and ours.logit_softcap is None
+
     def step_ours():
-        ce, _ = cross_entropy_with_z(ours_fwd(x), y, 0.0)
+        if fused:
+            ce = linear_cross_entropy(ours_fwd(x, return_hidden=True), ours.lm_head.weight, y)[0]
+        else:
+            ce, _ = cross_entropy_with_z(ours_fwd(x), y, 0.0)
         ce.backward()
         clip_grad_norm([p for p in ours.parameters() if p.grad is not None], 1.0)
         ours_opt.step()
@@ -126,27 +142,35 @@ def run_benchmark(overrides: list[str], steps: int, rounds: int, compile_ours: b
         base_opt.step()
         base_opt.zero_grad(set_to_none=True)
 
-    for fn in (step_ours, step_base):  # warm-up (and compilation)
+    heap = bool(cfg.train.keep_heap_memory)
+    contenders = [("lmrun", step_ours, heap), ("baseline", step_base, False)]
+    if heap:
+        contenders.append(("baseline_heap", step_base, True))
+    for _, fn, keep in contenders:  # warm-up (and compilation)
+        keep_heap_memory(keep)
         for _ in range(3):
             fn()
-    times = {"lmrun": [], "baseline": []}
+    times = {name: [] for name, _, _ in contenders}
     for _ in range(rounds):
-        for name, fn in (("lmrun", step_ours), ("baseline", step_base)):
+        for name, fn, keep in contenders:
+            keep_heap_memory(keep)
             t0 = time.perf_counter()
             for _ in range(steps):
                 fn()
             times[name].append(batch * ctx * steps / (time.perf_counter() - t0))
     tps = {k: statistics.median(v) for k, v in times.items()}
     return {"config": overrides, "params": n_ours, "batch": batch, "context_length": ctx, "threads": torch.get_num_threads(),
-            "compile": compile_ours, "tokens_per_s": {k: round(v, 1) for k, v in tps.items()},
-            "ratio": round(tps["lmrun"] / tps["baseline"], 3),
+            "compile": compile_ours, "fused_loss": fused, "keep_heap_memory": heap,
+            "tokens_per_s": {k: round(v, 1) for k, v in tps.items()},
+            "ratio": paired_ratio(times["lmrun"], times["baseline"]),
+            **({"ratio_vs_baseline_heap": paired_ratio(times["lmrun"], times["baseline_heap"])} if heap else {}),
             "rounds": {k: [round(v, 1) for v in vals] for k, vals in times.items()}}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lmrun.train.bench_throughput", description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--compile", action="store_true", help="torch.compile lmrun's model (train.compile=true)")
     ap.add_argument("--json", default=None)
     ap.add_argument("overrides", nargs="*")

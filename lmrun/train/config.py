@@ -29,6 +29,10 @@ class TrainConfig:
     samples / sample_tokens / temperature / top_p: text samples written at the end.
     peak_flops: the device's peak FLOP/s for MFU (null: known GPUs only; set it for CPU).
     noise_scale: log the gradient noise scale estimate (McCandlish et al. 2018).
+    fused_loss: compute the LM head and the loss together, chunk by chunk, without the full logits
+        (lmrun.train.loss.linear_cross_entropy); single-process runs without logit soft-capping.
+    keep_heap_memory: on CPU with glibc, keep freed memory for reuse instead of paying page faults
+        for every step's activations (lmrun.train.trainer.keep_heap_memory).
     """
 
     batch_size: int = 32
@@ -57,6 +61,8 @@ class TrainConfig:
     top_p: float = 0.95
     peak_flops: float | None = None
     noise_scale: bool = False
+    fused_loss: bool = True
+    keep_heap_memory: bool = True
 
 
 def validate_train(cfg: TrainConfig) -> None:

@@ -9,13 +9,18 @@ function: the forward pass keeps only ``(N,)`` vectors besides the logits it was
 backward pass builds the softmax once, in a single ``(N, V)`` float32 buffer that becomes the
 gradient, so no extra ``(N, V)`` float32 copy is saved between the two passes (autograd through
 ``log_softmax`` + ``nll_loss`` keeps one, and ``F.cross_entropy`` keeps the log-softmax output).
+
+:func:`linear_cross_entropy` goes one step further for training: it fuses the LM head's matrix
+multiply with the loss and its gradient, chunk by chunk of tokens, so the ``(N, V)`` logits never
+exist whole (the idea of Liger Kernel's fused linear cross-entropy, Hsu et al. 2024, and of
+Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary Language Models").
 """
 from __future__ import annotations
 
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["cross_entropy", "cross_entropy_with_z", "logsumexp", "z_loss"]
+__all__ = ["cross_entropy", "cross_entropy_with_z", "linear_cross_entropy", "logsumexp", "z_loss"]
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -170,3 +175,99 @@ def z_loss(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tens
     if mask.shape != sq.shape:
         raise ValueError(f"mask {tuple(mask.shape)}: expected the logits' leading shape {tuple(sq.shape)}")
     return torch.where(mask, sq, torch.zeros_like(sq)).sum() / mask.sum()
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy (+ weighted z-loss) of ``logits = hidden @ weightᵀ`` and its gradients,
+    computed chunk by chunk in the forward pass.
+
+    Per chunk of rows: logits in float32, row max ``m``, ``s = Σ exp(x - m)``, ``lse = m + log s``;
+    the loss terms; then, in the same buffer, ``∂loss/∂x = softmax · (1 + 2·z_weight·lse)/n -
+    onehot/n`` (``n`` non-ignored rows; zero for ignored rows), multiplied into
+    ``∂hidden = g @ weight`` and accumulated into ``∂weight += gᵀ @ hidden``. The backward pass
+    only scales those by the incoming gradient (the loss is linear in it).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index: int, z_weight: float, chunk_size: int):
+        n_rows = hidden.shape[0]
+        valid = targets != ignore_index
+        safe_t = torch.where(valid, targets, torch.zeros_like(targets))
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        cd = hidden.dtype  # matmul dtype (bf16 hidden from autocast: weight cast to it)
+        acc = _acc_dtype(cd)
+        n = valid.sum().clamp_min(1).to(acc)
+        w = weight.to(cd)
+        g_hidden = torch.empty_like(hidden) if need_grad else None
+        g_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_grad else None
+        ce_sum = torch.zeros((), dtype=acc, device=hidden.device)
+        z_sum = torch.zeros((), dtype=acc, device=hidden.device)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for i in range(0, n_rows, chunk_size):
+                h, t, ok = hidden[i:i + chunk_size], safe_t[i:i + chunk_size, None], valid[i:i + chunk_size]
+                x = (h @ w.T).to(acc)                             # (c, V) logits of this chunk
+                m = x.amax(dim=-1, keepdim=True)
+                m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+                x_t = x.gather(-1, t)
+                s = x.sub_(m).exp_().sum(dim=-1, keepdim=True)  # x now holds exp(x - m)
+                log_s = s.log()
+                lse = (m + log_s).squeeze(-1)
+                ce_sum += torch.where(ok, (log_s - (x_t - m)).squeeze(-1), 0.0).sum()
+                z_sum += torch.where(ok, lse.square(), 0.0).sum()
+                if not need_grad:
+                    continue
+                coef = torch.where(ok, (1.0 + 2.0 * z_weight * lse) / n, 0.0)[:, None]
+                x.mul_(coef / s)                                  # softmax · coef
+                x.scatter_add_(-1, t, torch.where(ok, -1.0 / n, 0.0)[:, None].expand_as(x_t))
+                g = x.to(cd)
+                torch.mm(g, w, out=g_hidden[i:i + chunk_size])
+                g_weight.addmm_(x.T, h.to(acc)) if cd != acc else g_weight.addmm_(g.T, h)
+        ce, z = ce_sum / n, z_sum / n
+        if not bool(valid.any()):
+            ce, z = ce + float("nan"), z + float("nan")
+        ctx.save_for_backward(g_hidden, g_weight)
+        ctx.weight_dtype = weight.dtype
+        ctx.mark_non_differentiable(ce, z)
+        return ce + z_weight * z, ce, z
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_loss, _g_ce, _g_z):
+        g_hidden, g_weight = ctx.saved_tensors
+        if g_loss is None or g_hidden is None:
+            return None, None, None, None, None, None
+        return ((g_hidden * g_loss.to(g_hidden.dtype)), (g_weight * g_loss).to(ctx.weight_dtype),
+                None, None, None, None)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, z_weight: float = 0.0,
+                         ignore_index: int = -100, chunk_size: int = 1024
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training loss of an LM head ``logits = hidden @ weightᵀ`` without materialising the logits.
+
+    Args:
+        hidden: ``(..., d_model)`` final hidden states (after the final norm), float32 or bf16.
+        weight: ``(vocab, d_model)`` the LM head's weight (tied or not).
+        targets: ``(...)`` integer ids, ``ignore_index`` for positions that do not count.
+        z_weight: weight of the z-loss term in the differentiable loss.
+        chunk_size: rows per chunk; the float32 buffer is ``chunk_size × vocab``.
+
+    Returns:
+        ``(loss, ce, z)``: ``loss = ce + z_weight · z`` (differentiable; its gradients were
+        computed in the forward pass, which therefore costs what forward+backward of the unfused
+        head costs), ``ce`` the mean cross-entropy in nats per token and ``z`` the mean ``lse²``
+        over non-ignored positions (both detached; nan when every position is ignored) — the
+        same values as :func:`cross_entropy_with_z` on ``hidden @ weightᵀ``.
+
+    Raises ValueError for mismatched shapes or non-integer targets. Not twice differentiable;
+    no logit soft-capping (use :func:`cross_entropy_with_z` on the logits for that).
+    """
+    if hidden.shape[:-1] != targets.shape or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}, targets {tuple(targets.shape)}: "
+                         "expected hidden (..., d), weight (vocab, d) and targets (...)")
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool:
+        raise ValueError(f"targets dtype {targets.dtype}: expected an integer tensor of class indices")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size}: expected a positive integer")
+    return _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1).long(),
+                                     ignore_index, float(z_weight), int(chunk_size))
