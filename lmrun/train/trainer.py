@@ -49,7 +49,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 #: glibc mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
 
 
 def keep_heap_memory(enable: bool = True) -> bool:
@@ -61,7 +61,8 @@ def keep_heap_memory(enable: bool = True) -> bool:
     ``(32, 128, 512)`` float32 multiply took 5.3 ms instead of 1.3 ms. ``enable`` serves all
     allocations from the heap (``M_MMAP_MAX=0``) and trims it only above 1 GiB of free memory at
     its top (``M_TRIM_THRESHOLD``), the effect the PyTorch CPU tuning guide gets by preloading
-    jemalloc or tcmalloc. ``enable=False`` restores glibc's defaults (65,536 maps, 128 KiB).
+    jemalloc or tcmalloc. ``enable=False`` restores glibc's default values (65,536 maps, 128 KiB
+    mmap and trim thresholds; the threshold no longer adapts, as after any ``mallopt``).
     Process-wide. Returns False (changing nothing) where the C library is not glibc.
     """
     import ctypes
@@ -74,6 +75,8 @@ def keep_heap_memory(enable: bool = True) -> bool:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         ok = libc.mallopt(_M_MMAP_MAX, 0 if enable else 65536)
         ok &= libc.mallopt(_M_TRIM_THRESHOLD, (1 << 30) if enable else 128 * 1024)
+        if not enable:
+            ok &= libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
     except (OSError, AttributeError):
         return False
     return bool(ok)

@@ -82,6 +82,29 @@ def test_rmsnorm_matches_formula_and_functional():
     close(norm(x), F.rms_norm(x, (32,), norm.weight, eps=1e-5))
 
 
+def test_rmsnorm_backward_matches_autograd_of_the_formula():
+    torch.manual_seed(0)
+    norm = RMSNorm(24, eps=1e-5, dtype=torch.float64)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = (torch.randn(2, 5, 24, dtype=torch.float64) * 3).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, w: norm_fn(a, w), (x, norm.weight))
+    g = torch.randn_like(x)
+    norm(x).backward(g)
+    gx, gw = x.grad.clone(), norm.weight.grad.clone()
+    x.grad = None
+    w = norm.weight.detach().clone().requires_grad_()
+    (x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w).backward(g)
+    close(gx, x.grad, rtol=1e-10, atol=1e-10)
+    close(gw, w.grad, rtol=1e-10, atol=1e-10)
+
+
+def norm_fn(x, w):
+    from lmrun.model.norms import _RMSNormFunction
+
+    return _RMSNormFunction.apply(x, w, 1e-5)
+
+
 def test_rmsnorm_computes_in_float32_and_casts_back():
     torch.manual_seed(0)
     norm = RMSNorm(16)

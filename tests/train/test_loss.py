@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmrun.train.loss import cross_entropy, cross_entropy_with_z, logsumexp, z_loss
+from lmrun.train.loss import cross_entropy, cross_entropy_with_z, linear_cross_entropy, logsumexp, z_loss
 
 
 def _reference(logits, targets, ignore_index=-100, reduction="mean"):
@@ -154,3 +154,52 @@ def test_float64_logits_stay_float64():
     assert ours.dtype == torch.float64 and g_ours.dtype == torch.float64
     torch.testing.assert_close(ours, ref.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(g_ours, x.grad, rtol=1e-10, atol=1e-14)
+
+
+# --- fused LM head + loss ------------------------------------------------------------------------
+@pytest.mark.parametrize("z_weight,chunk", [(0.0, 7), (1e-2, 64), (0.5, 1000)])
+def test_linear_cross_entropy_matches_unfused(z_weight, chunk):
+    torch.manual_seed(0)
+    h = torch.randn(3, 40, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 37, (3, 40))
+    t[0, :5] = -100
+    loss, ce, z = linear_cross_entropy(h, w, t, z_weight, chunk_size=chunk)
+    (2.0 * loss).backward()  # the incoming gradient scales the precomputed ones
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    ce_ref, z_ref = cross_entropy_with_z(h @ w.T, t, z_weight)
+    (2.0 * (ce_ref + z_weight * z_ref)).backward()
+    torch.testing.assert_close(ce, ce_ref.detach())
+    torch.testing.assert_close(z, z_ref.detach())
+    torch.testing.assert_close(loss.detach(), (ce_ref + z_weight * z_ref).detach())
+    torch.testing.assert_close(gh, h.grad)
+    torch.testing.assert_close(gw, w.grad)
+    assert not ce.requires_grad and not z.requires_grad and loss.requires_grad
+
+
+def test_linear_cross_entropy_bf16_hidden_and_no_grad():
+    torch.manual_seed(0)
+    h = torch.randn(64, 16).bfloat16().requires_grad_()
+    w = torch.randn(37, 16, requires_grad=True)
+    t = torch.randint(0, 37, (64,))
+    loss, ce, _ = linear_cross_entropy(h, w, t)
+    loss.backward()
+    assert h.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
+    ref = cross_entropy(h.float() @ w.detach().bfloat16().float().T, t)
+    assert float(ce) == pytest.approx(float(ref), rel=1e-3)
+    with torch.no_grad():
+        loss, ce2, _ = linear_cross_entropy(h, w, t)
+    assert not loss.requires_grad and float(ce2) == float(ce)
+
+
+def test_linear_cross_entropy_all_ignored_and_bad_input():
+    h, w = torch.randn(4, 8, requires_grad=True), torch.randn(5, 8)
+    loss, ce, z = linear_cross_entropy(h, w, torch.full((4,), -100))
+    assert torch.isnan(ce) and torch.isnan(z)
+    with pytest.raises(ValueError, match="expected hidden"):
+        linear_cross_entropy(h, torch.randn(5, 7), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="integer"):
+        linear_cross_entropy(h, w, torch.zeros(4))
+    with pytest.raises(ValueError, match="chunk_size"):
+        linear_cross_entropy(h, w, torch.zeros(4, dtype=torch.long), chunk_size=0)
