@@ -199,17 +199,18 @@ class InferenceEngine:
 
     @staticmethod
     def _choose(logits: torch.Tensor, params: SamplingParams, gen) -> tuple[torch.Tensor, torch.Tensor]:
-        """logits (b, vocab) -> tokens (b,), raw log-probs of those tokens (b,)."""
-        probs = sampling_probs(logits, params.temperature, params.top_k, params.top_p)
+        """logits (b, vocab) -> tokens (b,), raw log-probs of those tokens (b,), float64 nats.
+        Greedy is the argmax of the logits (the first on ties, as of ``sampling_probs``' one-hot)."""
         if params.temperature == 0:
-            tokens = probs.argmax(-1)
+            tokens = logits.argmax(-1)
         else:
+            probs = sampling_probs(logits, params.temperature, params.top_k, params.top_p)
             tokens = torch.multinomial(probs, 1, generator=gen)[:, 0]
         logp = torch.log_softmax(logits.double(), -1).gather(-1, tokens[:, None])[:, 0]
         return tokens, logp
 
     # --- generation ------------------------------------------------------------------------------
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, prompts, params: SamplingParams | None = None, on_token=None) -> list[Completion]:
         """prompts: a list of strings or of token-id lists -> one ``Completion`` per prompt, in
         order. ``on_token(row, token_id)`` is called as each token is accepted (streaming)."""
@@ -234,11 +235,12 @@ class InferenceEngine:
         return [r.finish() for r in rows]
 
     def _push_all(self, rows, tokens, logp, on_token) -> None:
+        tokens, logp = tokens.tolist(), logp.tolist()  # one host transfer each per step
         for i, row in enumerate(rows):
             if not row.done:
-                row.push(int(tokens[i]), float(logp[i]))
+                row.push(tokens[i], logp[i])
                 if on_token is not None:
-                    on_token(i, int(tokens[i]))
+                    on_token(i, tokens[i])
 
     def _cached(self, rows: list[_Row], params, gen, on_token) -> None:
         st = self.last_stats
