@@ -206,7 +206,7 @@ class InferenceEngine:
         else:
             probs = sampling_probs(logits, params.temperature, params.top_k, params.top_p)
             tokens = torch.multinomial(probs, 1, generator=gen)[:, 0]
-        logp = torch.log_softmax(logits.double(), -1).gather(-1, tokens[:, None])[:, 0]
+        logp = torch.log_softmax(logits, -1, dtype=torch.float64).gather(-1, tokens[:, None]).view(-1)
         return tokens, logp
 
     # --- generation ------------------------------------------------------------------------------

@@ -185,12 +185,25 @@ def _linear(mod):
     return mod
 
 
-def _linear_add(mod):
-    """``(res, x) -> res + mod(x)`` on 2-D tensors; a bias-free ``Linear`` is one ``addmm``."""
+def _linear_add(mod, doubled: bool = False):
+    """``(res, x) -> res + mod(x)`` on 2-D tensors; a bias-free ``Linear`` is one ``addmm``.
+    ``doubled`` (a bias-free ``Linear`` only): ``res`` is the doubled residual ``[r, -r]``
+    ``(n, 2·d_out)`` and gets ``[y, -y]`` (weights ``[W; -W]``)."""
     if type(mod) is Linear and mod.bias is None:
-        wt = mod.weight.t()
+        w = mod.weight
+        wt = (torch.cat([w, torch.neg(w)]) if doubled else w).t()
         return lambda res, x: torch.addmm(res, x, wt)
+    if doubled:
+        raise ValueError("a doubled residual needs bias-free Linear output projections")
     return lambda res, x: res + mod(x)
+
+
+def _norm_doubled(mod: RMSNorm):
+    """``[x, -x] (n, 2d) -> RMSNorm(x) (n, d)`` (a view): the LayerNorm kernel alone, no concatenation
+    (see ``_norm``)."""
+    w, eps, d = mod.weight, mod.eps, mod.weight.shape[0]
+    w2 = torch.cat([w, w])
+    return lambda x2: F.layer_norm(x2, (2 * d,), w2, None, eps).narrow(-1, 0, d)
 
 
 def _norm(mod):
@@ -208,7 +221,7 @@ def _norm(mod):
         def f(x):
             if x.dtype != w.dtype or x.dtype not in (torch.float32, torch.float64):
                 return mod(x)
-            return F.layer_norm(torch.cat([x, torch.neg(x)], dim=-1), (2 * d,), w2, None, eps)[..., :d]
+            return F.layer_norm(torch.cat([x, torch.neg(x)], dim=-1), (2 * d,), w2, None, eps).narrow(-1, 0, d)
         return f
     return mod
 
@@ -224,24 +237,24 @@ def _rotate(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
-def _ffn_add(mod, fuse: bool):
+def _ffn_add(mod, fuse: bool, doubled: bool = False):
     """``(res, x) -> res + mod(x)`` (2-D) for a feed-forward module: gated (``w2(act(w1 x) * w3 x)``,
     w1 and w3 in one matmul when ``fuse``) and ungated MLPs of bias-free ``Linear`` s; else the module."""
     lins = [getattr(mod, n, None) for n in ("w1", "w2", "w3")]
     plain = all(type(lin) is Linear and lin.bias is None for lin in lins if lin is not None)
     if type(mod) in (GatedFFN, SwiGLU) and plain:
-        act, out = (F.silu if mod.activation == "silu" else mod.act), _linear_add(mod.w2)
+        act, out = (F.silu if mod.activation == "silu" else mod.act), _linear_add(mod.w2, doubled)
         if fuse:
-            w13t, d_ff = torch.cat([mod.w1.weight, mod.w3.weight]).t(), mod.w1.out_features
+            w13t = torch.cat([mod.w1.weight, mod.w3.weight]).t()
 
             def f(res, x):
-                a, g = torch.mm(x, w13t).split(d_ff, dim=-1)
+                a, g = torch.mm(x, w13t).chunk(2, dim=-1)
                 return out(res, act(a).mul_(g))
             return f
         w1t, w3t = mod.w1.weight.t(), mod.w3.weight.t()
         return lambda res, x: out(res, act(torch.mm(x, w1t)).mul_(torch.mm(x, w3t)))
     if type(mod) is MLP and plain:
-        act, out, w1t = mod.act, _linear_add(mod.w2), mod.w1.weight.t()
+        act, out, w1t = mod.act, _linear_add(mod.w2, doubled), mod.w1.weight.t()
         return lambda res, x: out(res, act(torch.mm(x, w1t)))
     return lambda res, x: res + mod(x)
 
@@ -257,7 +270,8 @@ class _Step:
         self.b, self.s, self.t0, self.t1, self.rots, self.mask = b, s, t0, t1, rots, mask
 
 
-def _mha(m: MultiHeadSelfAttention, cache: InferenceCache, entry: dict, fuse: bool, rope_index: int | None):
+def _mha(m: MultiHeadSelfAttention, cache: InferenceCache, entry: dict, fuse: bool, rope_index: int | None,
+         doubled: bool = False):
     """``(res, x, st) -> res + attention(x)`` for the new tokens ``x (b·s, d_model)`` at slots
     ``st.t0 .. st.t1-1``: writes their keys/values into ``entry`` and attends over the cache.
     ``rope_index``: which of ``st.rots`` this layer's RoPE uses (None: no RoPE).
@@ -267,7 +281,7 @@ def _mha(m: MultiHeadSelfAttention, cache: InferenceCache, entry: dict, fuse: bo
     and go into the cache (``(b, capacity, 2·n_kv_heads, d_k)``) in one copy."""
     h, kvh, d_k = m.num_heads, m.n_kv_heads, m.d_k
     gqa = kvh != h
-    out_add = _linear_add(m.output_proj)
+    out_add = _linear_add(m.output_proj, doubled)
     qn = _norm(m.q_norm) if m.q_norm is not None else None
     kn = _norm(m.k_norm) if m.k_norm is not None else None
     projs = (m.q_proj, m.k_proj, m.v_proj)
@@ -286,8 +300,9 @@ def _mha(m: MultiHeadSelfAttention, cache: InferenceCache, entry: dict, fuse: bo
             qkv = _mm(x, wqkv, bqkv).view(b, s, H, d_k)
             if rope_index is not None:
                 torch.view_as_complex(qkv.view(b, s, H, d_k // 2, 2)).narrow(2, 0, h + kvh).mul_(st.rots[rope_index])
-            kv.narrow(1, t0, s).copy_(qkv.narrow(2, h, 2 * kvh))
-            out = F.scaled_dot_product_attention(qkv.narrow(2, 0, h).transpose(1, 2), kT.narrow(2, 0, t1),
+            q, k_v = qkv.split_with_sizes([h, 2 * kvh], dim=2)
+            kv.narrow(1, t0, s).copy_(k_v)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), kT.narrow(2, 0, t1),
                                                  vT.narrow(2, 0, t1), attn_mask=st.mask, enable_gqa=gqa)
             out = out.reshape(b, h * d_k) if s == 1 else out.transpose(1, 2).reshape(b * s, h * d_k)
             return out_add(res, out)
@@ -392,11 +407,11 @@ def _linear_step(m: LinearAttention, x: torch.Tensor, pos: torch.Tensor, cache: 
     return m.output_proj(out.transpose(1, 2).reshape(b, s, h * d_k))
 
 
-def _mixer(m, cache: InferenceCache, entry: dict, fuse: bool, rope_index: int | None):
+def _mixer(m, cache: InferenceCache, entry: dict, fuse: bool, rope_index: int | None, doubled: bool):
     """``(res, x, st) -> res + mixer(x)`` (x, res ``(b·s, d_model)``, st a ``_Step``) for a layer's
     token mixer and its cache entry."""
     if entry["kind"] in ("kv", "ring"):
-        return _mha(m, cache, entry, fuse, rope_index)
+        return _mha(m, cache, entry, fuse, rope_index, doubled)
     step = _mla_step if entry["kind"] == "latent" else _linear_step
 
     def f(res, x, st):
@@ -405,11 +420,18 @@ def _mixer(m, cache: InferenceCache, entry: dict, fuse: bool, rope_index: int | 
     return f
 
 
-def _block(layer, cache: InferenceCache, entry: dict, fuse: bool, rope_index: int | None):
-    """``(x, st) -> x`` after one ``TransformerBlock``, x ``(b·s, d_model)`` (eval mode: dropout is
-    the identity)."""
-    mix, ffn = _mixer(layer.attn, cache, entry, fuse, rope_index), _ffn_add(layer.ffn, fuse)
-    if layer.norm_placement == "pre":
+def _block(layer, cache: InferenceCache, entry: dict, fuse: bool, rope_index: int | None, doubled: bool):
+    """``(x, st) -> x`` after one ``TransformerBlock``, x ``(b·s, d_model)`` (``doubled``: ``[x, -x]
+    (b·s, 2·d_model)``; eval mode: dropout is the identity)."""
+    mix = _mixer(layer.attn, cache, entry, fuse, rope_index, doubled)
+    ffn = _ffn_add(layer.ffn, fuse, doubled)
+    if doubled:
+        ln1, ln2 = _norm_doubled(layer.ln1), _norm_doubled(layer.ln2)
+
+        def f(x2, st):
+            x2 = mix(x2, ln1(x2), st)
+            return ffn(x2, ln2(x2))
+    elif layer.norm_placement == "pre":
         ln1, ln2 = _norm(layer.ln1), _norm(layer.ln2)
 
         def f(x, st):
@@ -433,12 +455,41 @@ def _block(layer, cache: InferenceCache, entry: dict, fuse: bool, rope_index: in
 FUSE_MAX_BYTES = 64 * 2**20
 
 
+def _plain_rms(mod, dtype) -> bool:
+    return type(mod) is RMSNorm and mod.impl == "torch" and mod.weight.dtype == dtype
+
+
+def _doubles(model, cache: InferenceCache) -> bool:
+    """Can the residual stream be carried doubled, ``[x, -x]``? Then every RMSNorm is the LayerNorm
+    kernel alone (``_norm``'s identity without its concatenation): a Llama-style model — pre-norm
+    RMSNorm blocks and final norm (float32/float64), plain token embedding, RoPE or no positions,
+    softmax attention and feed-forward layers with bias-free ``Linear`` output projections."""
+    dtype = cache.dtype
+    if dtype not in (torch.float32, torch.float64) or model.position not in ("rope", "none"):
+        return False
+    if type(model.token_embeddings) is not Embedding or not _plain_rms(model.ln_final, dtype):
+        return False
+    for layer, entry in zip(model.layers, cache.layers):
+        if layer.norm_placement != "pre" or not (_plain_rms(layer.ln1, dtype) and _plain_rms(layer.ln2, dtype)):
+            return False
+        out = layer.attn.output_proj if entry["kind"] in ("kv", "ring") else None
+        ffn = layer.ffn
+        if type(out) is not Linear or out.bias is not None or type(ffn) not in (GatedFFN, SwiGLU, MLP):
+            return False
+        if any(type(lin) is not Linear or lin.bias is not None
+               for lin in (getattr(ffn, n, None) for n in ("w1", "w2", "w3")) if lin is not None):
+            return False
+    return True
+
+
 class _Plan:
-    """``model`` resolved for ``cache``: one function per block, embedding, final norm, LM head."""
+    """``model`` resolved for ``cache``: one function per block, embedding, final norm, LM head.
+    ``doubled``: the residual stream is carried as ``[x, -x]`` (small Llama-style models)."""
 
     def __init__(self, model, cache: InferenceCache):
         self.model = model
         fuse = sum(p.numel() * p.element_size() for p in model.parameters()) <= FUSE_MAX_BYTES
+        self.doubled = doubled = fuse and _doubles(model, cache)
         self.rot_tables: list[torch.Tensor] = []  # per RotaryEmbedding of a softmax-attention layer
         ropes: dict[int, int] = {}
         self.blocks = []
@@ -449,13 +500,17 @@ class _Plan:
                     ropes[id(rope)] = len(self.rot_tables)
                     self.rot_tables.append(cache.rotations(rope)[:, :, None])  # (b, capacity, 1, d_k/2)
                 index = ropes[id(rope)]
-            self.blocks.append(_block(layer, cache, entry, fuse, index))
-        emb = model.token_embeddings  # ids (b·s,) -> (b·s, d_model)
-        self.embed = (lambda ids, w=emb.weight: w.index_select(0, ids)) if type(emb) is Embedding else emb
-        self.ln_final, self.head = _norm(model.ln_final), _linear(model.lm_head)
+            self.blocks.append(_block(layer, cache, entry, fuse, index, doubled))
+        emb = model.token_embeddings  # ids (b·s,) -> (b·s, d_model), doubled: (b·s, 2·d_model)
+        if doubled:
+            w = torch.cat([emb.weight, torch.neg(emb.weight)], dim=1)
+            self.embed = lambda ids: w.index_select(0, ids)
+        else:
+            self.embed = (lambda ids, w=emb.weight: w.index_select(0, ids)) if type(emb) is Embedding else emb
+        self.ln_final = _norm_doubled(model.ln_final) if doubled else _norm(model.ln_final)
+        self.head = _linear(model.lm_head)
 
 
-@torch.inference_mode()
 def forward_cached(model, token_ids: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
     """Run ``model`` (a ``TransformerLM`` in eval mode) on the next ``s`` tokens of every row.
 
@@ -463,8 +518,16 @@ def forward_cached(model, token_ids: torch.Tensor, cache: InferenceCache) -> tor
     the cache is extended by ``s`` slots. The same function as ``model(row)`` on each row's
     unpadded tokens (tested for every mixer). Raises ValueError when a position would reach
     ``context_length`` or the cache is full. The model's modules are resolved into plain functions
-    once per cache (``_Plan``; a cache serves one model): replacing modules or parameter tensors
-    mid-cache is not seen, in-place updates of the parameters are."""
+    at the first call on a cache (``_Plan``, some of it concatenated copies of weights): a cache
+    serves one model, and changes to its parameters or modules after that call are not seen (the
+    engine makes a new cache for every ``generate``)."""
+    if torch.is_inference_mode_enabled():  # the engine's loop: no context switch per step
+        return _forward_cached(model, token_ids, cache)
+    with torch.inference_mode():
+        return _forward_cached(model, token_ids, cache)
+
+
+def _forward_cached(model, token_ids: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
     b, s = token_ids.shape
     t0, t1 = cache.length, cache.length + s
     if t1 > cache.capacity:

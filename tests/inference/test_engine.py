@@ -78,6 +78,19 @@ def test_greedy_batch_equals_plain_sampler_per_prompt(use_cache):
         np.testing.assert_allclose(c.logprobs, ref, rtol=1e-9)
 
 
+def test_weights_changed_between_generate_calls_are_used():
+    """Each ``generate`` resolves the model afresh (RL rollouts after a policy update)."""
+    model, other = tiny(seed=0), tiny(seed=1)
+    engine, params = InferenceEngine(model), SamplingParams(max_new_tokens=8, temperature=0)
+    before = engine.generate([[1, 2, 3]], params)[0]
+    with torch.no_grad():
+        model.load_state_dict(other.state_dict())
+    after = engine.generate([[1, 2, 3]], params)[0]
+    ref = InferenceEngine(other, use_cache=False).generate([[1, 2, 3]], params)[0]
+    assert after.token_ids == ref.token_ids and after.token_ids != before.token_ids
+    np.testing.assert_allclose(after.logprobs, ref.logprobs, rtol=1e-9)
+
+
 def test_sampling_is_seeded_and_cache_does_not_change_samples():
     model = tiny(scale=1.0)
     params = SamplingParams(max_new_tokens=10, temperature=0.9, top_k=10, top_p=0.95, seed=5)

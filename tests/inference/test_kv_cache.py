@@ -141,3 +141,16 @@ def test_mha_cache_bytes_and_full_cache_errors():
     forward_cached(ring_model := tiny(windows=[3, 3]), torch.zeros(1, 4, dtype=torch.long), ring)
     with pytest.raises(ValueError, match="holds 4 slots"):
         forward_cached(ring_model, torch.zeros(1, 1, dtype=torch.long), ring)
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_decode_paths_taken(fuse, monkeypatch):
+    """The equality tests above run both residual forms: doubled ([x, -x]: fused Llama-style
+    models) and plain (everything else, and every model without fusion)."""
+    monkeypatch.setattr(kv_cache, "FUSE_MAX_BYTES", 2**40 if fuse else 0)
+    for name, doubled in (("mha", fuse), ("local_global", fuse), ("geglu_gqa", fuse), ("qk_norm_bias", False),
+                          ("learned_post_norm", False), ("mla", False), ("moe", False), ("mlp_relu2_no_norm", False)):
+        model = tiny(**VARIANTS[name])
+        cache = InferenceCache(model, 1, 4)
+        forward_cached(model, torch.zeros(1, 2, dtype=torch.long), cache)
+        assert cache._plan.doubled == doubled, name
