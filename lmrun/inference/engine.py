@@ -118,6 +118,16 @@ def speculative_accept(p: torch.Tensor, q: torch.Tensor, drafts: list[int],
     return k, int(torch.multinomial(p[k], 1, generator=generator))
 
 
+def greedy_accept(best: list[int], drafts: list[int]) -> tuple[int, int]:
+    """``speculative_accept`` for greedy decoding (one-hot ``p`` and ``q``), without tensors: best,
+    the target's argmax ids after the prefix and after each of the ``k`` drafts (``k+1`` ids).
+    Drafts are kept while they equal ``best``; returns ``(n, best[n])``."""
+    n = 0
+    while n < len(drafts) and drafts[n] == best[n]:
+        n += 1
+    return n, best[n]
+
+
 class _Row:
     """One completion in progress: appends tokens and applies the stop rules."""
 
@@ -312,24 +322,32 @@ class InferenceEngine:
         st.prefill_s += time.perf_counter() - t0
         t0 = time.perf_counter()
         probs = lambda logits: sampling_probs(logits, params.temperature, params.top_k, params.top_p)
+        greedy = params.temperature == 0
         while not row.done:
             kk = min(k, params.max_new_tokens - len(row.c.token_ids))
             feed, qs, drafts = seq[dc.length:], [], []
             for _ in range(kk):
-                q = probs(forward_cached(draft, torch.tensor([feed], device=self.device), dc)[0, -1])
-                d = int(q.argmax()) if params.temperature == 0 else int(torch.multinomial(q, 1, generator=gen))
-                qs.append(q)
+                q = forward_cached(draft, torch.tensor([feed], device=self.device), dc)[0, -1]
+                if greedy:
+                    d = int(q.argmax())
+                else:
+                    q = probs(q)
+                    d = int(torch.multinomial(q, 1, generator=gen))
+                    qs.append(q)
                 drafts.append(d)
                 feed = [d]
             base = len(seq)
             logits = forward_cached(target, torch.tensor([seq[tc.length:] + drafts], device=self.device), tc)[0]
             logits = logits[-(kk + 1):]
             st.target_passes += 1
-            n, t = speculative_accept(probs(logits), torch.stack(qs), drafts, gen)
+            if greedy:
+                n, t = greedy_accept(logits.argmax(-1).tolist(), drafts)
+            else:
+                n, t = speculative_accept(probs(logits), torch.stack(qs), drafts, gen)
             st.proposed += kk
             st.accepted += n
             out = drafts[:n] + [t]
-            logp = torch.log_softmax(logits[: n + 1].double(), -1)
+            logp = torch.log_softmax(logits[: n + 1], -1, dtype=torch.float64)
             tc.truncate(base + n)
             dc.truncate(min(dc.length, base + n))
             for j, tok in enumerate(out):

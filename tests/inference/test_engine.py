@@ -11,6 +11,7 @@ from scipy.stats import chisquare
 
 from lmrun.inference import (
     InferenceEngine,
+    greedy_accept,
     SamplingParams,
     sample,
     speculative_accept,
@@ -159,6 +160,17 @@ def test_greedy_speculative_equals_target_greedy(k, kw):
     same = InferenceEngine(target, draft_model=target, speculative_k=k)
     assert [c.token_ids for c in same.generate(prompts, params)] == [c.token_ids for c in ref]
     assert same.last_stats.acceptance_rate == 1.0
+
+
+def test_greedy_accept_equals_speculative_accept_on_one_hot_distributions():
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        k, vocab = int(torch.randint(1, 5, (), generator=gen)), 4
+        best = torch.randint(0, vocab, (k + 1,), generator=gen).tolist()
+        drafts = torch.randint(0, vocab, (k,), generator=gen).tolist()
+        p = torch.nn.functional.one_hot(torch.tensor(best), vocab).double()
+        q = torch.nn.functional.one_hot(torch.tensor(drafts), vocab).double()
+        assert greedy_accept(best, drafts) == speculative_accept(p, q, drafts, gen)
 
 
 def test_speculative_accept_emits_the_target_distribution():
