@@ -117,7 +117,8 @@ class InferenceCache:
         key = id(rope)
         if key not in self._rot:
             wide = torch.float64 if self.dtype == torch.float64 else torch.float32
-            self._rot[key] = torch.complex(rope.cos[self.pos_table].to(wide), rope.sin[self.pos_table].to(wide))
+            pos = self.pos_table.clamp_max(rope.max_seq_len - 1)  # slots past the context are never read
+            self._rot[key] = torch.complex(rope.cos[pos].to(wide), rope.sin[pos].to(wide))
         return self._rot[key]
 
     def truncate(self, length: int) -> None:

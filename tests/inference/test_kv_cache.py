@@ -154,3 +154,13 @@ def test_decode_paths_taken(fuse, monkeypatch):
         cache = InferenceCache(model, 1, 4)
         forward_cached(model, torch.zeros(1, 2, dtype=torch.long), cache)
         assert cache._plan.doubled == doubled, name
+
+
+@pytest.mark.parametrize("name", ["mha", "mla", "learned_post_norm"])
+def test_cache_longer_than_the_context_stops_at_the_context(name):
+    model = tiny(**VARIANTS[name])  # context_length 32
+    cache = InferenceCache(model, 2, 40, pad=torch.tensor([0, 3]))
+    forward_cached(model, torch.zeros(2, 31, dtype=torch.long), cache)
+    forward_cached(model, torch.zeros(2, 1, dtype=torch.long), cache)  # position 31 in row 0
+    with pytest.raises(ValueError, match="beyond context_length=32"):
+        forward_cached(model, torch.zeros(2, 1, dtype=torch.long), cache)
