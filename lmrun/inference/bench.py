@@ -74,7 +74,7 @@ def inference_rows(cfg, device: torch.device) -> list[dict]:
                 for impl, engine in variants:
                     decode_s: list[float] = []  # of every rep: the median, not the last one, is reported
 
-                    def run(engine=engine, ids=ids, decode_s=decode_s):
+                    def run(engine=engine, ids=ids, decode_s=decode_s, params=params):
                         engine.generate(ids, params)
                         decode_s.append(engine.last_stats.decode_s)
 

@@ -265,7 +265,7 @@ class _Step:
     ``t0 .. t1-1``, the RoPE rotations of those slots per table (``rots[i]`` complex ``(b, s, 1,
     d_k/2)``) and the attention mask of full (non-window) layers (None: every filled slot)."""
 
-    __slots__ = ("b", "s", "t0", "t1", "rots", "mask")
+    __slots__ = ("b", "mask", "rots", "s", "t0", "t1")
 
     def __init__(self, b, s, t0, t1, rots, mask):
         self.b, self.s, self.t0, self.t1, self.rots, self.mask = b, s, t0, t1, rots, mask

@@ -11,8 +11,8 @@ from scipy.stats import chisquare
 
 from lmrun.inference import (
     InferenceEngine,
-    greedy_accept,
     SamplingParams,
+    greedy_accept,
     sample,
     speculative_accept,
     top_k_filter,
