@@ -234,9 +234,12 @@ class InferenceEngine:
         self.last_stats = GenerationStats(prompt_tokens=sum(len(p) for p in ids))
         rows = [_Row(p, params, self.tokenizer) for p in ids]
         gen = self._generator(params)
-        if self.draft is not None:
+        if self.draft is not None:  # rows one after another, reusing one cache per model
+            cap = max(len(p) for p in ids) + params.max_new_tokens + self.k + 1
+            caches = (InferenceCache(self.model, 1, cap, slack=self.k + 1),
+                      InferenceCache(self.draft, 1, cap, slack=self.k + 1))
             for i, row in enumerate(rows):
-                self._speculative(row, params, gen, lambda t, i=i: on_token and on_token(i, t))
+                self._speculative(row, params, gen, lambda t, i=i: on_token and on_token(i, t), caches)
         elif self.use_cache and supports_cache(self.model):
             self._cached(rows, params, gen, on_token)
         else:
@@ -308,13 +311,13 @@ class InferenceEngine:
             st.target_passes += 1
         st.decode_s = time.perf_counter() - t0
 
-    def _speculative(self, row: _Row, params, gen, on_token) -> None:
+    def _speculative(self, row: _Row, params, gen, on_token, caches) -> None:
         st, k = self.last_stats, self.k
         target, draft = self.model, self.draft
         seq = list(row.c.prompt_ids)
-        cap = len(seq) + params.max_new_tokens + k + 1
-        tc = InferenceCache(target, 1, cap, slack=k + 1)
-        dc = InferenceCache(draft, 1, cap, slack=k + 1)
+        tc, dc = caches
+        tc.reset()
+        dc.reset()
         t0 = time.perf_counter()
         if len(seq) > 1:  # invariant: both caches hold seq[:-1]
             forward_cached(target, torch.tensor([seq[:-1]], device=self.device), tc)

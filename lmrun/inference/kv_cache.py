@@ -136,6 +136,16 @@ class InferenceCache:
                 entry["slots"][entry["slots"] >= length] = -1
         self.length = length
 
+    def reset(self) -> None:
+        """Empty the cache for a new sequence with the same batch size and padding (keeps the
+        tensors and the resolved model, ``_Plan``): any mixer, unlike ``truncate(0)``."""
+        self.length = 0
+        for entry in self.layers:
+            if entry["kind"] == "ring":
+                entry["slots"] = torch.full_like(entry["slots"], -1)
+            elif entry["kind"] == "recurrent":
+                entry["S"], entry["z"] = torch.zeros_like(entry["S"]), torch.zeros_like(entry["z"])
+
     def nbytes(self) -> int:
         """Bytes held by the cache tensors (the memory of the cache; views counted once)."""
         seen, total = set(), 0

@@ -164,3 +164,15 @@ def test_cache_longer_than_the_context_stops_at_the_context(name):
     forward_cached(model, torch.zeros(2, 1, dtype=torch.long), cache)  # position 31 in row 0
     with pytest.raises(ValueError, match="beyond context_length=32"):
         forward_cached(model, torch.zeros(2, 1, dtype=torch.long), cache)
+
+
+@pytest.mark.parametrize("name", ["mha", "sliding_window", "mla", "linear"])
+def test_reset_cache_equals_a_fresh_one(name):
+    model = tiny(**VARIANTS[name])
+    gen = torch.Generator().manual_seed(7)
+    first, second = torch.randint(0, VOCAB, (1, 12), generator=gen), torch.randint(0, VOCAB, (1, 9), generator=gen)
+    cache = InferenceCache(model, 1, 12, slack=2)
+    forward_cached(model, first, cache)
+    cache.reset()
+    got = torch.cat([forward_cached(model, second[:, :5], cache), forward_cached(model, second[:, 5:], cache)], dim=1)
+    torch.testing.assert_close(got, model(second), atol=1e-10, rtol=1e-9)
