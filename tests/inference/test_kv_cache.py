@@ -28,6 +28,8 @@ VARIANTS = {
     "geglu_gqa": dict(ffn="geglu", n_kv_heads=2),
     "mlp_relu2_no_norm": dict(ffn="relu2", norm="none"),
     "mlp_gelu_bias_nope": dict(ffn="gelu", bias=True, position="none"),
+    "tied_no_final_norm": dict(tie_embeddings=True, final_norm=False, n_kv_heads=2),
+    "tied_layernorm": dict(tie_embeddings=True, norm="layernorm"),
 }
 
 
