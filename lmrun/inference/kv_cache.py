@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmrun.inference.quantize import Int8Linear
 from lmrun.model.attention import MultiHeadSelfAttention
 from lmrun.model.ffn import MLP, GatedFFN, SwiGLU
 from lmrun.model.layers import Embedding, Linear
@@ -188,12 +189,29 @@ def _mm(x: torch.Tensor, wt: torch.Tensor, b: torch.Tensor | None) -> torch.Tens
     return torch.mm(x, wt) if b is None else torch.addmm(b, x, wt)
 
 
+def _int8(mod):
+    """``x (n, d_in) -> mod(x)`` for an ``Int8Linear`` as one ``torch._weight_int8pack_mm`` (what its
+    forward runs, without the module call and the scale cast), or None where its forward takes
+    another route (float64 weights, builds without the kernel)."""
+    if type(mod) is not Int8Linear or mod.dtype not in (torch.float32, torch.bfloat16, torch.float16) \
+            or not hasattr(torch, "_weight_int8pack_mm"):
+        return None
+    q, scales, b = mod.qweight, mod.scales.to(mod.dtype), mod.bias
+
+    def f(x):
+        if x.dtype != scales.dtype:
+            return mod(x)
+        y = torch._weight_int8pack_mm(x, q, scales)
+        return y if b is None else y + b
+    return f
+
+
 def _linear(mod):
     """``x (n, d_in) -> mod(x) (n, d_out)``; a ``Linear`` becomes one ``mm`` with its transposed weight."""
     if type(mod) is Linear:
         wt, b = mod.weight.t(), mod.bias
         return lambda x: _mm(x, wt, b)
-    return mod
+    return _int8(mod) or mod
 
 
 def _linear_add(mod, doubled: bool = False):
@@ -206,7 +224,8 @@ def _linear_add(mod, doubled: bool = False):
         return lambda res, x: torch.addmm(res, x, wt)
     if doubled:
         raise ValueError("a doubled residual needs bias-free Linear output projections")
-    return lambda res, x: res + mod(x)
+    lin = _linear(mod)
+    return lambda res, x: res + lin(x)
 
 
 def _norm_doubled(mod: RMSNorm):
@@ -250,24 +269,23 @@ def _rotate(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
 
 def _ffn_add(mod, fuse: bool, doubled: bool = False):
     """``(res, x) -> res + mod(x)`` (2-D) for a feed-forward module: gated (``w2(act(w1 x) * w3 x)``,
-    w1 and w3 in one matmul when ``fuse``) and ungated MLPs of bias-free ``Linear`` s; else the module."""
-    lins = [getattr(mod, n, None) for n in ("w1", "w2", "w3")]
-    plain = all(type(lin) is Linear and lin.bias is None for lin in lins if lin is not None)
-    if type(mod) in (GatedFFN, SwiGLU) and plain:
-        act, out = (F.silu if mod.activation == "silu" else mod.act), _linear_add(mod.w2, doubled)
-        if fuse:
-            w13t = torch.cat([mod.w1.weight, mod.w3.weight]).t()
+    w1 and w3 in one matmul when ``fuse`` and they are bias-free ``Linear`` s) and ungated MLPs of
+    ``Linear`` / ``Int8Linear`` layers as plain ops; anything else (MoE) is called as it is."""
+    lins = [lin for lin in (getattr(mod, n, None) for n in ("w1", "w2", "w3")) if lin is not None]
+    if type(mod) not in (GatedFFN, SwiGLU, MLP) or any(type(lin) not in (Linear, Int8Linear) for lin in lins):
+        return lambda res, x: res + mod(x)
+    act, out, l1 = (F.silu if mod.activation == "silu" else mod.act), _linear_add(mod.w2, doubled), _linear(mod.w1)
+    if type(mod) is MLP:
+        return lambda res, x: out(res, act(l1(x)))
+    if fuse and all(type(lin) is Linear and lin.bias is None for lin in lins):
+        w13t = torch.cat([mod.w1.weight, mod.w3.weight]).t()
 
-            def f(res, x):
-                a, g = torch.mm(x, w13t).chunk(2, dim=-1)
-                return out(res, act(a).mul_(g))
-            return f
-        w1t, w3t = mod.w1.weight.t(), mod.w3.weight.t()
-        return lambda res, x: out(res, act(torch.mm(x, w1t)).mul_(torch.mm(x, w3t)))
-    if type(mod) is MLP and plain:
-        act, out, w1t = mod.act, _linear_add(mod.w2, doubled), mod.w1.weight.t()
-        return lambda res, x: out(res, act(torch.mm(x, w1t)))
-    return lambda res, x: res + mod(x)
+        def f(res, x):
+            a, g = torch.mm(x, w13t).chunk(2, dim=-1)
+            return out(res, act(a).mul_(g))
+        return f
+    l3 = _linear(mod.w3)
+    return lambda res, x: out(res, act(l1(x)).mul_(l3(x)))
 
 
 class _Step:

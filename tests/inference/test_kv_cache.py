@@ -178,3 +178,27 @@ def test_reset_cache_equals_a_fresh_one(name):
     cache.reset()
     got = torch.cat([forward_cached(model, second[:, :5], cache), forward_cached(model, second[:, 5:], cache)], dim=1)
     torch.testing.assert_close(got, model(second), atol=1e-10, rtol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["mha", "gqa", "mla"])
+def test_int8_model_cached_equals_its_recomputation(name):
+    """Int8 linears are called as modules (float32 input, strided views included), batch of 3."""
+    from lmrun.inference.quantize import quantize_int8
+
+    model = quantize_int8(tiny(**VARIANTS[name]).float())
+    lengths = [5, 1, 9]
+    gen = torch.Generator().manual_seed(2)
+    rows = [torch.randint(0, VOCAB, (n + 4,), generator=gen) for n in lengths]
+    L = max(lengths)
+    prompt = torch.zeros(3, L, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        prompt[i, L - n:] = rows[i][:n]
+    cache = InferenceCache(model, 3, L + 4, torch.tensor([L - n for n in lengths]))
+    got = [forward_cached(model, prompt, cache)]
+    for t in range(4):
+        got.append(forward_cached(model, torch.stack([r[lengths[i] + t] for i, r in enumerate(rows)])[:, None], cache))
+    with torch.no_grad():
+        for i, n in enumerate(lengths):
+            ref = model(rows[i][None])[0]
+            cached = torch.cat([got[0][i, L - n:]] + [g[i] for g in got[1:]])
+            torch.testing.assert_close(cached, ref, atol=1e-4 * float(ref.abs().max()), rtol=1e-4)
