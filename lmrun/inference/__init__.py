@@ -9,7 +9,8 @@ from lmrun import lazy_exports
 
 _EXPORTS = {
     "config": ["GenerateConfig", "validate_generate"],
-    "engine": ["Completion", "GenerationStats", "InferenceEngine", "SamplingParams", "speculative_accept"],
+    "engine": ["Completion", "GenerationStats", "InferenceEngine", "SamplingParams", "greedy_accept",
+               "speculative_accept"],
     "kv_cache": ["InferenceCache", "forward_cached", "supports_cache"],
     "quantize": ["Int8Linear", "quantize_int8", "quantize_weight_int8"],
     "sampling": ["sample", "sampling_probs", "top_k_filter", "top_p_filter"],

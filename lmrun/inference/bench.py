@@ -9,6 +9,9 @@ Per size preset × batch size × prompt length (``benchmark.sizes``, ``batch_siz
   the baseline), ``cached``, ``cached_int8`` (weight-only int8 linears) and, at batch 1,
   ``spec_k{k}`` (speculative decoding; the draft is the int8 copy of the target — self-speculation,
   since random weights give a trained draft nothing to agree on; acceptance is reported).
+  The implementations take turns, ``min_reps`` rounds; tokens/s is from the median decode time,
+  the speed-up is the median over rounds of ``uncached time / time`` (paired, as the load of a
+  shared machine drifts).
 
 Also: cache bytes, and the bytes a decode step must read (weights + cache) per token against
 ``benchmark.memory_bandwidth`` (bytes/s; null: not reported) — how close to the memory-bound limit.
@@ -71,13 +74,21 @@ def inference_rows(cfg, device: torch.device) -> list[dict]:
                 if batch == 1:
                     variants += [(f"spec_k{k}", InferenceEngine(model, draft_model=q8, speculative_k=int(k)))
                                  for k in b.speculative_ks]
+                # rounds alternate the implementations, so that each speed-up compares decode times
+                # taken together (a shared machine's load drifts): the median of the per-round ratios
+                decode_s: dict[str, list[float]] = {impl: [] for impl, _ in variants}
+                for _ in range(reps):
+                    for impl, engine in variants:
+                        t0 = time.perf_counter()
+                        engine.generate(ids, params)
+                        wall = time.perf_counter() - t0
+                        decode_s[impl].append(engine.last_stats.decode_s if engine.last_stats.decode_s > 0 else wall)
                 for impl, engine in variants:
-                    t, _ = _time(lambda engine=engine, ids=ids: engine.generate(ids, params), reps)
-                    st = engine.last_stats
-                    dec = st.decode_s if st.decode_s > 0 else t
+                    st, dec = engine.last_stats, statistics.median(decode_s[impl])
+                    ratios = [u / d for u, d in zip(decode_s["uncached"], decode_s[impl])]
                     row = {**common, "pass": "decode", "impl": impl, "status": "ok", "median_ms": dec * 1e3,
                            "tokens_per_s": batch * n_new / dec, "note": "",
-                           "acceptance": st.acceptance_rate}
+                           "acceptance": st.acceptance_rate, "speedup": statistics.median(ratios)}
                     m = q8 if impl == "cached_int8" else model
                     full = InferenceCache(m, batch, prompt + n_new)
                     row["cache_mb"] = full.nbytes() / 2**20 if impl != "uncached" else None
@@ -88,10 +99,8 @@ def inference_rows(cfg, device: torch.device) -> list[dict]:
                             row["bandwidth_frac"] = per_token * row["tokens_per_s"] / float(b.memory_bandwidth)
                     rows.append(row)
                 del cache
-    for r in rows:  # speed-up against the uncached decode of the same case (prefill: none)
-        base = next((x for x in rows if x["pass"] == "decode" and x["impl"] == "uncached"
-                     and all(x[k] == r[k] for k in ("size", "batch", "prompt"))), None)
-        r["speedup"] = r["tokens_per_s"] / base["tokens_per_s"] if base and r["pass"] == "decode" else None
+    for r in rows:  # decode: median over rounds of (uncached time / this time); prefill: none
+        r.setdefault("speedup", None)
     return rows
 
 

@@ -118,6 +118,16 @@ def speculative_accept(p: torch.Tensor, q: torch.Tensor, drafts: list[int],
     return k, int(torch.multinomial(p[k], 1, generator=generator))
 
 
+def greedy_accept(best: list[int], drafts: list[int]) -> tuple[int, int]:
+    """``speculative_accept`` for greedy decoding (one-hot ``p`` and ``q``), without tensors: best,
+    the target's argmax ids after the prefix and after each of the ``k`` drafts (``k+1`` ids).
+    Drafts are kept while they equal ``best``; returns ``(n, best[n])``."""
+    n = 0
+    while n < len(drafts) and drafts[n] == best[n]:
+        n += 1
+    return n, best[n]
+
+
 class _Row:
     """One completion in progress: appends tokens and applies the stop rules."""
 
@@ -199,17 +209,18 @@ class InferenceEngine:
 
     @staticmethod
     def _choose(logits: torch.Tensor, params: SamplingParams, gen) -> tuple[torch.Tensor, torch.Tensor]:
-        """logits (b, vocab) -> tokens (b,), raw log-probs of those tokens (b,)."""
-        probs = sampling_probs(logits, params.temperature, params.top_k, params.top_p)
+        """logits (b, vocab) -> tokens (b,), raw log-probs of those tokens (b,), float64 nats.
+        Greedy is the argmax of the logits (the first on ties, as of ``sampling_probs``' one-hot)."""
         if params.temperature == 0:
-            tokens = probs.argmax(-1)
+            tokens = logits.argmax(-1)
         else:
+            probs = sampling_probs(logits, params.temperature, params.top_k, params.top_p)
             tokens = torch.multinomial(probs, 1, generator=gen)[:, 0]
-        logp = torch.log_softmax(logits.double(), -1).gather(-1, tokens[:, None])[:, 0]
+        logp = torch.log_softmax(logits, -1, dtype=torch.float64).gather(-1, tokens[:, None]).view(-1)
         return tokens, logp
 
     # --- generation ------------------------------------------------------------------------------
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, prompts, params: SamplingParams | None = None, on_token=None) -> list[Completion]:
         """prompts: a list of strings or of token-id lists -> one ``Completion`` per prompt, in
         order. ``on_token(row, token_id)`` is called as each token is accepted (streaming)."""
@@ -223,9 +234,12 @@ class InferenceEngine:
         self.last_stats = GenerationStats(prompt_tokens=sum(len(p) for p in ids))
         rows = [_Row(p, params, self.tokenizer) for p in ids]
         gen = self._generator(params)
-        if self.draft is not None:
+        if self.draft is not None:  # rows one after another, reusing one cache per model
+            cap = max(len(p) for p in ids) + params.max_new_tokens + self.k + 1
+            caches = (InferenceCache(self.model, 1, cap, slack=self.k + 1),
+                      InferenceCache(self.draft, 1, cap, slack=self.k + 1))
             for i, row in enumerate(rows):
-                self._speculative(row, params, gen, lambda t, i=i: on_token and on_token(i, t))
+                self._speculative(row, params, gen, lambda t, i=i: on_token and on_token(i, t), caches)
         elif self.use_cache and supports_cache(self.model):
             self._cached(rows, params, gen, on_token)
         else:
@@ -234,11 +248,12 @@ class InferenceEngine:
         return [r.finish() for r in rows]
 
     def _push_all(self, rows, tokens, logp, on_token) -> None:
+        tokens, logp = tokens.tolist(), logp.tolist()  # one host transfer each per step
         for i, row in enumerate(rows):
             if not row.done:
-                row.push(int(tokens[i]), float(logp[i]))
+                row.push(tokens[i], logp[i])
                 if on_token is not None:
-                    on_token(i, int(tokens[i]))
+                    on_token(i, tokens[i])
 
     def _cached(self, rows: list[_Row], params, gen, on_token) -> None:
         st = self.last_stats
@@ -296,13 +311,13 @@ class InferenceEngine:
             st.target_passes += 1
         st.decode_s = time.perf_counter() - t0
 
-    def _speculative(self, row: _Row, params, gen, on_token) -> None:
+    def _speculative(self, row: _Row, params, gen, on_token, caches) -> None:
         st, k = self.last_stats, self.k
         target, draft = self.model, self.draft
         seq = list(row.c.prompt_ids)
-        cap = len(seq) + params.max_new_tokens + k + 1
-        tc = InferenceCache(target, 1, cap, slack=k + 1)
-        dc = InferenceCache(draft, 1, cap, slack=k + 1)
+        tc, dc = caches
+        tc.reset()
+        dc.reset()
         t0 = time.perf_counter()
         if len(seq) > 1:  # invariant: both caches hold seq[:-1]
             forward_cached(target, torch.tensor([seq[:-1]], device=self.device), tc)
@@ -310,24 +325,32 @@ class InferenceEngine:
         st.prefill_s += time.perf_counter() - t0
         t0 = time.perf_counter()
         probs = lambda logits: sampling_probs(logits, params.temperature, params.top_k, params.top_p)
+        greedy = params.temperature == 0
         while not row.done:
             kk = min(k, params.max_new_tokens - len(row.c.token_ids))
             feed, qs, drafts = seq[dc.length:], [], []
             for _ in range(kk):
-                q = probs(forward_cached(draft, torch.tensor([feed], device=self.device), dc)[0, -1])
-                d = int(q.argmax()) if params.temperature == 0 else int(torch.multinomial(q, 1, generator=gen))
-                qs.append(q)
+                q = forward_cached(draft, torch.tensor([feed], device=self.device), dc)[0, -1]
+                if greedy:
+                    d = int(q.argmax())
+                else:
+                    q = probs(q)
+                    d = int(torch.multinomial(q, 1, generator=gen))
+                    qs.append(q)
                 drafts.append(d)
                 feed = [d]
             base = len(seq)
             logits = forward_cached(target, torch.tensor([seq[tc.length:] + drafts], device=self.device), tc)[0]
             logits = logits[-(kk + 1):]
             st.target_passes += 1
-            n, t = speculative_accept(probs(logits), torch.stack(qs), drafts, gen)
+            if greedy:
+                n, t = greedy_accept(logits.argmax(-1).tolist(), drafts)
+            else:
+                n, t = speculative_accept(probs(logits), torch.stack(qs), drafts, gen)
             st.proposed += kk
             st.accepted += n
             out = drafts[:n] + [t]
-            logp = torch.log_softmax(logits[: n + 1].double(), -1)
+            logp = torch.log_softmax(logits[: n + 1], -1, dtype=torch.float64)
             tc.truncate(base + n)
             dc.truncate(min(dc.length, base + n))
             for j, tok in enumerate(out):

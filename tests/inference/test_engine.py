@@ -12,6 +12,7 @@ from scipy.stats import chisquare
 from lmrun.inference import (
     InferenceEngine,
     SamplingParams,
+    greedy_accept,
     sample,
     speculative_accept,
     top_k_filter,
@@ -76,6 +77,19 @@ def test_greedy_batch_equals_plain_sampler_per_prompt(use_cache):
         full = torch.log_softmax(model(torch.tensor([p + c.token_ids]))[0], -1)
         ref = [float(full[len(p) - 1 + j, t]) for j, t in enumerate(c.token_ids)]
         np.testing.assert_allclose(c.logprobs, ref, rtol=1e-9)
+
+
+def test_weights_changed_between_generate_calls_are_used():
+    """Each ``generate`` resolves the model afresh (RL rollouts after a policy update)."""
+    model, other = tiny(seed=0), tiny(seed=1)
+    engine, params = InferenceEngine(model), SamplingParams(max_new_tokens=8, temperature=0)
+    before = engine.generate([[1, 2, 3]], params)[0]
+    with torch.no_grad():
+        model.load_state_dict(other.state_dict())
+    after = engine.generate([[1, 2, 3]], params)[0]
+    ref = InferenceEngine(other, use_cache=False).generate([[1, 2, 3]], params)[0]
+    assert after.token_ids == ref.token_ids and after.token_ids != before.token_ids
+    np.testing.assert_allclose(after.logprobs, ref.logprobs, rtol=1e-9)
 
 
 def test_sampling_is_seeded_and_cache_does_not_change_samples():
@@ -146,6 +160,17 @@ def test_greedy_speculative_equals_target_greedy(k, kw):
     same = InferenceEngine(target, draft_model=target, speculative_k=k)
     assert [c.token_ids for c in same.generate(prompts, params)] == [c.token_ids for c in ref]
     assert same.last_stats.acceptance_rate == 1.0
+
+
+def test_greedy_accept_equals_speculative_accept_on_one_hot_distributions():
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        k, vocab = int(torch.randint(1, 5, (), generator=gen)), 4
+        best = torch.randint(0, vocab, (k + 1,), generator=gen).tolist()
+        drafts = torch.randint(0, vocab, (k,), generator=gen).tolist()
+        p = torch.nn.functional.one_hot(torch.tensor(best), vocab).double()
+        q = torch.nn.functional.one_hot(torch.tensor(drafts), vocab).double()
+        assert greedy_accept(best, drafts) == speculative_accept(p, q, drafts, gen)
 
 
 def test_speculative_accept_emits_the_target_distribution():
