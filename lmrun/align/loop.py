@@ -37,12 +37,17 @@ class Prompter:
 
 def load_policy(cfg, key: str = "align.model", path: str | None = None):
     """The ``CausalLM`` at ``path`` (default ``cfg.align.model``) on the configured device, in
-    train mode."""
+    train mode with every dropout module disabled (p = 0; a pretrained checkpoint may carry
+    ``model.dropout``): policy log-probs must be a deterministic function of the weights for the
+    ratios of GRPO and the margins of DPO to mean anything (TRL's ``disable_dropout`` default)."""
     from lmrun.eval.models import load_causal_lm
     from lmrun.train.trainer import resolve_device
 
     lm = load_causal_lm(path or cfg.align.model, resolve_device(cfg.align.device), key=key)
     lm.model.train()
+    for module in lm.model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
     return lm
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from lmrun import cli
 from tests.stages.test_pretrain_stage import run_pretrain
@@ -165,3 +166,17 @@ def test_verifier_pairs_pair_a_correct_with_an_incorrect_sample():
     # 2+2 has no incorrect sample: no pair; the others pair their first correct with their first incorrect
     assert pairs == [{"prompt": "1+1=", "chosen": "2", "rejected": "3"},
                      {"prompt": "3+3=", "chosen": "6", "rejected": "5"}]
+
+
+def test_policies_train_without_dropout(base):
+    """A checkpoint pretrained with model.dropout > 0 (the main job's default) is loaded as a policy
+    with every dropout disabled: train-mode log-probs are deterministic."""
+    from omegaconf import OmegaConf
+
+    from lmrun.align.loop import load_policy
+
+    policy = load_policy(OmegaConf.create({"align": {"model": str(base), "device": "cpu"}}))
+    drops = [m for m in policy.model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert drops and all(m.p == 0.0 for m in drops) and policy.model.training
+    ids = torch.randint(0, 100, (2, 16))
+    assert torch.equal(policy.model(ids), policy.model(ids))
