@@ -28,7 +28,7 @@ from lmrun.model.config import ModelConfig, as_model_config, default_d_ff, resol
 from lmrun.model.variants import (HyenaConfig, LinearAttentionConfig, MLAConfig, MoEConfig, expert_width, layer_windows,
                                   mla_sizes)
 from lmrun.model.ffn import build_ffn
-from lmrun.model.layers import Embedding, Linear, linear_init_std
+from lmrun.model.layers import Dropout, Embedding, Linear, linear_init_std
 from lmrun.model.norms import build_norm
 from lmrun.model.positions import RotaryEmbedding, SinusoidalPositionalEmbedding
 
@@ -61,7 +61,7 @@ class TransformerBlock(nn.Module):
             window=window, device=device, dtype=dtype)
         self.ffn = ffn_module if ffn_module is not None else build_ffn(ffn, d_model, d_ff, bias=bias, device=device,
                                                                        dtype=dtype)
-        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()  # residual dropout (GPT-2)
+        self.drop = Dropout(dropout) if dropout > 0 else nn.Identity()  # residual dropout (GPT-2)
         if self.norm_placement != "none":
             self.ln1 = build_norm(norm, d_model, norm_eps, device=device, dtype=dtype, impl=norm_impl)
             self.ln2 = build_norm(norm, d_model, norm_eps, device=device, dtype=dtype, impl=norm_impl)
@@ -149,7 +149,7 @@ class TransformerLM(nn.Module):
                              dropout=dropout, window=windows[i], attn_module=mixers[i], ffn_module=ffns[i],
                              norm_impl=norm_impl, device=device, dtype=dtype)
             for i in range(num_layers))
-        self.embed_drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.embed_drop = Dropout(dropout) if dropout > 0 else nn.Identity()
         self.ln_final = build_norm(norm if final_norm else "none", d_model, norm_eps, device=device, dtype=dtype,
                                    impl=norm_impl if final_norm else "torch")
         if tie_embeddings:

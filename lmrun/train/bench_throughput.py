@@ -35,8 +35,9 @@ from torch import nn
 
 
 class NaiveBlock(nn.Module):
-    def __init__(self, d_model: int, num_heads: int, d_ff: int, theta: float, context_length: int):
+    def __init__(self, d_model: int, num_heads: int, d_ff: int, theta: float, context_length: int, dropout: float = 0.0):
         super().__init__()
+        self.drop = nn.Dropout(dropout)
         self.h, self.dk = num_heads, d_model // num_heads
         self.q_proj, self.k_proj, self.v_proj, self.output_proj = (nn.Linear(d_model, d_model, bias=False)
                                                                     for _ in range(4))
@@ -68,23 +69,25 @@ class NaiveBlock(nn.Module):
         scores = q @ k.transpose(-1, -2) / math.sqrt(self.dk)
         mask = torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1)
         att = torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1)
-        x = x + self.output_proj((att @ v).transpose(1, 2).reshape(b, s, d))
+        x = x + self.drop(self.output_proj((att @ v).transpose(1, 2).reshape(b, s, d)))
         h = self.rmsnorm(x, self.ln2)
-        return x + self.w2(F.silu(self.w1(h)) * self.w3(h))
+        return x + self.drop(self.w2(F.silu(self.w1(h)) * self.w3(h)))
 
 
 class NaiveLM(nn.Module):
     """A straightforward pre-norm SwiGLU/RoPE Transformer LM (the benchmark's baseline)."""
 
-    def __init__(self, vocab_size, context_length, d_model, num_layers, num_heads, d_ff, theta=10000.0):
+    def __init__(self, vocab_size, context_length, d_model, num_layers, num_heads, d_ff, theta=10000.0, dropout=0.0):
         super().__init__()
         self.token_embeddings = nn.Embedding(vocab_size, d_model)
-        self.layers = nn.ModuleList(NaiveBlock(d_model, num_heads, d_ff, theta, context_length) for _ in range(num_layers))
+        self.drop = nn.Dropout(dropout)  # embedding and residual-branch dropout, as lmrun's model
+        self.layers = nn.ModuleList(NaiveBlock(d_model, num_heads, d_ff, theta, context_length, dropout)
+                                    for _ in range(num_layers))
         self.ln_final = nn.Parameter(torch.ones(d_model))
         self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
 
     def forward(self, ids):
-        x = self.token_embeddings(ids)
+        x = self.drop(self.token_embeddings(ids))
         for layer in self.layers:
             x = layer(x)
         return self.lm_head(NaiveBlock.rmsnorm(x, self.ln_final))
@@ -116,7 +119,8 @@ def run_benchmark(overrides: list[str], steps: int, rounds: int, compile_ours: b
     ours = build_model(mc)
     ours_fwd = torch.compile(ours) if compile_ours else ours
     ours_opt = build_optimizer(ours, cfg.optimizer)
-    base = NaiveLM(mc.vocab_size, ctx, mc.d_model, mc.num_layers, mc.num_heads, resolved_d_ff(mc), mc.position.theta)
+    base = NaiveLM(mc.vocab_size, ctx, mc.d_model, mc.num_layers, mc.num_heads, resolved_d_ff(mc), mc.position.theta,
+                   mc.dropout)
     base_opt = torch.optim.AdamW(base.parameters(), lr=float(cfg.optimizer.lr), weight_decay=0.1)
     n_ours = sum(p.numel() for p in ours.parameters())
     n_base = sum(p.numel() for p in base.parameters())

@@ -245,3 +245,23 @@ def test_sinusoidal_table_matches_formula():
     emb = SinusoidalPositionalEmbedding(10, 6)
     assert emb.state_dict() == {} and list(emb.parameters()) == []
     close(emb(torch.tensor([3, 1])), table[[3, 1]])
+
+
+def test_dropout_drops_p_scales_the_rest_and_masks_the_gradient():
+    from lmrun.model.layers import Dropout
+
+    torch.manual_seed(0)
+    drop = Dropout(0.25)
+    x = torch.ones(400, 500, requires_grad=True)
+    y = drop(x)
+    assert abs(float((y == 0).float().mean()) - 0.25) < 0.005  # 200k draws: sd 0.001
+    assert torch.all((y == 0) | (y == 1 / 0.75))
+    y.backward(torch.full_like(y, 2.0))
+    torch.testing.assert_close(x.grad, 2.0 * y.detach())  # gradient through kept elements only, same scale
+    torch.manual_seed(0)
+    assert torch.equal(drop(x), y)  # seeded like every other draw
+    drop.eval()
+    assert drop(x) is x
+    drop.train()
+    drop.p = 0.0
+    assert drop(x) is x and isinstance(drop, torch.nn.Dropout)
