@@ -37,7 +37,7 @@ class TrainConfig:
 
     batch_size: int = 32
     grad_accum_steps: int = 1
-    max_steps: int | None = 550
+    max_steps: int | None = 500
     max_tokens: int | None = None
     max_time: float | None = None
     max_flops: float | None = None
