@@ -11,7 +11,7 @@ from lmrun import cli
 from lmrun.errors import ConfigError
 from lmrun.model import build_model
 
-SMALL = ["model/size=tiny", "model.vocab_size=97", "model.context_length=32"]
+SMALL = ["model/size=tiny", "model.vocab_size=97", "model.context_length=32", "model.dropout=0"]
 ATTENTION = ["naive", "sdpa", "flash_torch", "flash_triton"]
 NORM = ["torch", "triton"]
 

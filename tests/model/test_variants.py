@@ -28,7 +28,7 @@ D64 = torch.float64
 
 def model_cfg(*overrides: str):
     return cli.compose(["stage=tokenizer", "model/size=tiny", "model.vocab_size=97", "model.context_length=32",
-                        *overrides]).model
+                        "model.dropout=0", *overrides]).model
 
 
 # --- multi-head latent attention ------------------------------------------------------------

@@ -98,7 +98,15 @@ def test_non_finite_loss(mode, isolated_workspace, monkeypatch, capsys):
         ce, z = real(logits, targets, z_weight, *args, **kwargs)
         return (ce * float("nan"), z) if calls["n"] == 5 else (ce, z)
 
+    real_fused = trainer.linear_cross_entropy
+
+    def poisoned_fused(hidden, weight, targets, *args, **kwargs):  # the default path (train.fused_loss)
+        calls["n"] += 1
+        loss, ce, z = real_fused(hidden, weight, targets, *args, **kwargs)
+        return (loss * float("nan"), ce * float("nan"), z) if calls["n"] == 5 else (loss, ce, z)
+
     monkeypatch.setattr(trainer, "cross_entropy_with_z", poisoned)
+    monkeypatch.setattr(trainer, "linear_cross_entropy", poisoned_fused)
     common = ["train.max_steps=8", "train.log_every=1", "train.eval_every=100", "train.checkpoint_every=2",
               "train.samples=0", f"train.on_nan={mode}"]
     if mode == "stop":
