@@ -99,7 +99,6 @@ def run(cfg) -> dict:
     lm = load_policy(cfg)
     ref = load_policy(cfg, key="align.reference", path=a.reference or a.model)
     ref.model.eval().requires_grad_(False)
-    lm.model.eval()  # no dropout: log-prob ratios and rewards compare the same function (gradients still flow)
     task = load_task(cfg)
     prompter = Prompter.from_config(a.prompt_template)
     keys = ("prompt", "chosen", "rejected")

@@ -76,7 +76,6 @@ def run(cfg) -> dict:
     seed_everything(int(cfg.seed))
     lm = load_policy(cfg)
     task = load_task(cfg)
-    lm.model.eval()  # no dropout: log-prob ratios and rewards compare the same function (gradients still flow)
     prompter = Prompter.from_config(a.prompt_template)
     pool = task.examples("train", int(a.train_examples), int(cfg.seed))
     test = task.examples("test", int(a.eval_examples), int(cfg.seed))
