@@ -48,10 +48,18 @@ def checkpoint_tokenizer_files(facts: dict, path: Path) -> TokenizerFiles:
 
 def load_model(path: Path, facts: dict, device):
     """Rebuild the checkpoint's ``TransformerLM`` on ``device`` and load its weights ->
-    ``(model in eval mode, step)``."""
+    ``(model in eval mode, step)``. A run trained with ``train.ema_decay`` loads the averaged
+    weights (the ones its validation figures describe)."""
     from lmrun.model import build_model
     from lmrun.train.checkpoint import load_checkpoint
 
     model = build_model(facts["model_config"], device=device)
     step = load_checkpoint(path, model)
+    if "ema" in facts:
+        import torch
+
+        with torch.no_grad():
+            params = dict(model.named_parameters())
+            for name, value in facts["ema"]["shadow"].items():
+                params[name].copy_(value)
     return model.eval(), step

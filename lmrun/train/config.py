@@ -31,6 +31,9 @@ class TrainConfig:
     noise_scale: log the gradient noise scale estimate (McCandlish et al. 2018).
     fused_loss: compute the LM head and the loss together, chunk by chunk, without the full logits
         (lmrun.train.loss.linear_cross_entropy); single-process runs without logit soft-capping.
+    ema_decay: keep an exponential moving average of the weights (lmrun.train.ema.ParameterEMA,
+        decay warmed up as min(d, (1+n)/(10+n))); validation, samples and the checkpoint's
+        ``ema`` entry (which stage=evaluate / generate load) use it; null: off. Single process.
     keep_heap_memory: on CPU with glibc, keep freed memory for reuse instead of paying page faults
         for every step's activations (lmrun.train.trainer.keep_heap_memory).
     """
@@ -63,6 +66,7 @@ class TrainConfig:
     noise_scale: bool = False
     fused_loss: bool = True
     keep_heap_memory: bool = True
+    ema_decay: float | None = None
 
 
 def validate_train(cfg: TrainConfig) -> None:
@@ -91,5 +95,7 @@ def validate_train(cfg: TrainConfig) -> None:
     check("train.top_p", cfg.top_p, 0 < cfg.top_p <= 1, "a number in (0, 1]")
     check("train.noise_scale", cfg.noise_scale, not cfg.noise_scale or cfg.grad_accum_steps >= 2,
           "false unless train.grad_accum_steps >= 2 (the estimate compares micro-batch and full-batch gradients)")
+    if cfg.ema_decay is not None:
+        check("train.ema_decay", cfg.ema_decay, 0 <= cfg.ema_decay < 1, "null or a number in [0, 1)")
     if cfg.peak_flops is not None:
         check("train.peak_flops", cfg.peak_flops, cfg.peak_flops > 0, "null or FLOP/s > 0")

@@ -7,6 +7,7 @@ Source: CS336 assignment 1 (training loop); nanoGPT; Chowdhery et al. 2022 (MFU)
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -25,6 +26,7 @@ from lmrun.optim import build_optimizer, build_schedule, clip_grad_norm, set_lr
 from lmrun.tracking.files import save_figure
 from lmrun.train.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
 from lmrun.train.data import BatchStream
+from lmrun.train.ema import ParameterEMA
 from lmrun.train.evaluation import bits_per_byte, evaluate_loss
 from lmrun.train.loss import cross_entropy_with_z, linear_cross_entropy
 from lmrun.train.noise_scale import GradientNoiseScale, grad_sq_norm
@@ -183,6 +185,7 @@ class Trainer:
             keep_heap_memory()
         self.peak = peak_flops(self.device, self.t.peak_flops)
         self.noise_scale = GradientNoiseScale() if self.t.noise_scale else None
+        self.ema = ParameterEMA(self.model, self.t.ema_decay) if self.t.ema_decay is not None else None
         self.last_noise_scale = None
         self.last_aux_stats: dict[str, float] = {}  # auxiliary-loss statistics of the last step (MoE)
 
@@ -197,6 +200,7 @@ class Trainer:
                               f"micro-batch ({micro} sequences) must be divisible by the world size {w} "
                               f"(distributed.strategy={s})")
         for key, on, why in (("train.compile", t.compile, "is not supported with several processes yet"),
+                             ("train.ema_decay", t.ema_decay is not None, "needs a single process"),
                              ("train.noise_scale", t.noise_scale, "needs a single process"),
                              ("train.activation_checkpointing", t.activation_checkpointing and s in ("fsdp", "tp"),
                               f"is not supported with distributed.strategy={s}")):
@@ -244,6 +248,8 @@ class Trainer:
                  **self.extra_state}
         if self.noise_scale is not None:
             extra["noise_scale"] = self.noise_scale.state_dict()
+        if self.ema is not None:
+            extra["ema"] = self.ema.state_dict()
         if not self.parallel.active:
             return self.ckpt.save(s.step, self.model, self.optimizer, **extra)
         import torch.distributed as dist
@@ -277,11 +283,18 @@ class Trainer:
         set_rng_state(extra["rng"])
         if self.noise_scale is not None and "noise_scale" in extra:
             self.noise_scale.load_state_dict(extra["noise_scale"])
+        if self.ema is not None and "ema" in extra:
+            self.ema.load_state_dict(extra["ema"])
         log.info("resumed from %s (step %d, %d tokens)", latest, self.state.step, self.state.tokens)
         return True
 
     # --- evaluation -------------------------------------------------------------------------
     def evaluate(self, max_tokens: int | None) -> dict:
+        """Validation loss, perplexity and bits per byte (of the averaged weights with train.ema_decay)."""
+        with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
+            return self._evaluate(max_tokens)
+
+    def _evaluate(self, max_tokens: int | None) -> dict:
         r = evaluate_loss(self.forward if self.parallel.active else self.model, self.val_tokens, self.micro_batch, self.context_length, self.device,
                           max_tokens=max_tokens, autocast_dtype=self.autocast_dtype)
         return {"val_loss": r["loss"], "val_perplexity": r["perplexity"],
@@ -347,11 +360,15 @@ class Trainer:
         return float(v[0]), bool(v[1] > 0)
 
     def plain_model(self) -> torch.nn.Module | None:
-        """The trained model as one unsplit module (for sampling): the model itself, or on rank 0
-        a copy with the gathered full state (collective for fsdp / tp / torch_fsdp); None on
-        other ranks."""
+        """The trained model as one unsplit module (for sampling): the model itself (a copy with
+        the averaged weights under train.ema_decay), or on rank 0 a copy with the gathered full
+        state (collective for fsdp / tp / torch_fsdp); None on other ranks."""
         if not self.parallel.active:
-            return self.model
+            if self.ema is None:
+                return self.model
+            model = build_model(self.cfg.model, device=self.device)
+            model.load_state_dict(self.ema.averaged_state(self.model))
+            return model
         if self.parallel.strategy in ("fsdp", "tp", "torch_fsdp"):
             state = self.parallel.model_state()
             if not self.env.is_main:
@@ -399,6 +416,8 @@ class Trainer:
                     continue
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
+                if self.ema is not None:
+                    self.ema.update()
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
                 s.step += 1

@@ -265,3 +265,17 @@ def test_dropout_drops_p_scales_the_rest_and_masks_the_gradient():
     drop.train()
     drop.p = 0.0
     assert drop(x) is x and isinstance(drop, torch.nn.Dropout)
+
+
+def test_dropout_mask_is_uniform_in_every_lane_and_quantizes_p():
+    from lmrun.model.layers import dropout_mask
+
+    torch.manual_seed(1)
+    m = dropout_mask((1001, 403), 0.1, torch.float32)  # numel not a multiple of 4
+    assert m.shape == (1001, 403) and m.dtype == torch.float32
+    p = round(0.1 * 65536) / 65536
+    assert m.unique().tolist() == [0.0, pytest.approx(1 / (1 - p))]
+    # each of the four 16-bit lanes of a 64-bit draw drops p of its elements (sd ~0.0009 here)
+    lanes = (m.flatten()[: 1001 * 400] == 0).float().view(-1, 4).mean(0)
+    assert torch.all((lanes - 0.1).abs() < 0.005), lanes
+    assert dropout_mask((3, 5), 0.5, torch.bfloat16).dtype == torch.bfloat16
