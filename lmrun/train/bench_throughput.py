@@ -121,7 +121,8 @@ def run_benchmark(overrides: list[str], steps: int, rounds: int, compile_ours: b
     ours_opt = build_optimizer(ours, cfg.optimizer)
     base = NaiveLM(mc.vocab_size, ctx, mc.d_model, mc.num_layers, mc.num_heads, resolved_d_ff(mc), mc.position.theta,
                    mc.dropout)
-    base_opt = torch.optim.AdamW(base.parameters(), lr=float(cfg.optimizer.lr), weight_decay=0.1)
+    base_opt = torch.optim.AdamW(base.parameters(), lr=float(cfg.optimizer.lr),
+                                 weight_decay=float(cfg.optimizer.weight_decay))
     n_ours = sum(p.numel() for p in ours.parameters())
     n_base = sum(p.numel() for p in base.parameters())
     if n_ours != n_base:

@@ -38,9 +38,9 @@ class TrainConfig:
         for every step's activations (lmrun.train.trainer.keep_heap_memory).
     """
 
-    batch_size: int = 32
+    batch_size: int = 16
     grad_accum_steps: int = 1
-    max_steps: int | None = 500
+    max_steps: int | None = 1000
     max_tokens: int | None = None
     max_time: float | None = None
     max_flops: float | None = None
@@ -50,7 +50,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     z_loss: float = 0.0
     log_every: int = 25
-    eval_every: int = 150
+    eval_every: int = 250
     eval_tokens: int | None = None
     checkpoint_every: int = 1000
     keep_last: int = 2
