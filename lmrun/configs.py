@@ -13,6 +13,7 @@ from lmrun.align.config import (AlignConfig, DPOConfig, ExpertIterationConfig, G
 from lmrun.curation.config import CurateConfig, validate_curate
 from lmrun.data.corpora import DataConfig, validate_data
 from lmrun.distributed.config import DistributedConfig, validate_distributed
+from lmrun.errors import check
 from lmrun.eval.config import EvaluateConfig, validate_evaluate
 from lmrun.inference.config import GenerateConfig, validate_generate
 from lmrun.launch.config import (ClusterConfig, CollectConfig, LaunchConfig, ResourcesConfig, SweepConfig,
@@ -130,6 +131,10 @@ def validate(cfg) -> None:
     validate_optimizer(cfg.optimizer)
     validate_schedule(cfg.schedule)
     validate_train(cfg.train)
+    if cfg.train.eval_stride is not None:
+        ctx = int(cfg.model.context_length)
+        check("train.eval_stride", cfg.train.eval_stride, cfg.train.eval_stride <= ctx,
+              f"null or an integer in [1, model.context_length={ctx}]")
     validate_distributed(cfg.distributed, cfg.optimizer.name)
     validate_evaluate(cfg.evaluate, cfg.stage.name)
     validate_generate(cfg.generate, cfg.stage.name)

@@ -24,6 +24,8 @@ class EvaluateConfig:
         gsm8k, mmlu, alpaca_eval or safety (task evaluations, data from ``data_path``).
     split: which split of the data preset to score (perplexity: val, train or both).
     max_tokens: score only the first N tokens of each split (perplexity; null: all).
+    stride: perplexity with overlapping windows, each scoring its last ``stride`` predictions
+        (sliding-window evaluation; null: non-overlapping windows of the model's context).
     batch_size: sequences per forward pass / prompts decoded together. device: auto, cpu or cuda.
     int8: perplexity of the model with weight-only int8 linear layers (lmrun.inference.quantize),
         to measure what quantization costs.
@@ -45,6 +47,7 @@ class EvaluateConfig:
     task: str = "perplexity"
     split: str = "val"
     max_tokens: int | None = None
+    stride: int | None = None
     batch_size: int = 16
     device: str = "auto"
     int8: bool = False
@@ -77,6 +80,8 @@ def validate_evaluate(cfg: EvaluateConfig, stage: str) -> None:
     check_choice("evaluate.device", cfg.device, ["auto", "cpu", "cuda"])
     if cfg.max_tokens is not None:
         check("evaluate.max_tokens", cfg.max_tokens, cfg.max_tokens >= 2, "null or an integer >= 2")
+    if cfg.stride is not None:
+        check("evaluate.stride", cfg.stride, cfg.stride >= 1, "null or an integer >= 1")
     if cfg.limit is not None:
         check("evaluate.limit", cfg.limit, cfg.limit >= 1, "null or an integer >= 1")
     check("evaluate.max_new_tokens", cfg.max_new_tokens, cfg.max_new_tokens >= 1, "an integer >= 1")

@@ -43,6 +43,7 @@ def plan(cfg) -> dict:
     corpus = prepare_corpus(cfg.data, cache, dry_run=True)
     key = cache.key("tokens", tokens_material(corpus, files.identity))
     summary = model_summary(facts["model_config"])
+    _check_stride(cfg.evaluate.stride, facts)
     return {"stage": "evaluate", "checkpoint": str(path), "step": int(facts["iteration"]),
             "model": {"architecture": summary["architecture"], "params": summary["params"]["total"]},
             "tokenizer": str(files.vocab), "inputs": corpus.sources,
@@ -80,12 +81,13 @@ def run(cfg) -> dict:
         from lmrun.inference.quantize import quantize_int8
 
         quantize_int8(model)
-    context = int(facts["model_config"]["context_length"])
-    results = {"checkpoint": str(path), "step": step, "data": corpus.name, "int8": bool(e.int8)}
+    context = _check_stride(e.stride, facts)
+    results = {"checkpoint": str(path), "step": step, "data": corpus.name, "int8": bool(e.int8),
+               "stride": int(e.stride or context)}
     for split in (["train", "val"] if e.split == "both" else [e.split]):
         tokens = np.memmap(artifact.path / f"{split}.bin", dtype=meta["dtype"], mode="r")
         r = evaluate_loss(model, tokens, int(e.batch_size), context, device, max_tokens=e.max_tokens,
-                          autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
+                          autocast_dtype=torch.bfloat16 if device.type == "cuda" else None, stride=e.stride)
         bpt = meta["splits"][split]["bytes_per_token"]
         results.update({f"{split}_loss": r["loss"], f"{split}_perplexity": r["perplexity"],
                         f"{split}_bpb": bits_per_byte(r["loss"], bpt), f"{split}_tokens": r["tokens"]})
@@ -95,6 +97,15 @@ def run(cfg) -> dict:
     summary = {k: v for k, v in results.items() if isinstance(v, (int, float))}
     run.log(summary, step=step)
     return summary
+
+
+def _check_stride(stride: int | None, facts: dict) -> int:
+    """The checkpoint's context length; ConfigError if ``evaluate.stride`` exceeds it."""
+    context = int(facts["model_config"]["context_length"])
+    if stride is not None and stride > context:
+        raise ConfigError(f"evaluate.stride={stride}: expected null or an integer in [1, {context}], the checkpoint's "
+                          "context length")
+    return context
 
 
 def _refuse_hf(checkpoint: str) -> None:

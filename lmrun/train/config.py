@@ -20,7 +20,10 @@ class TrainConfig:
         CUDA, fp32 on CPU), fp32 or bf16. compile: torch.compile the model.
     grad_clip: global L2 norm clip (0 disables). z_loss: weight of the logit z-loss.
     log_every / eval_every: steps between log lines / validation evaluations; eval_tokens:
-        validation tokens per periodic evaluation (null = all; the final one is always full).
+        validation tokens per periodic evaluation (null = all; the final one is always full);
+        eval_stride: tokens between the starts of overlapping validation windows, each scoring
+        only its last eval_stride predictions (lmrun.train.evaluation.evaluate_loss; null:
+        non-overlapping windows of model.context_length, the standard chunked loss).
     checkpoint_every: steps between checkpoints (0: only at the end); keep_last: how many to keep.
     resume: auto (continue from the run directory's latest checkpoint, if any) or never.
     on_nan: stop (keep the last good checkpoint, fail with the step) or skip_step.
@@ -52,6 +55,7 @@ class TrainConfig:
     log_every: int = 25
     eval_every: int = 250
     eval_tokens: int | None = None
+    eval_stride: int | None = None
     checkpoint_every: int = 1000
     keep_last: int = 2
     resume: str = "auto"
@@ -89,6 +93,8 @@ def validate_train(cfg: TrainConfig) -> None:
     check("train.z_loss", cfg.z_loss, cfg.z_loss >= 0, "a number >= 0")
     for key in ("log_every", "eval_every"):
         check(f"train.{key}", getattr(cfg, key), getattr(cfg, key) >= 1, "an integer >= 1")
+    if cfg.eval_stride is not None:
+        check("train.eval_stride", cfg.eval_stride, cfg.eval_stride >= 1, "null or an integer >= 1")
     check("train.checkpoint_every", cfg.checkpoint_every, cfg.checkpoint_every >= 0, "an integer >= 0")
     check("train.keep_last", cfg.keep_last, cfg.keep_last >= 1, "an integer >= 1")
     check("train.temperature", cfg.temperature, cfg.temperature >= 0, "a number >= 0 (0 = greedy)")

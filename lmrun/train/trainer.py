@@ -296,7 +296,7 @@ class Trainer:
 
     def _evaluate(self, max_tokens: int | None) -> dict:
         r = evaluate_loss(self.forward if self.parallel.active else self.model, self.val_tokens, self.micro_batch, self.context_length, self.device,
-                          max_tokens=max_tokens, autocast_dtype=self.autocast_dtype)
+                          max_tokens=max_tokens, autocast_dtype=self.autocast_dtype, stride=self.t.eval_stride)
         return {"val_loss": r["loss"], "val_perplexity": r["perplexity"],
                 "val_bpb": bits_per_byte(r["loss"], self.bytes_per_token), "val_tokens": r["tokens"]}
 

@@ -123,21 +123,24 @@ def test_non_finite_loss(mode, isolated_workspace, monkeypatch, capsys):
 
 
 def test_evaluate_stage_reproduces_the_final_validation_loss(isolated_workspace, tmp_path, capsys):
-    run_dir = run_pretrain("train.max_steps=20", "train.eval_every=100", "train.samples=0", "train.eval_tokens=null")
+    # sliding-window validation (train.eval_stride / evaluate.stride): the same number both ways
+    run_dir = run_pretrain("train.max_steps=20", "train.eval_every=100", "train.samples=0", "train.eval_tokens=null",
+                           "train.eval_stride=32")
     summary = json.loads((run_dir / "summary.json").read_text())
     assert cli.main(["stage=evaluate", f"evaluate.checkpoint={run_dir}", "dry_run=true"]) == 0
     assert "ckpt_00000020.pt" in capsys.readouterr().out and not (isolated_workspace / "runs" / "evaluate").exists()
     assert cli.main(["stage=evaluate", "logger=none", "progress=false", f"evaluate.checkpoint={run_dir}",
-                     "evaluate.split=both"]) == 0
+                     "evaluate.stride=32"]) == 0
     (eval_dir,) = (isolated_workspace / "runs" / "evaluate").iterdir()
     result = json.loads((eval_dir / "eval.json").read_text())
-    assert result["step"] == 20
+    assert result["step"] == 20 and result["stride"] == 32
     assert result["val_loss"] == pytest.approx(summary["val_loss"], rel=1e-6)
     assert result["val_bpb"] == pytest.approx(summary["val_bpb"], rel=1e-6)
-    assert result["train_loss"] > 0 and result["train_tokens"] > result["val_tokens"]
+    assert cli.main(["stage=evaluate", "logger=none", f"evaluate.checkpoint={run_dir}", "evaluate.stride=65"]) == 2
+    assert "evaluate.stride=65: expected null or an integer in [1, 64]" in capsys.readouterr().err
     # weight-only int8: what quantization costs, measured (small, not zero)
     assert cli.main(["stage=evaluate", "logger=none", "progress=false", f"evaluate.checkpoint={run_dir}",
-                     "evaluate.int8=true"]) == 0
+                     "evaluate.int8=true", "evaluate.stride=32"]) == 0
     int8_dir = max((isolated_workspace / "runs" / "evaluate").iterdir())
     q = json.loads((int8_dir / "eval.json").read_text())
     assert q["int8"] is True and q["val_loss"] != result["val_loss"]
@@ -146,7 +149,9 @@ def test_evaluate_stage_reproduces_the_final_validation_loss(isolated_workspace,
     other = tmp_path / "other.txt"
     other.write_text("To be, or not to be, that is the question.\n" * 200)
     assert cli.main(["stage=evaluate", "logger=none", "progress=false", f"evaluate.checkpoint={run_dir}",
-                     "data=text_files", f"data.train={other}"]) == 0
+                     "data=text_files", f"data.train={other}", "evaluate.split=both"]) == 0
+    o = json.loads((max((isolated_workspace / "runs" / "evaluate").iterdir()) / "eval.json").read_text())
+    assert o["stride"] == 64 and o["train_loss"] > 0 and o["train_tokens"] > o["val_tokens"]  # non-overlapping
     assert cli.main(["stage=evaluate", "logger=none", f"evaluate.checkpoint={tmp_path / 'nope'}"]) == 2
     assert "evaluate.checkpoint=" in capsys.readouterr().err
 

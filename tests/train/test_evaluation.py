@@ -102,3 +102,46 @@ def test_bits_per_byte():
     assert bits_per_byte(2.0, 4.0) == pytest.approx(2.0 / math.log(2) / 4.0)
     with pytest.raises(ValueError):
         bits_per_byte(1.0, 0.0)
+
+
+def _manual_strided_loss(model, data, ctx, stride):
+    """By the definition: window starts 0, r, 2r, ... while a window fits before token n - 1, then
+    one window ending at n - 1; target i is predicted in the first window whose targets reach it."""
+    n = len(data)
+    tokens = torch.from_numpy(data.astype(np.int64))
+    full = [w for w in range(0, n, stride) if w + ctx <= n - 1]
+    losses = []
+    with torch.no_grad():
+        for i in range(1, n):
+            start = next((w for w in full if w + ctx >= i), max(0, n - 1 - ctx))
+            window = tokens[start:min(start + ctx, n - 1)]
+            assert start < i <= start + len(window)
+            logits = model(window[None])[0]
+            losses.append(F.cross_entropy(logits[i - 1 - start][None].double(), tokens[i][None]).item())
+    return sum(losses) / len(losses), len(losses)
+
+
+@pytest.mark.parametrize("n,stride", [(41, 4), (42, 4), (45, 3), (9, 2), (5, 1), (2, 3), (60, 7), (30, 1)])
+def test_strided_matches_manual(n, stride):
+    model = _tiny_model()
+    data = np.random.default_rng(n).integers(0, VOCAB, size=n).astype(np.uint16)
+    expected, count = _manual_strided_loss(model, data, CTX, stride)
+    for batch_size in (1, 3, 64):
+        out = evaluate_loss(model, data, batch_size, CTX, "cpu", stride=stride)
+        assert out["tokens"] == count == n - 1
+        assert out["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_stride_of_a_context_is_the_chunked_loss_and_context_helps():
+    model = _tiny_model()
+    data = np.random.default_rng(3).integers(0, VOCAB, size=70).astype(np.uint16)
+    chunked = evaluate_loss(model, data, 4, CTX, "cpu")
+    assert evaluate_loss(model, data, 4, CTX, "cpu", stride=CTX) == chunked
+    rec = _Recorder()
+    out = evaluate_loss(rec, data, 3, CTX, "cpu", stride=2, max_tokens=30)
+    assert out["tokens"] == 29 and out["loss"] == pytest.approx(math.log(VOCAB), rel=1e-6)
+    assert [row[0] for row in rec.seen] == data[[0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 21]].tolist()
+    with pytest.raises(ValueError, match="stride"):
+        evaluate_loss(model, data, 4, CTX, "cpu", stride=0)
+    with pytest.raises(ValueError, match="stride"):
+        evaluate_loss(model, data, 4, CTX, "cpu", stride=CTX + 1)
