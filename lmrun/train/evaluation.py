@@ -59,74 +59,65 @@ def evaluate_loss(model: torch.nn.Module, dataset: np.ndarray, batch_size: int, 
         raise ValueError(f"batch_size={batch_size}, context_length={context_length}: expected integers >= 1")
     if stride is not None and not 1 <= stride <= context_length:
         raise ValueError(f"stride={stride}: expected an integer in [1, context_length={context_length}]")
-    if stride is not None and stride < context_length:
-        return _evaluate_strided(model, dataset, batch_size, context_length, device, max_tokens, autocast_dtype,
-                                 stride)
     n = len(dataset) if max_tokens is None else min(int(max_tokens), len(dataset))
     if n < 2:
         raise DataError(f"validation data has {n} token(s) to evaluate: at least 2 are needed for one prediction")
     device = device if isinstance(device, torch.device) else torch.device(device)
-    full, rest = divmod(n - 1, context_length)
     autocast = (torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
     was_training = model.training
     model.eval()
-    total = 0.0
     try:
         with torch.no_grad(), autocast:
-            for first in range(0, full, batch_size):
-                starts = np.arange(first, min(first + batch_size, full), dtype=np.int64) * context_length
-                x, y = windows_to_tensors(_gather(dataset, starts, context_length + 1), device)
-                total += cross_entropy(model(x), y, reduction="sum").item()
-            if rest:
-                s = full * context_length
-                window = np.asarray(dataset[s:s + rest + 1])[None, :]
-                x, y = windows_to_tensors(window, device)
-                total += cross_entropy(model(x), y, reduction="sum").item()
+            if stride is None or stride == context_length:
+                total = _chunked_sum(model, dataset, n, batch_size, context_length, device)
+            else:
+                total = _strided_sum(model, dataset, n, batch_size, context_length, device, stride)
     finally:
         model.train(was_training)
     loss = total / (n - 1)
     return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf, "tokens": n - 1}
 
 
-def _evaluate_strided(model, dataset, batch_size: int, context_length: int, device, max_tokens: int | None,
-                      autocast_dtype, stride: int) -> dict:
-    """evaluate_loss with overlapping windows (see there); the already-scored targets of each
-    window are set to ``ignore_index`` so that the summed loss counts each prediction once."""
-    n = len(dataset) if max_tokens is None else min(int(max_tokens), len(dataset))
-    if n < 2:
-        raise DataError(f"validation data has {n} token(s) to evaluate: at least 2 are needed for one prediction")
-    device = device if isinstance(device, torch.device) else torch.device(device)
-    # full windows start at 0, r, 2r, ... while they end at or before token n - 1; one more,
-    # shorter window (if needed) covers the rest
+def _chunked_sum(model, dataset, n: int, batch_size: int, context_length: int, device) -> float:
+    """Summed loss of targets 1 .. n-1 over non-overlapping windows (the last one partial)."""
+    full, rest = divmod(n - 1, context_length)
+    total = 0.0
+    for first in range(0, full, batch_size):
+        starts = np.arange(first, min(first + batch_size, full), dtype=np.int64) * context_length
+        x, y = windows_to_tensors(_gather(dataset, starts, context_length + 1), device)
+        total += cross_entropy(model(x), y, reduction="sum").item()
+    if rest:
+        s = full * context_length
+        x, y = windows_to_tensors(np.asarray(dataset[s:s + rest + 1])[None, :], device)
+        total += cross_entropy(model(x), y, reduction="sum").item()
+    return total
+
+
+def _strided_sum(model, dataset, n: int, batch_size: int, context_length: int, device, stride: int) -> float:
+    """Summed loss of targets 1 .. n-1 over windows every ``stride`` tokens; each window's
+    already-scored targets are set to ``ignore_index`` so that each prediction counts once."""
+    # full windows start at 0, r, 2r, ... while they end at or before token n - 1; one more
+    # window ending at n - 1 (if needed) covers the rest
     last_full = (n - 1 - context_length) // stride if n - 1 >= context_length else -1
     starts = np.arange(last_full + 1, dtype=np.int64) * stride
     covered = int(starts[-1]) + context_length if len(starts) else 0  # targets 1 .. covered are scored
-    autocast = (torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None
-                else contextlib.nullcontext())
-    was_training = model.training
-    model.eval()
+    positions = torch.arange(context_length, device=device)[None, :]
     total = 0.0
-    try:
-        with torch.no_grad(), autocast:
-            for first in range(0, len(starts), batch_size):
-                s = starts[first:first + batch_size]
-                x, y = windows_to_tensors(_gather(dataset, s, context_length + 1), device)
-                seen = torch.full((len(s), 1), context_length - stride, device=device)
-                if first == 0:
-                    seen[0] = 0  # the first window scores every prediction
-                y = y.masked_fill(torch.arange(context_length, device=device)[None, :] < seen, -100)
-                total += cross_entropy(model(x), y, ignore_index=-100, reduction="sum").item()
-            if covered < n - 1:
-                s = max(0, n - 1 - context_length)
-                window = np.asarray(dataset[s:n])[None, :]
-                x, y = windows_to_tensors(window, device)
-                y = y.masked_fill(torch.arange(y.shape[1], device=device)[None, :] < covered - s, -100)
-                total += cross_entropy(model(x), y, ignore_index=-100, reduction="sum").item()
-    finally:
-        model.train(was_training)
-    loss = total / (n - 1)
-    return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf, "tokens": n - 1}
+    for first in range(0, len(starts), batch_size):
+        s = starts[first:first + batch_size]
+        x, y = windows_to_tensors(_gather(dataset, s, context_length + 1), device)
+        seen = torch.full((len(s), 1), context_length - stride, device=device)
+        if first == 0:
+            seen[0] = 0  # the first window scores every prediction
+        y = y.masked_fill(positions < seen, -100)
+        total += cross_entropy(model(x), y, ignore_index=-100, reduction="sum").item()
+    if covered < n - 1:
+        s = max(0, n - 1 - context_length)
+        x, y = windows_to_tensors(np.asarray(dataset[s:n])[None, :], device)
+        y = y.masked_fill(positions[:, :y.shape[1]] < covered - s, -100)
+        total += cross_entropy(model(x), y, ignore_index=-100, reduction="sum").item()
+    return total
 
 
 def bits_per_byte(loss_nats_per_token: float, bytes_per_token: float) -> float:
