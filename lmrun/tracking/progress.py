@@ -77,7 +77,7 @@ class Progress:
         desc: what is being done (``'evaluating'``, ``'bootstrap'``); starts every log line.
         unit: the unit counted by :meth:`update` (``'step'``, ``'prompt'``, ``'document'``).
         logger: where log lines go (default: the ``lmrun`` logger).
-        every_s: seconds between log lines (0: a line for every update).
+        every_s: seconds between log lines (0: a line for every update; None: ``LOG_EVERY_S``).
         bar: show a tqdm bar when stderr is a terminal (``cfg.progress``).
         log_start: log a first line at once (``'desc: 0/total units'``), useful when the first unit
             itself may take a while.
@@ -87,11 +87,11 @@ class Progress:
     """
 
     def __init__(self, total: float | None, desc: str, unit: str = "step", logger: logging.Logger | None = None,
-                 every_s: float = LOG_EVERY_S, bar: bool = True, log_start: bool = False, initial: float = 0):
+                 every_s: float | None = None, bar: bool = True, log_start: bool = False, initial: float = 0):
         self.total = total if total else None
         self.desc, self.unit = desc, unit
         self.log = logger or logging.getLogger("lmrun")
-        self.every_s = float(every_s)
+        self.every_s = float(LOG_EVERY_S if every_s is None else every_s)  # read now: tests may set LOG_EVERY_S
         self.done = initial
         self.initial = initial
         self.t0 = time.perf_counter()
