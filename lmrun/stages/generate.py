@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 from lmrun.errors import ConfigError, DataError, FormatError
 from lmrun.stages.checkpoints import checkpoint_facts, checkpoint_tokenizer_files, resolve_checkpoint
 from lmrun.tracking.files import atomic_write_text
+from lmrun.tracking.progress import Progress
 from lmrun.tracking.run import active_run
 
 log = logging.getLogger(__name__)
@@ -80,7 +82,22 @@ def plan(cfg) -> dict:
     return out
 
 
+def fit_new_tokens(prompt_lengths: list[int], max_new_tokens: int, context_length: int, key: str = "generate.prompt"
+                   ) -> int:
+    """The new-token budget that fits a batch of prompts: ``min(max_new_tokens, context_length -
+    longest prompt)`` (tokens). ConfigError (naming ``key``) when a prompt leaves no room for even
+    one new token."""
+    longest = max(prompt_lengths)
+    if longest >= context_length:
+        raise ConfigError(f"{key}: a prompt of {longest} tokens leaves no room for new tokens in the checkpoint's "
+                          f"context_length={context_length}; use a prompt of at most {context_length - 1} tokens")
+    return min(int(max_new_tokens), context_length - longest)
+
+
 def run(cfg) -> dict:
+    t_start = time.perf_counter()
+    g = cfg.generate
+    log.info("reading checkpoint %s", g.checkpoint)
     import torch
 
     from lmrun.inference.engine import GenerationStats, InferenceEngine, SamplingParams
@@ -88,19 +105,37 @@ def run(cfg) -> dict:
     from lmrun.train.trainer import resolve_device
 
     run = active_run()
-    g = cfg.generate
     path, facts, files, draft_src = _sources(g)
     prompts = read_prompts(g)
     device = resolve_device(g.device)
+    mc = facts["model_config"]
+    log.info("loading the model of %s (step %d, context %d tokens) on %s", path.name, int(facts["iteration"]),
+             int(mc["context_length"]), device)
+    t = time.perf_counter()
     model, step = load_model(path, facts, device)
-    draft = load_model(draft_src[0], draft_src[1], device)[0] if draft_src else None
+    log.info("model loaded in %.1f s: %s parameters", time.perf_counter() - t,
+             f"{sum(p.numel() for p in model.parameters()):,}")
+    draft = None
+    if draft_src:
+        log.info("loading the draft model %s", draft_src[0])
+        draft = load_model(draft_src[0], draft_src[1], device)[0]
     if g.int8:
         from lmrun.inference.quantize import quantize_int8
 
+        log.info("quantizing the weights to int8")
         quantize_int8(model)
         if draft is not None:
             quantize_int8(draft)
+    log.info("loading the tokenizer %s", files.vocab)
+    t = time.perf_counter()
     tok = files.load(list(facts["tokenizer"]["special_tokens"]))
+    prompt_ids = [tok.encode(p) for p in prompts]
+    log.info("tokenizer loaded in %.1f s (%d tokens); %d prompt(s) of %d-%d tokens; ready after %.1f s",
+             time.perf_counter() - t, len(tok.vocab), len(prompts), min(map(len, prompt_ids)),
+             max(map(len, prompt_ids)), time.perf_counter() - t_start)
+    key = "generate.prompt" if g.prompt is not None else "generate.prompts_file"
+    if any(not ids for ids in prompt_ids):
+        raise ConfigError(f"{key}: a prompt encodes to no tokens")
     specials = tuple(tok.special_ids.values()) if g.stop_at_special else ()
     engine = InferenceEngine(model, tok, draft, speculative_k=int(g.speculative_k), use_cache=bool(g.use_cache))
     if engine.use_cache and draft is None:
@@ -108,13 +143,24 @@ def run(cfg) -> dict:
 
         if not supports_cache(model):
             log.info("this model's token mixer (Hyena) has no cache here: every step recomputes the sequence")
-    items = [(p, s) for p in prompts for s in range(int(g.num_samples))]
+    items = [(p, s, ids) for p, ids in zip(prompts, prompt_ids) for s in range(int(g.num_samples))]
+    # the new-token budget of each batch: what the context leaves after its longest prompt
+    ctx = int(model.context_length)
+    budgets = [fit_new_tokens([len(x[2]) for x in items[i:i + int(g.batch_size)]], int(g.max_new_tokens), ctx, key)
+               for i in range(0, len(items), int(g.batch_size))]
+    if min(budgets) < int(g.max_new_tokens):
+        capped = sum(b < int(g.max_new_tokens) for b in budgets)
+        where = "" if len(budgets) == 1 else f" in {capped} of {len(budgets)} batches"
+        log.warning("generate.max_new_tokens=%d does not fit the checkpoint's context (%d tokens) after prompts of "
+                    "up to %d tokens: generating at most %d new tokens%s", int(g.max_new_tokens), ctx,
+                    max(map(len, prompt_ids)), min(budgets), where)
     total = GenerationStats()
     lines, results = [], []
     stream = len(items) == 1
-    for start in range(0, len(items), int(g.batch_size)):
+    progress = None if stream else Progress(len(items), "generating", unit="completion", bar=bool(cfg.progress))
+    for b, start in enumerate(range(0, len(items), int(g.batch_size))):
         chunk = items[start:start + int(g.batch_size)]
-        params = SamplingParams(max_new_tokens=int(g.max_new_tokens), temperature=float(g.temperature),
+        params = SamplingParams(max_new_tokens=budgets[b], temperature=float(g.temperature),
                                 top_k=int(g.top_k), top_p=float(g.top_p), stop_token_ids=specials,
                                 stop_strings=tuple(g.stop), seed=int(cfg.seed) + start)
         on_token = None
@@ -122,6 +168,7 @@ def run(cfg) -> dict:
             printed = [0]
             ids: list[int] = []
             sys.stdout.write(chunk[0][0])
+            sys.stdout.flush()
 
             def on_token(row, token, ids=ids, printed=printed):
                 ids.append(token)
@@ -130,24 +177,31 @@ def run(cfg) -> dict:
                     sys.stdout.write(text[printed[0]:])
                     sys.stdout.flush()
                     printed[0] = len(text)
-        with torch.no_grad():
-            try:
-                out = engine.generate([p for p, _ in chunk], params, on_token)
-            except ValueError as e:  # a prompt too long for the context, an empty prompt
-                raise ConfigError(f"generate.max_new_tokens={g.max_new_tokens}: {e}") from None
-        if stream:
-            sys.stdout.write("\n")
+        try:
+            with torch.no_grad():
+                out = engine.generate([ids for _, _, ids in chunk], params, on_token)
+        except ValueError as e:  # what the checks above missed (an engine limit): one line, no traceback
+            raise ConfigError(f"generate.max_new_tokens={g.max_new_tokens}: {e}") from None
+        finally:
+            if stream:  # end the streamed line, also on an error or Ctrl-C: a log line never follows the text
+                sys.stdout.write("\n")
+                sys.stdout.flush()
         st = engine.last_stats
         for name in ("prompt_tokens", "new_tokens", "prefill_s", "decode_s", "target_passes", "proposed", "accepted"):
             setattr(total, name, getattr(total, name) + getattr(st, name))
-        for (prompt, s), c in zip(chunk, out):
+        for (prompt, s, _), c in zip(chunk, out):
             rec = {"prompt": prompt, "sample": s, "text": c.text, "finish_reason": c.finish_reason,
                    "token_ids": c.token_ids, "logprobs": [round(x, 6) for x in c.logprobs]}
             results.append(rec)
             lines.append(json.dumps(rec, ensure_ascii=False))
+        if progress is not None:
+            progress.update(len(chunk), new_tokens=total.new_tokens)
+    if progress is not None:
+        progress.close()
     atomic_write_text(run.dir / "generations.jsonl", "\n".join(lines) + "\n")
     summary = {k: v for k, v in total.as_dict().items() if v is not None}
     summary.update({"checkpoint": str(path), "step": step, "completions": len(results),
+                    "max_new_tokens_requested": int(g.max_new_tokens), "max_new_tokens": max(budgets),
                     "finished_by_stop": sum(r["finish_reason"] == "stop" for r in results)})
     run.log({k: v for k, v in summary.items() if isinstance(v, (int, float))}, step=step)
     if not stream:
