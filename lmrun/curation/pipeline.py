@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import random
+import signal
 import time
 from collections import Counter
 from pathlib import Path
@@ -32,6 +34,8 @@ log = logging.getLogger(__name__)
 
 SAMPLE_CHARS = 2000
 SHARD_MANIFEST = "shard.json"
+#: seconds between a shard's progress reports (documents read and kept so far)
+REPORT_EVERY_S = 1.0
 
 
 class StepStats:
@@ -224,10 +228,14 @@ class DocPipeline:
         return doc
 
 
-def run_shard(cfg: dict, files: list[tuple[str, str]], shard_dir: str, index: int) -> dict:
+def run_shard(cfg: dict, files: list[tuple[str, str]], shard_dir: str, index: int, report=None) -> dict:
     """Phase 1 for one shard: read ``files``, apply the document steps, write
     ``docs.jsonl`` and then ``shard.json`` (the completion mark). A completed shard with the
-    same fingerprint is not recomputed. Returns the shard manifest."""
+    same fingerprint is not recomputed. Returns the shard manifest.
+
+    ``report((shard, docs, kept, files))``, if given, receives the documents read and kept and the
+    input files finished since the previous report: at most every ``REPORT_EVERY_S`` seconds and
+    after each file (what the stage's progress line counts)."""
     shard_dir = Path(shard_dir)
     fingerprint = doc_steps_fingerprint(cfg, files)
     manifest_path = shard_dir / SHARD_MANIFEST
@@ -244,6 +252,13 @@ def run_shard(cfg: dict, files: list[tuple[str, str]], shard_dir: str, index: in
     pipe = DocPipeline(cfg)
     t0 = time.perf_counter()
     read = {"docs": 0, "bytes": 0, "seconds": 0.0}
+    sent = {"docs": 0, "kept": 0, "at": time.perf_counter()}
+    kept = [0]
+
+    def send(files_done: int) -> None:
+        if report is not None:
+            report((index, read["docs"] - sent["docs"], kept[0] - sent["kept"], files_done))
+            sent.update(docs=read["docs"], kept=kept[0], at=time.perf_counter())
 
     def write(f):
         for path, fmt in files:
@@ -258,7 +273,11 @@ def run_shard(cfg: dict, files: list[tuple[str, str]], shard_dir: str, index: in
                 read["bytes"] += len(doc["html"]) if "html" in doc else len(doc["text"].encode("utf-8"))
                 out = pipe.process(doc)
                 if out is not None:
+                    kept[0] += 1
                     f.write((json.dumps(out, ensure_ascii=False) + "\n").encode("utf-8"))
+                if report is not None and time.perf_counter() - sent["at"] >= REPORT_EVERY_S:
+                    send(0)
+            send(1)
 
     atomic_write(shard_dir / "docs.jsonl", write)
     manifest = {"shard": index, "fingerprint": fingerprint, "files": [{"path": p, "format": f} for p, f in files],
@@ -270,8 +289,79 @@ def run_shard(cfg: dict, files: list[tuple[str, str]], shard_dir: str, index: in
     return manifest
 
 
+_REPORT_QUEUE = None  # a worker's queue to the parent (set by _shard_worker_init)
+
+
+def _shard_worker_init(queue) -> None:
+    global _REPORT_QUEUE
+    # SIGTERM (Pool.terminate) ends a worker even where the parent ignores it (submitit in a Slurm
+    # job); the preemption signals are for the parent alone
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    for name in ("SIGUSR1", "SIGUSR2"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    _REPORT_QUEUE = queue
+
+
 def _run_shard_args(args):
-    return run_shard(*args)
+    q = _REPORT_QUEUE
+    return run_shard(*args, report=q.put if q is not None else None)
+
+
+def _drain(queue, on_report) -> None:
+    import queue as queue_mod
+
+    while True:
+        try:
+            item = queue.get_nowait()
+        except (queue_mod.Empty, OSError, ValueError):
+            return
+        if on_report is not None:
+            on_report(item)
+
+
+def run_shards(args: list[tuple], workers: int, on_report=None, on_done=None, on_tick=None,
+               poll_s: float = 0.5) -> list[dict]:
+    """Phase 1 over several shards: ``run_shard(*a)`` for each ``a`` of ``args``, in this process
+    (``workers <= 1``) or in a pool of ``workers`` processes. Returns the manifests in completion
+    order.
+
+    The pool uses the *spawn* start method: a forked worker would inherit the parent's live
+    wandb run (and its service connection, threads and locks), and wandb refuses any operation in
+    a forked process (``ForkedError``: raised, e.g., by its import hooks when a worker imports a
+    module the run watches). Workers touch no logger or run; they send ``(shard, docs, kept,
+    files)`` progress tuples through a queue, and only this process calls ``on_report(tuple)``,
+    ``on_done(manifest)`` and, at least every ``poll_s`` seconds while waiting, ``on_tick()``.
+    A worker's exception is raised here."""
+    manifests: list[dict] = []
+    if workers <= 1 or len(args) <= 1:
+        for a in args:
+            m = run_shard(*a, report=on_report)
+            manifests.append(m)
+            if on_done is not None:
+                on_done(m)
+        return manifests
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    try:
+        with ctx.Pool(workers, initializer=_shard_worker_init, initargs=(queue,)) as pool:
+            results = pool.imap_unordered(_run_shard_args, args)
+            while len(manifests) < len(args):
+                try:
+                    m = results.next(timeout=poll_s)
+                except multiprocessing.TimeoutError:
+                    m = None
+                _drain(queue, on_report)
+                if m is not None:
+                    manifests.append(m)
+                    if on_done is not None:
+                        on_done(m)
+                elif on_tick is not None:
+                    on_tick()
+    finally:
+        queue.close()
+        queue.cancel_join_thread()
+    return manifests
 
 
 # --- phase 2: dedup ------------------------------------------------------------------------
@@ -282,32 +372,47 @@ def iter_jsonl(path: Path):
                 yield json.loads(line)
 
 
-def dedup_shards(cfg: dict, shard_dirs: list[Path], out_dir: Path) -> dict:
+def _shard_docs(shard_dir: Path) -> int | None:
+    """Documents in a completed shard's ``docs.jsonl`` (from its manifest; None if unknown)."""
+    try:
+        m = json.loads((shard_dir / SHARD_MANIFEST).read_text(encoding="utf-8"))
+        return int(m["steps"][-1]["docs_out"] if m["steps"] else m["read"]["docs"])
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
+def dedup_shards(cfg: dict, shard_dirs: list[Path], out_dir: Path, bar: bool = False) -> dict:
     """Phase 2 over the shards' ``docs.jsonl`` (in shard order): exact-line dedup, then
     MinHash near-duplicate removal, as enabled in ``cfg["steps"]``; writes
     ``clean/shard_<i>.{txt,jsonl}`` and ``clean.txt``. Returns ``{"steps": [stats], "dedup":
-    {...}, "clean": {...}}``."""
+    {...}, "clean": {...}}``. Each pass over the documents reports its progress (a log line at
+    most every 10 s and at its end; a bar on a terminal with ``bar``)."""
     from lmrun.curation.dedup import count_lines, find_near_duplicates, remove_duplicate_lines
+    from lmrun.tracking.progress import Progress
 
     steps = [s for s in DEDUP_STEPS if s in cfg["steps"]]
     stats = {s: StepStats(s, cfg["samples_per_step"], cfg.get("seed", 0)) for s in steps}
     files = [d / "docs.jsonl" for d in shard_dirs]
     min_chars = cfg["min_doc_chars"]
+    counts_known = [_shard_docs(d) for d in shard_dirs]
+    total_docs = None if None in counts_known else sum(counts_known)
 
-    def docs():
-        for i, f in enumerate(files):
-            for doc in iter_jsonl(f):
-                yield i, doc
+    def docs(what: str):
+        with Progress(total_docs, f"dedup: {what}", unit="document", bar=bar) as prog:
+            for i, f in enumerate(files):
+                for doc in iter_jsonl(f):
+                    yield i, doc
+                    prog.update(1)
 
     counts = None
     if "exact_dedup" in steps:
         t0 = time.perf_counter()
-        counts = count_lines(doc["text"] for _, doc in docs())
+        counts = count_lines(doc["text"] for _, doc in docs("counting lines"))
         stats["exact_dedup"].seconds += time.perf_counter() - t0
 
-    def after_lines():
+    def after_lines(what: str):
         """(shard, doc, bytes before line dedup, reason) for every document; records stats once."""
-        for i, doc in docs():
+        for i, doc in docs(what):
             b = len(doc["text"].encode("utf-8"))
             reason = None
             if counts is not None:
@@ -322,7 +427,7 @@ def dedup_shards(cfg: dict, shard_dirs: list[Path], out_dir: Path) -> dict:
     if "minhash_dedup" in steps:
         d = cfg["dedup"]
         t0 = time.perf_counter()
-        res = find_near_duplicates(lambda: (doc["text"] for _, doc, _, r in after_lines() if r is None),
+        res = find_near_duplicates(lambda: (doc["text"] for _, doc, _, r in after_lines("minhash") if r is None),
                                    d["num_hashes"], d["num_bands"], d["ngrams"], d["jaccard_threshold"], d["seed"])
         stats["minhash_dedup"].seconds += time.perf_counter() - t0
         remove = res["remove"]
@@ -344,7 +449,7 @@ def dedup_shards(cfg: dict, shard_dirs: list[Path], out_dir: Path) -> dict:
             paths = (clean / f".shard_{i:05d}.txt.tmp", clean / f".shard_{i:05d}.jsonl.tmp")
             tmp_paths.append(paths)
             handles[i] = (open(paths[0], "w", encoding="utf-8"), open(paths[1], "w", encoding="utf-8"), [0])
-        for i, doc, b, reason in after_lines():
+        for i, doc, b, reason in after_lines("writing clean shards"):
             if "exact_dedup" in stats:
                 stats["exact_dedup"].add(doc, b, reason)
             if reason is not None:

@@ -125,9 +125,55 @@ def train_quality(cfg, out_dir: Path) -> tuple[str, dict]:
     return str(path), stats
 
 
+def _filter_shards(cfg, args: list[tuple], workers: int) -> list[dict]:
+    """Phase 1 over ``args`` (``run_shard`` arguments) with ``workers`` processes, sorted by shard.
+    Progress (this process only; workers send counts): a log line at most every 10 s with input
+    files done / total, elapsed, ETA, documents read and kept, shards done."""
+    from collections import Counter
+
+    from lmrun.curation.pipeline import run_shards
+    from lmrun.tracking.progress import Progress
+
+    n_files = {a[3]: len(a[1]) for a in args}
+    docs, kept, files_seen = Counter(), Counter(), Counter()
+    finished: set[int] = set()
+    prog = Progress(sum(n_files.values()) or None, "curate: filter", unit="file", bar=bool(cfg.progress),
+                    log_start=True)
+
+    def fields() -> dict:
+        return {"docs": sum(docs.values()), "kept": sum(kept.values()), "shards": f"{len(finished)}/{len(args)}"}
+
+    def on_report(item) -> None:
+        shard, d, k, f = item
+        if shard in finished:  # a late report of a shard whose manifest is already counted
+            return
+        docs[shard] += d
+        kept[shard] += k
+        files_seen[shard] += f
+        prog.update(f, **fields())
+
+    def on_done(m: dict) -> None:
+        i = m["shard"]
+        finished.add(i)
+        docs[i] = m["read"]["docs"]
+        kept[i] = m["steps"][-1]["docs_out"] if m["steps"] else m["read"]["docs"]
+        rest = n_files[i] - files_seen[i]
+        files_seen[i] = n_files[i]
+        prog.update(rest, **fields())
+        log.info("shard %d: %s", i, "skipped (complete)" if m["skipped"] else
+                 f"{m['read']['docs']} docs read, {kept[i]} kept in {m['seconds']:.1f} s")
+
+    try:
+        manifests = run_shards(args, workers, on_report=on_report, on_done=on_done, on_tick=lambda: prog.update(0))
+    except BaseException:
+        prog.close(log_final=False)
+        raise
+    prog.close()
+    return sorted(manifests, key=lambda m: m["shard"])
+
+
 def run(cfg) -> dict:
-    from lmrun.curation.pipeline import (SHARD_MANIFEST, _run_shard_args, build_report, dedup_shards,
-                                         report_markdown, run_shard, write_report)
+    from lmrun.curation.pipeline import SHARD_MANIFEST, build_report, dedup_shards, report_markdown, write_report
     from lmrun.tracking.files import atomic_write_json
     from lmrun.tracking.run import active_run
 
@@ -151,23 +197,12 @@ def run(cfg) -> dict:
         files, shards = _shards(cfg)
         todo = [int(c.shard_index)] if c.shard_index is not None else list(range(int(c.num_shards)))
         args = [(cc, [(str(p), f) for p, f in shards[i]], str(shard_root / f"{i:05d}"), i) for i in todo]
-        workers = min(int(c.num_workers or os.cpu_count() or 1), len(args))
+        busy = sum(1 for a in args if a[1]) or 1  # shards with input files
+        workers = min(int(c.num_workers or os.cpu_count() or 1), len(args), busy)
         log.info("curate: %d file(s) in %d shard(s); running %d shard(s) with %d process(es)", len(files),
                  c.num_shards, len(args), workers)
         t0 = time.perf_counter()
-        if workers > 1:
-            from lmrun.tokenizer.pretokenize import worker_pool
-
-            with worker_pool(workers) as pool:
-                for m in pool.imap_unordered(_run_shard_args, args):
-                    manifests.append(m)
-                    log.info("shard %d: %s", m["shard"], "skipped (complete)" if m["skipped"] else
-                             f"{m['read']['docs']} docs read, {m['steps'][-1]['docs_out'] if m['steps'] else m['read']['docs']} kept")
-        else:
-            for a in args:
-                m = run_shard(*a)
-                manifests.append(m)
-                log.info("shard %d: %s", m["shard"], "skipped (complete)" if m["skipped"] else f"{m['read']['docs']} docs read")
+        manifests = _filter_shards(cfg, args, workers)
         manifests.sort(key=lambda m: m["shard"])
         summary["filter_seconds"] = round(time.perf_counter() - t0, 3)
         summary["shards_skipped"] = sum(bool(m["skipped"]) for m in manifests)
@@ -182,7 +217,8 @@ def run(cfg) -> dict:
         if c.phase == "dedup":
             manifests = [json.loads((d / SHARD_MANIFEST).read_text(encoding="utf-8")) for d in dirs]
         t0 = time.perf_counter()
-        dedup = dedup_shards(cc, dirs, out)
+        log.info("dedup: %d shard(s) -> %s", len(dirs), out / "clean")
+        dedup = dedup_shards(cc, dirs, out, bar=bool(cfg.progress))
         summary["dedup_seconds"] = round(time.perf_counter() - t0, 3)
 
     report = build_report(manifests, dedup)
