@@ -54,6 +54,12 @@ def plan(cfg) -> dict:
     }
 
 
+def _vocab_requested(files) -> dict:
+    """``vocab_size_requested`` (and ``vocab_capped``, why the vocabulary is smaller) of a trained
+    tokenizer, from what its training recorded; empty for a given tokenizer (``tokenizer.path``)."""
+    return {k: files.built[k] for k in ("vocab_size_requested", "vocab_capped") if k in files.built}
+
+
 def get_or_encode_tokens(cfg, cache, corpus, files, special_tokens: list[str] | None = None):
     """The cached token arrays (``tokens/<key>``: train.bin, val.bin, meta.json) for this corpus
     and tokenizer, encoded first if absent. Returns the cache Artifact. ``special_tokens``
@@ -62,8 +68,11 @@ def get_or_encode_tokens(cfg, cache, corpus, files, special_tokens: list[str] | 
     tok = files.load(specials)
     vocab_size = max(tok.vocab) + 1
 
+    requested = _vocab_requested(files)
+
     def build(out: Path) -> dict:
         meta = {"format_version": FORMAT_VERSION, "dtype": token_dtype(vocab_size).name, "vocab_size": vocab_size,
+                **requested,
                 "special_tokens": {s: tok.special_ids[s] for s in tok.special_tokens},
                 "eot_id": tok.special_ids[specials[0]] if specials else None,
                 "tokenizer": {"vocab": str(files.vocab), "merges": str(files.merges), **files.identity},
@@ -89,10 +98,12 @@ def run(cfg) -> dict:
     corpus = prepare_corpus(cfg.data, cache)
     files = get_tokenizer(cfg, cache, corpus)
     artifact = get_or_encode_tokens(cfg, cache, corpus, files)
-    run_meta = {**json.loads((artifact.path / "meta.json").read_text()), "path": str(artifact.path),
-                "cached": artifact.reused}
+    run_meta = {**json.loads((artifact.path / "meta.json").read_text()), **_vocab_requested(files),
+                "path": str(artifact.path), "cached": artifact.reused}
     atomic_write_json(run.dir / "meta.json", run_meta)
     summary = {"vocab_size": run_meta["vocab_size"]}
+    if "vocab_size_requested" in run_meta:
+        summary["vocab_size_requested"] = run_meta["vocab_size_requested"]
     for split, stats in run_meta["splits"].items():
         summary.update({f"{split}_tokens": stats["tokens"], f"{split}_bytes": stats["bytes"],
                         f"{split}_bytes_per_token": stats["bytes_per_token"], f"{split}_mb_per_s": stats["mb_per_s"]})

@@ -51,6 +51,38 @@ def peak_rss_mb() -> dict[str, float]:
     return {"peak_rss_mb": round(own, 1), "peak_rss_children_mb": round(children, 1)}
 
 
+def vocab_facts(cfg, vocab_size: int, num_merges: int | None = None, train_bytes: int | None = None) -> dict:
+    """What was asked and what was got: ``{"vocab_size_requested": N, "vocab_size": M}`` for a
+    trained BPE tokenizer (``tokenizer.kind=bpe`` without ``tokenizer.path``), plus
+    ``"vocab_capped"`` (why, one sentence) when training stopped short of N; ``{"vocab_size": M}``
+    otherwise. ``num_merges`` (the merges made) and ``train_bytes`` sharpen the reason."""
+    t = cfg.tokenizer
+    if t.path or t.kind != "bpe":
+        return {"vocab_size": int(vocab_size)}
+    requested = int(t.vocab_size)
+    out = {"vocab_size_requested": requested, "vocab_size": int(vocab_size)}
+    if vocab_size < requested:
+        n_special = len(t.special_tokens)
+        max_merges = requested - 256 - n_special
+        learned = vocab_size - 256 - n_special
+        text = f" of the training text ({train_bytes / 1e6:.2f} MB)" if train_bytes else " of the training text"
+        if num_merges is None or num_merges < max_merges:
+            why = (f"BPE ran out of pairs to merge: after {learned:,} learned tokens every pre-token (word){text} is "
+                   "a single token; more (or more varied) training text gives a larger vocabulary")
+        else:
+            why = (f"{num_merges - learned:,} of the {num_merges:,} merges reproduced a token already in the "
+                   "vocabulary")
+        out["vocab_capped"] = why
+    return out
+
+
+def warn_vocab_capped(facts: dict) -> None:
+    """Log the warning for a vocabulary smaller than asked (see :func:`vocab_facts`)."""
+    if facts.get("vocab_capped"):
+        log.warning("tokenizer.vocab_size=%d, but the vocabulary has %d tokens: %s", facts["vocab_size_requested"],
+                    facts["vocab_size"], facts["vocab_capped"])
+
+
 def get_or_train_tokenizer(cfg, cache: ArtifactCache, corpus: Corpus) -> Artifact:
     """The cached tokenizer for (train split, cfg.tokenizer), trained first if absent."""
     from lmrun.tokenizer.bpe import train_bpe
@@ -73,7 +105,8 @@ def get_or_train_tokenizer(cfg, cache: ArtifactCache, corpus: Corpus) -> Artifac
         seconds = time.perf_counter() - t0
         save_vocab(vocab, out / "vocab.json")
         save_merges(merges, out / "merges.txt")
-        return {"train_seconds": round(seconds, 3), "train_bytes": size, "vocab_size": len(vocab),
+        return {"train_seconds": round(seconds, 3), "train_bytes": size,
+                **vocab_facts(cfg, len(vocab), len(merges), size),
                 "num_merges": len(merges), "train_mb_per_s": round(size / 1e6 / max(seconds, 1e-9), 3), **peak_rss_mb()}
 
     return cache.get_or_build("tokenizer", tokenizer_material(cfg, corpus), build)
@@ -133,8 +166,11 @@ def get_tokenizer(cfg, cache: ArtifactCache, corpus: Corpus, dry_run: bool = Fal
                               found is not None, {})
     artifact = get_or_train_tokenizer(cfg, cache, corpus)
     identity = {"tokenizer_key": artifact.key, "special_tokens": specials}
-    return TokenizerFiles(artifact.path / "vocab.json", artifact.path / "merges.txt", identity, artifact.reused,
-                          artifact.manifest["result"])
+    built = dict(artifact.manifest["result"])
+    if "vocab_size" in built:  # a cached tokenizer built before vocab_size_requested was recorded gets it here
+        built.update(vocab_facts(cfg, int(built["vocab_size"]), built.get("num_merges"), built.get("train_bytes")))
+        warn_vocab_capped(built)
+    return TokenizerFiles(artifact.path / "vocab.json", artifact.path / "merges.txt", identity, artifact.reused, built)
 
 
 def plan(cfg) -> dict:
@@ -229,7 +265,7 @@ def run(cfg) -> dict:
         "data": corpus.name,
         "tokenizer": str(files.folder) if cfg.tokenizer.path else cfg.tokenizer.kind,
         "train_bytes": built.get("train_bytes"),
-        "vocab_size": len(tok.vocab),
+        **vocab_facts(cfg, len(tok.vocab), built.get("num_merges"), built.get("train_bytes")),
         "num_merges": len(tok.merges),
         "special_tokens": specials,
         "cached": files.reused,
@@ -247,7 +283,9 @@ def run(cfg) -> dict:
     atomic_write_text(run.dir / "report.md", _report_markdown(report))
     summary = {k: v for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     run.log(summary, step=0)
-    log.info("vocab %d, %.3f bytes/token on validation%s", len(tok.vocab), report["bytes_per_token"],
+    log.info("vocab %d%s, %.3f bytes/token on validation%s", len(tok.vocab),
+             f" (of {report['vocab_size_requested']} asked: see vocab_capped in report.json)"
+             if report.get("vocab_capped") else "", report["bytes_per_token"],
              " (existing tokenizer)" if files.reused else f", trained in {report['train_seconds']:.2f}s")
     if cfg.tokenizer.compare:
         for c in report["comparison"]:
