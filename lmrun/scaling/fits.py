@@ -227,9 +227,11 @@ INIT_GRID = {"a": [0.0, 5.0, 10.0, 20.0], "b": [0.0, 5.0, 10.0, 20.0], "e": [-1.
 
 
 def approach3(runs: list[ScalingRun], delta: float = 1e-3, init_grid: dict | None = None,
-              starts: list | None = None) -> ParametricFit:
+              starts: list | None = None, progress: bool = False, bar: bool = False) -> ParametricFit:
     """Fit L(N, D) = E + A/N^α + B/D^β (Huber loss on log L, L-BFGS from a grid of starts; the
-    best optimum is kept). DataError with fewer than 5 runs."""
+    best optimum is kept). DataError with fewer than 5 runs. progress: log ``approach 3 fit:
+    done/total starts, elapsed, ETA`` (``lmrun.tracking.progress.Progress``; ``bar``: also a bar
+    on a terminal)."""
     from scipy.optimize import minimize
 
     if len(runs) < 5:
@@ -242,28 +244,56 @@ def approach3(runs: list[ScalingRun], delta: float = 1e-3, init_grid: dict | Non
         starts = [np.array([a, b, e, al, be]) for a in g["a"] for b in g["b"] for e in g["e"]
                   for al in g["alpha"] for be in g["beta"]]
     best = None
-    for x0 in starts:
-        res = minimize(_objective, x0, args=(log_n, log_d, log_l, delta), jac=True, method="L-BFGS-B",
-                       options={"maxiter": 1000})
-        if np.all(np.isfinite(res.x)) and (best is None or res.fun < best.fun):
-            best = res
+    with _progress(progress, len(starts), "approach 3 fit", "start", bar) as p:
+        for x0 in starts:
+            res = minimize(_objective, x0, args=(log_n, log_d, log_l, delta), jac=True, method="L-BFGS-B",
+                           options={"maxiter": 1000})
+            if np.all(np.isfinite(res.x)) and (best is None or res.fun < best.fun):
+                best = res
+            p.update(1, best_objective=float(best.fun) if best is not None else math.nan)
     a, b, e, alpha, beta = best.x
     return ParametricFit(float(math.exp(e)), float(math.exp(a)), float(math.exp(b)), float(alpha), float(beta),
                          float(best.fun))
 
 
 # --- bootstrap ---------------------------------------------------------------------------------------
+class _Silent:
+    def update(self, n=1, **fields):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+def _progress(enabled: bool, total: int, desc: str, unit: str, bar: bool):
+    """A ``Progress`` (a start line, a line every ``LOG_EVERY_S`` and a final one) or a no-op."""
+    if not enabled:
+        return _Silent()
+    from lmrun.tracking.progress import Progress
+
+    return Progress(total, desc, unit=unit, bar=bar, log_start=True)
+
+
 def bootstrap(runs: list[ScalingRun], approach: str, targets: list[float], n_boot: int = 200, seed: int = 0,
-              confidence: float = 0.95) -> dict:
+              confidence: float = 0.95, progress: bool = False, bar: bool = False) -> dict:
     """Fit ``approach`` ("1", "2" or "3") on the data and on ``n_boot`` resamples; returns
     ``{"fit": the full-data fit, "coefficients": {name: (value, low, high)}, "predictions":
     [{compute, n_opt: (value, low, high), d_opt: ..., loss: ...}]}`` with percentile intervals.
     Approaches 1 and 2 resample budgets (whole IsoFLOP profiles); approach 3 resamples runs and
     restarts L-BFGS from the full-data optimum. Resamples whose fit fails are skipped; with fewer
-    than three units to resample the intervals are NaN (no honest interval exists)."""
+    than three units to resample the intervals are NaN (no honest interval exists).
+    progress: log the approach-3 grid fit's and the resamples' progress (``approach 2 bootstrap:
+    40/200 resamples (20%), elapsed …, ETA …``); bar: also bars on a terminal."""
+    import logging
+
     rng = np.random.default_rng(seed)
-    fitter = {"1": approach1, "2": approach2, "3": approach3}[approach]
-    fit = fitter(runs)
+    if progress:
+        logging.getLogger(__name__).info("approach %s: fitting %d runs", approach, len(runs))
+    fit = approach3(runs, progress=progress, bar=bar) if approach == "3" else {"1": approach1,
+                                                                               "2": approach2}[approach](runs)
     if approach == "3":
         x_best = [np.array([math.log(fit.A), math.log(fit.B), math.log(fit.E), fit.alpha, fit.beta])]
 
@@ -271,21 +301,24 @@ def bootstrap(runs: list[ScalingRun], approach: str, targets: list[float], n_boo
             return approach3(sample, starts=x_best)
         units = [[r] for r in runs]
     else:
-        refit = fitter
+        refit = {"1": approach1, "2": approach2}[approach]
         used = {p[0] for p in fit.points}  # approach 2 leaves out budgets without a minimum
         units = [group for c, group in budgets(runs) if c in used]
     coefs, preds = [], []
     if len(units) < 3:  # resampling two units gives back the data or a degenerate sample: no interval
         n_boot = 0
-    for _ in range(n_boot):
-        idx = rng.integers(0, len(units), len(units))
-        sample = [r for i in idx for r in units[i]]
-        try:
-            f = refit(sample)
-        except (DataError, ValueError, np.linalg.LinAlgError):
-            continue
-        coefs.append(f.coefficients())
-        preds.append([f.predict(c) for c in targets])
+    with _progress(progress and n_boot > 0, n_boot, f"approach {approach} bootstrap", "resample", bar) as p:
+        for i_boot in range(n_boot):
+            idx = rng.integers(0, len(units), len(units))
+            sample = [r for i in idx for r in units[i]]
+            try:
+                f = refit(sample)
+            except (DataError, ValueError, np.linalg.LinAlgError):
+                p.update(1, failed=i_boot + 1 - len(coefs))
+                continue
+            coefs.append(f.coefficients())
+            preds.append([f.predict(c) for c in targets])
+            p.update(1)
     if n_boot and len(coefs) < max(10, n_boot // 4):
         raise DataError(f"approach {approach}: only {len(coefs)} of {n_boot} bootstrap resamples could be fitted")
     lo_q, hi_q = 100 * (1 - confidence) / 2, 100 * (1 + confidence) / 2

@@ -111,10 +111,47 @@ def run_pretrain_subprocess(overrides: list[str], run_dir: Path) -> None:
     env = dict(os.environ)
     src_root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = src_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        tail = " | ".join(line for line in (proc.stderr or "").splitlines()[-3:] if line.strip())
+    returncode, lines = _run_reporting(cmd, env)
+    if returncode != 0:
+        tail = " | ".join(line for line in lines[-3:] if line.strip())
         raise DataError(f"plan run failed ({' '.join(overrides)}): {tail[-400:]}")
+
+
+def _run_reporting(cmd: list[str], env: dict) -> tuple[int, list[str]]:
+    """Run ``cmd``; while it runs, log every ``LOG_EVERY_S`` seconds the elapsed time and the
+    child's latest log line (its step/total, ETA), so a long plan run is never silent.
+    Returns (exit status, the last 50 lines of its stderr)."""
+    import collections
+    import re
+    import threading
+    import time
+
+    from lmrun.tracking import progress
+
+    tail: collections.deque[str] = collections.deque(maxlen=50)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+
+    def read() -> None:
+        for line in proc.stderr:
+            tail.append(line.rstrip("\n"))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    t0 = last = time.perf_counter()
+    while True:
+        try:
+            proc.wait(timeout=min(1.0, max(0.05, progress.LOG_EVERY_S)))
+            break
+        except subprocess.TimeoutExpired:
+            now = time.perf_counter()
+            if now - last >= progress.LOG_EVERY_S:
+                last = now
+                latest = next((x for x in reversed(tail) if x.strip()), "")
+                latest = re.sub(r"^\[[0-9:]+\]\[\w+\] ", "", latest)
+                log.info("plan run: elapsed %s%s", progress.format_duration(now - t0),
+                         f"; {latest[:200]}" if latest else "")
+    reader.join(timeout=5)
+    return proc.returncode, list(tail)
 
 
 def plan_and_run(model_cfg, store: RunStore, exploration_budget: float, target_budget: float, first_budget: float,
@@ -154,7 +191,9 @@ def plan_and_run(model_cfg, store: RunStore, exploration_budget: float, target_b
                      exploration_budget - spent)
             break
         losses, params = [], []
-        for overrides in requests:
+        for i, overrides in enumerate(requests, 1):
+            log.info("round %d: run %d/%d at C=%.3g (%s)", r, i, len(requests), budget,
+                     "reused" if _stored(store, overrides) else "training")
             summary, was_reused = store.get(overrides)
             reused += was_reused
             if not was_reused:

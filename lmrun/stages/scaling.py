@@ -89,7 +89,8 @@ def run_plan(cfg) -> dict:
     summary = {"spent_flops": result["spent"], "runs": len(runs), "reused": result["reused"],
                "rounds": len(result["rounds"])}
     try:
-        b = bootstrap(runs, "2", [float(sc.target_budget)], int(sc.n_boot), int(sc.seed), float(sc.confidence))
+        b = bootstrap(runs, "2", [float(sc.target_budget)], int(sc.n_boot), int(sc.seed), float(sc.confidence),
+                      progress=True, bar=bool(cfg.progress))
     except DataError as e:
         lines += ["", f"No recommendation: {e} (raise scaling.exploration_budget)."]
         b = None
@@ -129,13 +130,16 @@ def run(cfg) -> dict:
     run = active_run()
     sc = cfg.scaling
     runs = load_runs(sc.input, sc.params_key)
+    log.info("%d runs from %s; approaches %s, %d bootstrap resamples each", len(runs), sc.input,
+             ", ".join(_approaches(cfg)), int(sc.n_boot))
     targets = [float(c) for c in sc.predict]
     c_min = min(r.compute for r in runs)
     grid = list(np.logspace(math.log10(c_min), math.log10(max(targets + [max(r.compute for r in runs)])), 40))
     results, errors = {}, {}
     for name in _approaches(cfg):
         try:
-            b = bootstrap(runs, name, targets + grid, int(sc.n_boot), int(sc.seed), float(sc.confidence))
+            b = bootstrap(runs, name, targets + grid, int(sc.n_boot), int(sc.seed), float(sc.confidence),
+                          progress=True, bar=bool(cfg.progress))
         except DataError as e:
             if str(sc.approach) != "all":
                 raise
@@ -169,6 +173,7 @@ def run(cfg) -> dict:
                        for k, v in results.items()}, "not_fitted": errors})
     print(report, flush=True)
 
+    log.info("plotting: isoflop_profiles.png, n_opt.png, d_opt.png, loss_vs_compute.png")
     opt_points = {}
     if "2" in results:
         iso = optimal_points_isoflop(runs)

@@ -108,7 +108,10 @@ def test_shapes_from_parameter_counts():
         shape_for_params(0)
 
 
-def test_scaling_stage_on_a_file_writes_tables_and_plots(tmp_path, capsys):
+def test_scaling_stage_on_a_file_writes_tables_and_plots(tmp_path, capsys, monkeypatch):
+    from lmrun.tracking import progress
+
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)  # a progress line for every resample
     src = tmp_path / "runs.json"
     src.write_text(json.dumps([{"parameters": r.parameters, "compute_budget": r.compute, "final_loss": r.loss}
                                for r in synthetic(noise=0.003)]))
@@ -122,6 +125,11 @@ def test_scaling_stage_on_a_file_writes_tables_and_plots(tmp_path, capsys):
     assert lo <= a <= hi and a == pytest.approx(LAW["beta"] / (LAW["alpha"] + LAW["beta"]), abs=0.02)
     for png in ("isoflop_profiles.png", "n_opt.png", "d_opt.png", "loss_vs_compute.png"):
         assert (run / png).read_bytes()[:4] == b"\x89PNG"
+    log = (run / "scaling.log").read_text()  # progress: what a Slurm job's log shows
+    assert "approach 2: fitting 36 runs" in log and "plotting: isoflop_profiles.png" in log
+    assert "approach 2 bootstrap: 0/30 resamples (0%), elapsed 0.0s, ETA ?" in log
+    assert "approach 2 bootstrap: 15/30 resamples (50%), elapsed " in log
+    assert "approach 2 bootstrap: 30/30 resamples (100%)" in log and "resamples/s" in log
     assert cli.main(["stage=scaling", "logger=none"]) == 2
     assert "scaling.input=None" in capsys.readouterr().err
 
