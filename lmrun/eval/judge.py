@@ -89,10 +89,11 @@ def text_budget(judge) -> int:
 
 
 def judge_pairs(judge, instructions: list[str], outputs: list[str], references: list[str],
-                batch_size: int = 16) -> list[Judgement]:
+                batch_size: int = 16, bar: bool = False) -> list[Judgement]:
     """The judge's preference for ``outputs[i]`` over ``references[i]`` on ``instructions[i]``,
-    in both orders (4 scored sequences per instruction). judge: a ``CausalLM``. Raises
-    ValueError when the judge's context cannot hold the template and the answer."""
+    in both orders (4 scored sequences per instruction). judge: a ``CausalLM``; bar: a progress
+    bar on a terminal (progress lines are logged either way). Raises ValueError when the judge's
+    context cannot hold the template and the answer."""
     budget = text_budget(judge)
     contexts, conts, cut = [], [], []
     for ins, out, ref in zip(instructions, outputs, references, strict=True):
@@ -102,7 +103,7 @@ def judge_pairs(judge, instructions: list[str], outputs: list[str], references: 
             prompt = JUDGE_TEMPLATE.format(instruction=ins, output_a=a, output_b=b)
             contexts += [prompt, prompt]
             conts += list(CHOICES)
-    lp = continuation_logprobs(judge, contexts, conts, batch_size)
+    lp = continuation_logprobs(judge, contexts, conts, batch_size, desc="judging", bar=bar)
     result = []
     for i in range(len(instructions)):
         a1, b1, a2, b2 = lp[4 * i:4 * i + 4]

@@ -14,12 +14,15 @@ default; a directory with a Hugging Face ``config.json`` loads through ``lmrun.e
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from lmrun.errors import DataError
+
+log = logging.getLogger(__name__)
 
 EOS_TOKEN = "<|endoftext|>"
 HF_RUN_SUBDIR = "hf_model"  # where alignment stages save a Hugging Face policy inside their run directory
@@ -67,9 +70,10 @@ class CausalLM:
 
         return InferenceEngine(self.model, self.tokenizer)
 
-    def generate(self, prompts: list[str], params) -> list:
+    def generate(self, prompts: list[str], params, on_token=None) -> list:
         """Completions (``lmrun.inference.Completion``) of ``prompts`` under ``params``
         (``SamplingParams``; generation stops at ``eos_token_id`` in addition to its stop ids).
+        ``on_token(row, token_id)`` is called as each token is accepted (progress, streaming).
         The model's train/eval mode is restored afterwards."""
         from dataclasses import replace
 
@@ -77,7 +81,7 @@ class CausalLM:
             params = replace(params, stop_token_ids=tuple(params.stop_token_ids) + (self.eos_token_id,))
         was_training = self.model.training
         try:
-            return self.engine().generate(list(prompts), params)
+            return self.engine().generate(list(prompts), params, on_token=on_token)
         finally:
             self.model.train(was_training)
 
@@ -107,8 +111,10 @@ def load_causal_lm(path: str | Path, device: str | torch.device = "cpu", key: st
     if p.is_dir() and (p / "config.json").is_file():
         from lmrun.eval.hf import load_hf_causal_lm
 
+        log.info("loading %s: Hugging Face model %s", key, p)
         return load_hf_causal_lm(p, device, key)
     ckpt = resolve_checkpoint(str(p), key)
+    log.info("loading %s: %s", key, ckpt)
     facts = checkpoint_facts(ckpt)
     files = checkpoint_tokenizer_files(facts, ckpt)
     specials = list(facts["tokenizer"].get("special_tokens") or [])

@@ -6,11 +6,19 @@
 - ``generate_responses``: batched sampling of responses to text prompts, with prompts that do not
   fit the context cut from the left (the end of a prompt, where the question and the answer cue
   are, is kept) and the number of new tokens capped to half the context.
+- ``generate_batches``: ``lm.generate`` over many prompts in batches, with progress (also what
+  the alignment stages sample through).
+
+Both primitives report progress (``lmrun.tracking.progress.Progress``): a log line every
+``LOG_EVERY_S`` seconds with done/total, elapsed, ETA and the rate, and a bar on a terminal when
+asked.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -37,15 +45,17 @@ def fit_left(ids: list[int], budget: int, keep_prefix: list[int] | None = None) 
 
 
 @torch.no_grad()
-def continuation_logprobs(lm, contexts: list[str], continuations: list[str], batch_size: int = 16) -> list[float]:
+def continuation_logprobs(lm, contexts: list[str], continuations: list[str], batch_size: int = 16,
+                          desc: str = "scoring", bar: bool = False) -> list[float]:
     """``sum_t log p(continuation_t | context, continuation_<t)`` in nats for each pair.
 
     contexts, continuations: equal-length lists of strings (a continuation must encode to at
     least one token). Each pair is encoded as ``prefix_ids + encode(context) + encode(continuation)``
     (encoded separately, as lm-evaluation-harness does, so that every candidate continuation of
     one context is scored after the same context tokens); a pair longer than the model's context
-    loses tokens from the left of its context. batch_size: sequences per forward pass.
-    Raises ValueError for mismatched lists, an empty continuation or one that does not fit the
+    loses tokens from the left of its context. batch_size: sequences per forward pass. desc: what the
+    progress lines call the work (``desc: done/total sequences, elapsed, ETA, sequences/s,
+    tokens/s``); bar: a bar on a terminal. Raises ValueError for mismatched lists, an empty continuation or one that does not fit the
     context."""
     if len(contexts) != len(continuations):
         raise ValueError(f"{len(contexts)} contexts but {len(continuations)} continuations")
@@ -59,23 +69,29 @@ def continuation_logprobs(lm, contexts: list[str], continuations: list[str], bat
             raise ValueError(f"a continuation of {len(c_ids)} tokens does not fit context_length={ctx_len}")
         x_ids, _ = fit_left(prefix + lm.encode(context), ctx_len - len(c_ids), prefix)
         seqs.append((x_ids + c_ids, len(c_ids)))
+    from lmrun.tracking.progress import Progress
+
     device = lm.device
     out: list[float] = []
     was_training = lm.model.training
     lm.model.eval()
+    tokens = 0
     try:
-        for start in range(0, len(seqs), batch_size):
-            chunk = seqs[start:start + batch_size]
-            width = max(len(s) for s, _ in chunk)
-            batch = torch.zeros(len(chunk), width, dtype=torch.long)
-            for i, (s, _) in enumerate(chunk):
-                batch[i, :len(s)] = torch.tensor(s)
-            logits = lm.logits(batch.to(device))
-            for i, (s, n) in enumerate(chunk):
-                targets = torch.tensor(s[len(s) - n:], device=device)
-                # the logits at t predict token t + 1; only the continuation's rows are normalised
-                rows = torch.log_softmax(logits[i, len(s) - n - 1:len(s) - 1].double(), -1)
-                out.append(float(rows.gather(-1, targets[:, None]).sum()))
+        with Progress(len(seqs), desc, unit="sequence", bar=bar, log_start=True) as p:
+            for start in range(0, len(seqs), batch_size):
+                chunk = seqs[start:start + batch_size]
+                width = max(len(s) for s, _ in chunk)
+                batch = torch.zeros(len(chunk), width, dtype=torch.long)
+                for i, (s, _) in enumerate(chunk):
+                    batch[i, :len(s)] = torch.tensor(s)
+                logits = lm.logits(batch.to(device))
+                for i, (s, n) in enumerate(chunk):
+                    targets = torch.tensor(s[len(s) - n:], device=device)
+                    # the logits at t predict token t + 1; only the continuation's rows are normalised
+                    rows = torch.log_softmax(logits[i, len(s) - n - 1:len(s) - 1].double(), -1)
+                    out.append(float(rows.gather(-1, targets[:, None]).sum()))
+                tokens += sum(len(s) for s, _ in chunk)
+                p.update(len(chunk), **{"tokens/s": tokens / max(p.elapsed, 1e-9)})
     finally:
         lm.model.train(was_training)
     return out
@@ -135,23 +151,57 @@ def generate_responses(lm, prompts: list[str], opts: GenerationOptions, desc: st
     if any(truncated):
         log.warning("%d of %d prompts are longer than %d tokens and were cut from the left", sum(truncated),
                     len(prompts), ctx - cap)
-    bar = None
-    if opts.progress and len(prompts) > opts.batch_size:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(prompts), desc=desc, unit="prompt", leave=False, dynamic_ncols=True, disable=None)
     res = Responses(truncated=truncated, max_new_tokens=cap)
     t0 = time.perf_counter()
-    try:
-        for start in range(0, len(ids), opts.batch_size):
-            params = SamplingParams(max_new_tokens=cap, temperature=float(opts.temperature), top_p=float(opts.top_p),
-                                    stop_strings=tuple(opts.stop), seed=int(opts.seed) + start)
-            res.completions.extend(lm.generate(ids[start:start + opts.batch_size], params))
-            if bar is not None:
-                bar.update(min(opts.batch_size, len(ids) - start))
-    finally:
-        if bar is not None:
-            bar.close()
+
+    def params_at(start: int):
+        return SamplingParams(max_new_tokens=cap, temperature=float(opts.temperature), top_p=float(opts.top_p),
+                              stop_strings=tuple(opts.stop), seed=int(opts.seed) + start)
+
+    res.completions = generate_batches(lm, ids, params_at, int(opts.batch_size), desc=desc, bar=bool(opts.progress))
     res.seconds = time.perf_counter() - t0
     res.new_tokens = sum(len(c.token_ids) for c in res.completions)
     return res
+
+
+def generate_batches(lm, prompts: list, params_at: Callable[[int], object], batch_size: int,
+                     desc: str = "generate", bar: bool = False, quiet: bool = False) -> list:
+    """``lm.generate`` over ``prompts`` (strings or token-id lists) in batches of ``batch_size``;
+    ``params_at(start)`` gives the ``SamplingParams`` of the batch that starts at prompt ``start``.
+    Returns the completions in prompt order.
+
+    Progress: ``desc: done/total prompts (pct), elapsed, ETA, prompts/s, new_tokens N, tokens/s R``
+    every ``LOG_EVERY_S`` seconds — also inside a batch, counting tokens as they are accepted,
+    when ``lm.generate`` takes ``on_token`` — plus a first and a last line (quiet: no first line,
+    and a last one only when a line was logged in between: for sampling inside a training step).
+    bar: a bar on a terminal."""
+    from lmrun.tracking.progress import Progress
+
+    out: list = []
+    streams = "on_token" in inspect.signature(lm.generate).parameters
+    p = Progress(len(prompts), desc, unit="prompt", bar=bar, log_start=not quiet)
+    done_tokens = 0  # tokens of the finished batches
+    live = [0]  # tokens of the running batch
+
+    def on_token(*_) -> None:
+        live[0] += 1
+        if live[0] % 8 == 0:  # cheap: the clock is read every 8 tokens
+            n = done_tokens + live[0]
+            p.update(0, new_tokens=n, **{"tokens/s": n / max(p.elapsed, 1e-9)})
+
+    ok = False
+    try:
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            live[0] = 0
+            if streams:
+                got = lm.generate(chunk, params_at(start), on_token=on_token)
+            else:
+                got = lm.generate(chunk, params_at(start))
+            out.extend(got)
+            done_tokens += sum(len(c.token_ids) for c in got)
+            p.update(len(chunk), new_tokens=done_tokens, **{"tokens/s": done_tokens / max(p.elapsed, 1e-9)})
+        ok = True
+    finally:
+        p.close(log_final=ok and (not quiet or p.last_log > p.t0))
+    return out

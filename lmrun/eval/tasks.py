@@ -150,7 +150,7 @@ def evaluate_mmlu(lm, examples: list[dict], template: str, opts: GenerationOptio
         for p in prompts:
             contexts += [p] * 4
             conts += mmlu_letter_continuations(p)
-        lp = continuation_logprobs(lm, contexts, conts, opts.batch_size)
+        lp = continuation_logprobs(lm, contexts, conts, opts.batch_size, desc="mmlu loglik", bar=bool(opts.progress))
         for i, (rec, ex) in enumerate(zip(records, examples)):
             scores = lp[4 * i:4 * i + 4]
             choice = "ABCD"[max(range(4), key=lambda k: (scores[k], -k))]
@@ -198,7 +198,7 @@ def evaluate_alpaca_eval(lm, examples: list[dict], template: str, opts: Generati
                                 "(evaluate.reference_outputs or the data file's 'output' field)")
             refs.append(ref)
         judged = judge_pairs(judge, [o["instruction"] for o in outputs], [o["output"] for o in outputs],
-                             [r["output"] for r in refs], opts.batch_size)
+                             [r["output"] for r in refs], opts.batch_size, bar=bool(opts.progress))
         for rec, ref, j in zip(records, refs, judged):
             rec.update({"reference_output": ref["output"], "reference_generator": ref.get("generator"),
                         "p_model_first": round(j.p_model_first, 6), "p_model_second": round(j.p_model_second, 6),

@@ -59,6 +59,7 @@ def run(cfg) -> dict:
     import torch
 
     from lmrun.stages.checkpoints import load_model
+    from lmrun.tracking.progress import Progress
     from lmrun.train.evaluation import bits_per_byte, evaluate_loss
     from lmrun.train.trainer import resolve_device
 
@@ -76,6 +77,7 @@ def run(cfg) -> dict:
         raise FormatError(f"{path}: the model's vocabulary ({facts['model_config']['vocab_size']}) is smaller than "
                           f"its tokenizer's ({meta['vocab_size']})")
     device = resolve_device(e.device)
+    log.info("loading checkpoint %s", path)
     model, step = load_model(path, facts, device)
     if e.int8:
         from lmrun.inference.quantize import quantize_int8
@@ -86,8 +88,11 @@ def run(cfg) -> dict:
                "stride": int(e.stride or context)}
     for split in (["train", "val"] if e.split == "both" else [e.split]):
         tokens = np.memmap(artifact.path / f"{split}.bin", dtype=meta["dtype"], mode="r")
-        r = evaluate_loss(model, tokens, int(e.batch_size), context, device, max_tokens=e.max_tokens,
-                          autocast_dtype=torch.bfloat16 if device.type == "cuda" else None, stride=e.stride)
+        n = len(tokens) if e.max_tokens is None else min(int(e.max_tokens), len(tokens))
+        with Progress(max(0, n - 1), f"evaluate {split}", unit="token", bar=bool(cfg.progress), log_start=True) as p:
+            r = evaluate_loss(model, tokens, int(e.batch_size), context, device, max_tokens=e.max_tokens,
+                              autocast_dtype=torch.bfloat16 if device.type == "cuda" else None, stride=e.stride,
+                              progress=p.update)
         bpt = meta["splits"][split]["bytes_per_token"]
         results.update({f"{split}_loss": r["loss"], f"{split}_perplexity": r["perplexity"],
                         f"{split}_bpb": bits_per_byte(r["loss"], bpt), f"{split}_tokens": r["tokens"]})

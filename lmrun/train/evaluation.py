@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ __all__ = ["bits_per_byte", "evaluate_loss"]
 
 def evaluate_loss(model: torch.nn.Module, dataset: np.ndarray, batch_size: int, context_length: int,
                   device="cpu", max_tokens: int | None = None, autocast_dtype: torch.dtype | None = None,
-                  stride: int | None = None) -> dict:
+                  stride: int | None = None, progress: Callable[[int], None] | None = None) -> dict:
     """Mean next-token cross-entropy of ``model`` over a token array, in one sequential pass.
 
     Args:
@@ -40,6 +41,8 @@ def evaluate_loss(model: torch.nn.Module, dataset: np.ndarray, batch_size: int, 
         stride: tokens between window starts, ``1 <= stride <= context_length`` (None or
             ``context_length``: non-overlapping windows). Smaller strides give each prediction
             more context and cost ``context_length / stride`` times the forward passes.
+        progress: called after each forward pass with the number of predictions it scored (they
+            add up to ``n - 1``), e.g. ``lmrun.tracking.progress.Progress.update`` (None: silent).
 
     The ``n`` tokens evaluated give ``n - 1`` predictions: windows ``[s, s + context_length)`` at
     ``s = 0, context_length, 2·context_length, ...`` predict tokens ``s + 1 ... s + context_length``;
@@ -70,16 +73,16 @@ def evaluate_loss(model: torch.nn.Module, dataset: np.ndarray, batch_size: int, 
     try:
         with torch.no_grad(), autocast:
             if stride is None or stride == context_length:
-                total = _chunked_sum(model, dataset, n, batch_size, context_length, device)
+                total = _chunked_sum(model, dataset, n, batch_size, context_length, device, progress)
             else:
-                total = _strided_sum(model, dataset, n, batch_size, context_length, device, stride)
+                total = _strided_sum(model, dataset, n, batch_size, context_length, device, stride, progress)
     finally:
         model.train(was_training)
     loss = total / (n - 1)
     return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf, "tokens": n - 1}
 
 
-def _chunked_sum(model, dataset, n: int, batch_size: int, context_length: int, device) -> float:
+def _chunked_sum(model, dataset, n: int, batch_size: int, context_length: int, device, progress=None) -> float:
     """Summed loss of targets 1 .. n-1 over non-overlapping windows (the last one partial)."""
     full, rest = divmod(n - 1, context_length)
     total = 0.0
@@ -87,14 +90,19 @@ def _chunked_sum(model, dataset, n: int, batch_size: int, context_length: int, d
         starts = np.arange(first, min(first + batch_size, full), dtype=np.int64) * context_length
         x, y = windows_to_tensors(_gather(dataset, starts, context_length + 1), device)
         total += cross_entropy(model(x), y, reduction="sum").item()
+        if progress is not None:
+            progress(len(starts) * context_length)
     if rest:
         s = full * context_length
         x, y = windows_to_tensors(np.asarray(dataset[s:s + rest + 1])[None, :], device)
         total += cross_entropy(model(x), y, reduction="sum").item()
+        if progress is not None:
+            progress(rest)
     return total
 
 
-def _strided_sum(model, dataset, n: int, batch_size: int, context_length: int, device, stride: int) -> float:
+def _strided_sum(model, dataset, n: int, batch_size: int, context_length: int, device, stride: int,
+                 progress=None) -> float:
     """Summed loss of targets 1 .. n-1 over windows every ``stride`` tokens; each window's
     already-scored targets are set to ``ignore_index`` so that each prediction counts once."""
     # full windows start at 0, r, 2r, ... while they end at or before token n - 1; one more
@@ -112,11 +120,15 @@ def _strided_sum(model, dataset, n: int, batch_size: int, context_length: int, d
             seen[0] = 0  # the first window scores every prediction
         y = y.masked_fill(positions < seen, -100)
         total += cross_entropy(model(x), y, ignore_index=-100, reduction="sum").item()
+        if progress is not None:
+            progress(int((y != -100).sum()))
     if covered < n - 1:
         s = max(0, n - 1 - context_length)
         x, y = windows_to_tensors(np.asarray(dataset[s:n])[None, :], device)
         y = y.masked_fill(positions[:, :y.shape[1]] < covered - s, -100)
         total += cross_entropy(model(x), y, ignore_index=-100, reduction="sum").item()
+        if progress is not None:
+            progress(n - 1 - covered)
     return total
 
 

@@ -74,6 +74,28 @@ def test_gsm8k_and_safety(models, capsys):
     assert sum(a["examples"] for a in ev["per_harm_area"].values()) == 13
 
 
+def test_perplexity_and_task_evaluations_log_progress(models, monkeypatch):
+    """What a Slurm job's log shows: a line before the checkpoint loads, then done/total, elapsed,
+    ETA and the rate while windows are scored and prompts answered."""
+    from lmrun.tracking import progress
+
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)  # a line for every batch
+    monkeypatch.setenv("LMRUN_CACHE", str(models["lmrun"].parents[2] / "cache"))  # the encoded data: a cache hit
+    run = evaluate(f"evaluate.checkpoint={models['lmrun']}", "evaluate.max_tokens=1001", "evaluate.batch_size=4")
+    log = (run / "evaluate.log").read_text()
+    assert log.index("loading checkpoint ") < log.index("evaluate val: 0/1,000 tokens (0%), elapsed 0.0s, ETA ?")
+    assert "evaluate val: 256/1,000 tokens (26%), elapsed " in log  # 4 windows of 64 per forward pass
+    assert "evaluate val: 1,000/1,000 tokens (100%), elapsed " in log and "tokens/s" in log
+    assert log.index("evaluate val: 1,000/1,000") < log.index("val: loss ")
+
+    run = evaluate(f"evaluate.checkpoint={models['lmrun']}", "evaluate.task=gsm8k", f"evaluate.data_path={GSM8K}",
+                   "evaluate.limit=3", "evaluate.max_new_tokens=4", "evaluate.batch_size=2")
+    log = (run / "evaluate.log").read_text()
+    assert log.index("loading evaluate.checkpoint: ") < log.index("gsm8k: 0/3 prompts (0%)")
+    assert "gsm8k: 2/3 prompts (67%), elapsed " in log and ", ETA " in log
+    assert "gsm8k: 3/3 prompts (100%)" in log and "tokens/s" in log
+
+
 def test_mmlu_both_methods_agree_with_direct_scoring(models):
     run = evaluate(f"evaluate.checkpoint={models['lmrun']}", "evaluate.task=mmlu", f"evaluate.data_path={MMLU}",
                    "evaluate.limit=2", "evaluate.max_new_tokens=4")

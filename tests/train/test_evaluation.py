@@ -145,3 +145,20 @@ def test_stride_of_a_context_is_the_chunked_loss_and_context_helps():
         evaluate_loss(model, data, 4, CTX, "cpu", stride=0)
     with pytest.raises(ValueError, match="stride"):
         evaluate_loss(model, data, 4, CTX, "cpu", stride=CTX + 1)
+
+
+@pytest.mark.parametrize("stride", [None, 8, 3])
+def test_progress_counts_every_prediction_once_per_forward_pass(stride):
+    data = np.arange(1000, 1000 + 59, dtype=np.uint32) % VOCAB  # 58 predictions
+    passes = []
+
+    class Counting(_Recorder):
+        def forward(self, x):
+            passes.append(len(x))
+            return super().forward(x)
+
+    calls = []
+    out = evaluate_loss(Counting(), data, 3, CTX, "cpu", stride=stride, progress=calls.append)
+    assert sum(calls) == out["tokens"] == 58  # each prediction counted once, ...
+    assert len(calls) == len(passes) > 1  # ... after each forward pass
+    assert out == evaluate_loss(_Recorder(), data, 3, CTX, "cpu", stride=stride)  # the default is unchanged
