@@ -9,6 +9,12 @@ Peak memory (:func:`peak_memory_mb`): on CUDA the allocator's peak during one ca
 was allocated before it; on Linux CPUs the increase of the process's peak resident set size
 during one call (after returning freed memory to the OS) — an upper-level, allocator-dependent
 measure. Out-of-memory errors are reported as a status, not raised.
+
+Trust (:func:`spread`, :func:`cpu_load`, :func:`noise_notes`): each row carries ``spread``, the
+80th / 20th percentile time ratio across its repeats; above ``SPREAD_WARN`` (1.5) the median is
+not to be trusted. A 1-minute load average above the CPUs this process may use means other
+processes took CPU time during the measurement (a starved multi-threaded op can be slow on every
+repeat, with a small spread): the run is flagged even when each case looks steady.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import ctypes
 import gc
 import logging
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -31,6 +38,9 @@ from lmrun.kernels.config import TRITON_IMPLS
 log = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+#: a case whose 80th / 20th percentile time ratio exceeds this is flagged as noisy
+SPREAD_WARN = 1.5
 
 
 @dataclass
@@ -134,6 +144,56 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | No
     return max(0, after - before) / 1024
 
 
+def spread(row: dict) -> float | None:
+    """The 80th / 20th percentile time ratio of a row (1.0: every repeat alike); None without both."""
+    p20, p80 = row.get("p20_ms"), row.get("p80_ms")
+    if p20 is None or p80 is None or p20 <= 0:
+        return None
+    return p80 / p20
+
+
+def cpu_load() -> dict:
+    """``{"load_1min": float | None, "cpus": int}``: the 1-minute load average (``os.getloadavg``;
+    None where the OS has none) and the CPUs this process may run on (``os.sched_getaffinity``,
+    else ``os.cpu_count``)."""
+    try:
+        load = round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        load = None
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    return {"load_1min": load, "cpus": cpus}
+
+
+def overloaded(load: dict) -> bool:
+    """True when the 1-minute load average exceeds the CPU count (see :func:`cpu_load`)."""
+    return load.get("load_1min") is not None and load["load_1min"] > load["cpus"]
+
+
+def noise_notes(rows: list[dict], loads: list[dict], threshold: float = SPREAD_WARN) -> list[str]:
+    """Warnings about the measurement, one Markdown bullet each: every case whose spread (p80/p20)
+    exceeds ``threshold``, and a load average above the CPU count at any of ``loads`` (samples of
+    :func:`cpu_load` taken during the run). Empty when the numbers can be trusted."""
+    notes = []
+    worst = max((ld for ld in loads if ld.get("load_1min") is not None), key=lambda ld: ld["load_1min"], default=None)
+    if worst is not None and overloaded(worst):
+        notes.append(f"- The 1-minute load average reached {worst['load_1min']:.2f} on {worst['cpus']} CPU(s): other "
+                     "processes competed for the CPU, so every time here may be inflated, even with a small spread. "
+                     "Rerun on an idle machine (or with `benchmark.threads=1`).")
+    noisy = [r for r in rows if r.get("status") == "ok" and (spread(r) or 0) > threshold]
+    for r in noisy:
+        params = " ".join(f"{k}={v}" for k, v in r.items() if k in _PARAM_KEYS)
+        notes.append(f"- `{r['impl']}` {r['pass']} {params}: spread p80/p20 = {spread(r):.2f} > {threshold} "
+                     f"({r['p20_ms']:.4g}–{r['p80_ms']:.4g} ms over {r['reps']} repeats): the median is unreliable.")
+    return notes
+
+
+_PARAM_KEYS = ("seq_len", "head_dim", "dtype", "rows", "d_model", "size", "batch", "context", "size_mb",
+               "world_size", "backend")
+
+
 def is_oom(e: BaseException) -> bool:
     """True for an out-of-memory error of either device."""
     if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
@@ -158,13 +218,14 @@ def measure(case: Case, device: torch.device, warmup_ms: float, rep_ms: float, m
             profile_dir: Path | None = None) -> dict:
     """Time and measure one case; returns a table row (``status`` ok | skipped | oom | error)."""
     row = {**case.params, "impl": case.impl, "pass": case.pass_, "status": "ok", "median_ms": None, "p20_ms": None,
-           "p80_ms": None, "reps": None, "peak_mb": None, "note": case.skip or ""}
+           "p80_ms": None, "spread": None, "reps": None, "peak_mb": None, "note": case.skip or ""}
     if case.skip:
         row["status"] = "skipped"
         return row
     try:
         t = time_fn(case.fn, device, warmup_ms, rep_ms, min_reps)
         row.update(median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, reps=t.reps)
+        row["spread"] = round(spread(row), 3) if spread(row) is not None else None
         row["peak_mb"] = peak_memory_mb(case.fn, device)
         if profile_dir is not None:
             write_profile(case.fn, device, profile_dir / f"{case.impl}_{case.pass_}")

@@ -4,8 +4,10 @@
 ``benchmark=attention_gpu|rmsnorm_gpu|model_gpu``) runs the preset's grid (``lmrun.kernels.
 benchmark``, ``lmrun.train.bench_model``), each case warmed up, synchronised and repeated, and
 writes into the run directory ``benchmark.csv`` (every case: median and 20th/80th percentile ms,
-repetitions, peak memory, speed-up against ``benchmark.baseline``, status ok | skipped | oom |
-error), ``benchmark.md`` (the same as pivot tables, also printed), ``benchmark.png`` and, with
+spread = p80/p20, repetitions, peak memory, speed-up against ``benchmark.baseline``, status ok |
+skipped | oom | error), ``benchmark.md`` (the same as pivot tables, also printed, with a
+"Measurement warnings" section when a case's spread exceeds 1.5 or the 1-minute load average
+exceeded the CPU count during the run; both are also logged as warnings), ``benchmark.png`` and, with
 ``benchmark.profile=true``, ``profile/`` (profiler traces, CUDA memory snapshots). Triton
 implementations are skipped with a note on a CPU. Out-of-memory cases are reported, not raised.
 """
@@ -75,6 +77,46 @@ def _distributed_rows(cfg) -> list[dict]:
     return rows
 
 
+def _load_warning(load: dict, when: str) -> None:
+    from lmrun.kernels.benchmark import overloaded
+
+    if overloaded(load):
+        log.warning("the 1-minute load average is %.2f on %d CPU(s) %s: other processes compete for the CPU and the "
+                    "times will be inflated and noisy (rerun on an idle machine, or with benchmark.threads=1)",
+                    load["load_1min"], load["cpus"], when)
+
+
+def _with_trust(report: str, rows: list[dict], loads: list[dict], summary: dict) -> str:
+    """``report`` plus a "Measurement warnings" section (see ``noise_notes``) when there is one;
+    adds ``max_spread``, ``noisy_cases``, ``max_load_1min`` and ``cpus`` to ``summary``."""
+    from lmrun.kernels.benchmark import SPREAD_WARN, noise_notes, spread
+
+    spreads = [spread(r) for r in rows if r.get("status") == "ok" and spread(r) is not None]
+    known = [ld["load_1min"] for ld in loads if ld.get("load_1min") is not None]
+    facts = {"max_spread": round(max(spreads), 3) if spreads else None,
+             "noisy_cases": sum(x > SPREAD_WARN for x in spreads) if spreads else None,
+             "max_load_1min": max(known) if known else None, "cpus": loads[0]["cpus"] if loads else None}
+    summary.update({k: v for k, v in facts.items() if v is not None})
+    notes = noise_notes(rows, loads)
+    if not notes:
+        return report
+    for n in notes:
+        log.warning("benchmark: %s", n[2:].replace("`", ""))
+    return report + "\n## Measurement warnings\n\n" + "\n".join(notes) + "\n"
+
+
+def _spread_cell(r: dict) -> str:
+    from lmrun.kernels.benchmark import SPREAD_WARN
+
+    if r.get("status") != "ok" or r.get("spread") is None:
+        return r.get("status") or "—"
+    return f"{r['spread']:.2f}" + (" (noisy)" if r["spread"] > SPREAD_WARN else "")
+
+
+SPREAD_HEADING = ("Spread: 80th / 20th percentile time across the repeats (1.00: every repeat alike; "
+                  "above 1.5, marked noisy, the median is unreliable).")
+
+
 def plan(cfg) -> dict:
     b = cfg.benchmark
     if b.kind in ("collectives", "ddp"):
@@ -125,7 +167,8 @@ def plan(cfg) -> dict:
 def run(cfg) -> dict:
     import torch
 
-    from lmrun.kernels.benchmark import add_speedups, attention_cases, measure, rmsnorm_cases
+    from lmrun.kernels.benchmark import SPREAD_WARN, add_speedups, attention_cases, cpu_load, measure, rmsnorm_cases
+    from lmrun.tracking.progress import Progress
     from lmrun.tracking.tables import benchmark_markdown, plot_benchmark, write_csv
 
     run = active_run()
@@ -152,17 +195,38 @@ def run(cfg) -> dict:
         peak = peak_flops(device, b.peak_flops)
     profiled: set[str] = set()
     rows = []
+    loads = [cpu_load()]
+    _load_warning(loads[0], "before the benchmark")
+    n = len(cases)
+    # elapsed and ETA over the cases that run (skipped ones take no time); a line as each case starts,
+    # since one case (a first compilation) may take minutes
+    prog = Progress(sum(c.fn is not None for c in cases) or None, "benchmark", unit="case", every_s=float("inf"),
+                    bar=bool(cfg.progress))
     for i, case in enumerate(cases):
+        what = f"{case.impl} {case.pass_} " + " ".join(f"{k}={v}" for k, v in case.params.items())
+        runs_now = case.fn is not None
+        if runs_now:
+            log.info("case %d/%d: %s (%s)", i + 1, n, what, prog.line())
         profile_dir = None
         if b.profile and case.impl not in profiled and case.fn is not None:
             profiled.add(case.impl)
             profile_dir = run.dir / "profile"
         row = measure(case, device, float(b.warmup_ms), float(b.rep_ms), int(b.min_reps), profile_dir)
         rows.append(row)
-        log.info("[%d/%d] %s %s %s: %s", i + 1, len(cases), case.impl, case.pass_,
-                 " ".join(f"{k}={v}" for k, v in case.params.items()),
-                 f"{row['median_ms']:.4g} ms" if row["status"] == "ok" else f"{row['status']} {row['note']}")
+        if runs_now:
+            prog.update(1)
+            loads.append(cpu_load())
+        if row["status"] == "ok":
+            log.info("case %d/%d: %s: %.4g ms (p20 %.4g, p80 %.4g ms, spread %.2f, %d repeats)", i + 1, n, what,
+                     row["median_ms"], row["p20_ms"], row["p80_ms"], row["spread"] or float("nan"), row["reps"])
+            if (row["spread"] or 0) > SPREAD_WARN:
+                load = loads[-1]
+                log.warning("case %d/%d: %s: noisy timing, spread p80/p20 = %.2f > %.1f (load average %s on %d CPU(s))",
+                            i + 1, n, what, row["spread"], SPREAD_WARN, load["load_1min"], load["cpus"])
+        else:
+            log.info("case %d/%d: %s: %s %s", i + 1, n, what, row["status"], row["note"])
         run.log({k: v for k, v in row.items() if isinstance(v, (int, float, str)) and v is not None}, step=i)
+    prog.close()
     keys = GRID_KEYS[b.kind]
     add_speedups(rows, b.baseline, keys)
     extra = None
@@ -173,20 +237,21 @@ def run(cfg) -> dict:
         extra = {"Tokens per second.": lambda r: f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else r["status"],
                  "MFU (model FLOPs utilisation; needs the device's peak FLOP/s).":
                      lambda r: f"{r['mfu']:.1%}" if r.get("mfu") is not None else "—"}
+    extra = {**(extra or {}), SPREAD_HEADING: _spread_cell}
     dev_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
                 else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)")
     title = f"benchmark={b.kind} on {dev_name}"
     write_csv(rows, run.dir / "benchmark.csv")
-    report = benchmark_markdown(rows, keys, title, b.baseline, extra)
+    ok = [r for r in rows if r["status"] == "ok"]
+    summary = {"kind": b.kind, "device": dev_name, "cases": len(rows), "ok": len(ok),
+               "skipped": sum(r["status"] == "skipped" for r in rows), "oom": sum(r["status"] == "oom" for r in rows),
+               "errors": sum(r["status"] == "error" for r in rows), "baseline": b.baseline}
+    report = _with_trust(benchmark_markdown(rows, keys, title, b.baseline, extra), rows, loads, summary)
     atomic_write_text(run.dir / "benchmark.md", report)
     if b.plot and any(r["status"] == "ok" for r in rows):
         series = [k for k in keys if k != PLOT_X[b.kind] and k not in ("rows", "batch", "context")]
         plot_benchmark(rows, PLOT_X[b.kind], series, run.dir / "benchmark.png", title)
     print(report)
-    ok = [r for r in rows if r["status"] == "ok"]
-    summary = {"kind": b.kind, "device": dev_name, "cases": len(rows), "ok": len(ok),
-               "skipped": sum(r["status"] == "skipped" for r in rows), "oom": sum(r["status"] == "oom" for r in rows),
-               "errors": sum(r["status"] == "error" for r in rows), "baseline": b.baseline}
     speedups = {}
     for impl in dict.fromkeys(r["impl"] for r in ok):
         vals = [r["speedup"] for r in ok if r["impl"] == impl and r.get("speedup")]
@@ -200,8 +265,15 @@ def _run_distributed(cfg, run) -> dict:
     from lmrun.kernels.benchmark import add_speedups
     from lmrun.tracking.tables import benchmark_markdown, plot_benchmark, write_csv
 
+    from lmrun.kernels.benchmark import cpu_load, spread
+
     b = cfg.benchmark
+    loads = [cpu_load()]
+    _load_warning(loads[0], "before the benchmark")
     rows = _distributed_rows(cfg)
+    loads.append(cpu_load())
+    for row in rows:
+        row["spread"] = round(spread(row), 3) if spread(row) is not None else None
     for i, row in enumerate(rows):
         run.log({k: v for k, v in row.items() if isinstance(v, (int, float, str)) and v is not None}, step=i)
     keys = GRID_KEYS[b.kind]
@@ -216,9 +288,11 @@ def _run_distributed(cfg, run) -> dict:
         extra = {"Share of the step not spent computing (1 - local / this).":
                      lambda r: f"{r['comm_share']:.0%}" if r.get("comm_share") is not None else "—",
                  "Memory per rank, MiB: parameters / gradients / optimizer state.": mem}
+    extra[SPREAD_HEADING] = _spread_cell
     title = f"benchmark={b.kind} on CPU ({platform.machine()}), local processes"
     write_csv(rows, run.dir / "benchmark.csv")
-    report = benchmark_markdown(rows, keys, title, b.baseline, extra)
+    trust: dict = {}
+    report = _with_trust(benchmark_markdown(rows, keys, title, b.baseline, extra), rows, loads, trust)
     atomic_write_text(run.dir / "benchmark.md", report)
     if b.plot and rows:
         plot_benchmark(rows, PLOT_X[b.kind], [k for k in keys if k != PLOT_X[b.kind] and k != "batch"],
@@ -229,7 +303,8 @@ def _run_distributed(cfg, run) -> dict:
         vals = [r["speedup"] for r in rows if r["impl"] == impl and r.get("speedup")]
         if vals:
             speedups[impl] = round(statistics.geometric_mean(vals), 4)
-    return {"kind": b.kind, "cases": len(rows), "ok": len(rows), "baseline": b.baseline, "geomean_speedup": speedups}
+    return {"kind": b.kind, "cases": len(rows), "ok": len(rows), "baseline": b.baseline, "geomean_speedup": speedups,
+            **trust}
 
 
 def _run_inference(cfg, run, device) -> dict:
@@ -238,19 +313,24 @@ def _run_inference(cfg, run, device) -> dict:
     from lmrun.inference.bench import inference_markdown, inference_rows, plot_inference
     from lmrun.tracking.tables import write_csv
 
+    from lmrun.kernels.benchmark import cpu_load
+
+    loads = [cpu_load()]
+    _load_warning(loads[0], "before the benchmark")
     rows = inference_rows(cfg, device)
+    loads.append(cpu_load())
     for i, row in enumerate(rows):
         run.log({k: v for k, v in row.items() if isinstance(v, (int, float, str)) and v is not None}, step=i)
     dev_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
                 else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)")
     title = f"benchmark=inference on {dev_name}"
     write_csv(rows, run.dir / "benchmark.csv")
-    report = inference_markdown(rows, title)
+    summary = {"kind": "inference", "device": dev_name, "cases": len(rows), "baseline": "uncached"}
+    report = _with_trust(inference_markdown(rows, title), rows, loads, summary)
     atomic_write_text(run.dir / "benchmark.md", report)
     if cfg.benchmark.plot and rows:
         plot_inference(rows, run.dir / "benchmark.png", title)
     print(report)
-    summary = {"kind": "inference", "device": dev_name, "cases": len(rows), "baseline": "uncached"}
     for impl in dict.fromkeys(r["impl"] for r in rows if r["pass"] == "decode" and r.get("speedup")):
         summary[f"decode_speedup_{impl}"] = round(statistics.geometric_mean(
             [r["speedup"] for r in rows if r["impl"] == impl and r.get("speedup")]), 4)
