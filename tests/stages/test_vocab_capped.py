@@ -42,7 +42,8 @@ def test_capped_vocabulary_is_warned_and_recorded(small_text, isolated_workspace
     assert f"tokenizer.vocab_size=32000, but the vocabulary has {got} tokens" in err
     run = _latest(isolated_workspace, "encode")
     meta = json.loads((run / "meta.json").read_text())
-    assert meta["vocab_size_requested"] == 32000 and meta["vocab_size"] == got and "ran out of pairs" in meta["vocab_capped"]
+    assert meta["vocab_size_requested"] == 32000 and meta["vocab_size"] == got
+    assert "ran out of pairs" in meta["vocab_capped"]
     (cached_meta,) = (cache_dir / "tokens").glob("*/meta.json")
     assert json.loads(cached_meta.read_text())["vocab_size_requested"] == 32000
     summary = json.loads((run / "summary.json").read_text())
