@@ -249,6 +249,9 @@ def run_shard(cfg: dict, files: list[tuple[str, str]], shard_dir: str, index: in
             return old
     shard_dir.mkdir(parents=True, exist_ok=True)
     manifest_path.unlink(missing_ok=True)
+    if files:  # (in a pool worker this goes nowhere: workers have no log handlers; the parent reports)
+        log.info("shard %d: %d file(s); loading the document steps (%s)", index, len(files),
+                 ", ".join(s for s in DOC_STEPS if s in cfg["steps"]))
     pipe = DocPipeline(cfg)
     t0 = time.perf_counter()
     read = {"docs": 0, "bytes": 0, "seconds": 0.0}
@@ -427,7 +430,9 @@ def dedup_shards(cfg: dict, shard_dirs: list[Path], out_dir: Path, bar: bool = F
     if "minhash_dedup" in steps:
         d = cfg["dedup"]
         t0 = time.perf_counter()
-        res = find_near_duplicates(lambda: (doc["text"] for _, doc, _, r in after_lines("minhash") if r is None),
+        mh_pass = iter(("minhash signatures", "minhash candidate pairs"))  # find_near_duplicates streams twice
+        res = find_near_duplicates(lambda: (doc["text"] for _, doc, _, r in after_lines(next(mh_pass, "minhash"))
+                                            if r is None),
                                    d["num_hashes"], d["num_bands"], d["ngrams"], d["jaccard_threshold"], d["seed"])
         stats["minhash_dedup"].seconds += time.perf_counter() - t0
         remove = res["remove"]
