@@ -1,9 +1,12 @@
 """What the alignment stages share: loading the policy and task, prompts, the optimizer step
 (gradient accumulation is the caller's; clipping, lr schedule, a non-finite guard here),
-sampling in chunks, held-out task evaluation, and the curves figure."""
+sampling in chunks, held-out task evaluation, the curves figure, and ``StepProgress`` (the
+per-step log line with step/total, elapsed, ETA and the rate)."""
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,24 +95,29 @@ def check_finite(value: float, what: str, step: int) -> None:
 
 
 def sample(lm, prompts: list[str], *, max_new_tokens: int, temperature: float, top_p: float = 1.0,
-           seed: int | None = 0) -> list:
-    """``lm.generate`` in chunks of ``GENERATION_CHUNK`` prompts (model mode restored)."""
+           seed: int | None = 0, desc: str = "sampling", quiet: bool = True, bar: bool = False) -> list:
+    """``lm.generate`` in chunks of ``GENERATION_CHUNK`` prompts (model mode restored), with
+    progress lines ``desc: done/total prompts, elapsed, ETA, …, tokens/s`` every ``LOG_EVERY_S``
+    seconds (``lmrun.eval.scoring.generate_batches``; quiet: no first line, and a last one only
+    after a long run; bar: a bar on a terminal)."""
+    from lmrun.eval.scoring import generate_batches
     from lmrun.inference.engine import SamplingParams
 
-    out = []
-    for i in range(0, len(prompts), GENERATION_CHUNK):
-        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                seed=None if seed is None else seed + i)
-        out.extend(lm.generate(prompts[i:i + GENERATION_CHUNK], params))
-    return out
+    def params_at(i: int):
+        return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                              seed=None if seed is None else seed + i)
+
+    return generate_batches(lm, prompts, params_at, GENERATION_CHUNK, desc=desc, bar=bar, quiet=quiet)
 
 
-def evaluate_task(lm, task: Task, examples: list[TaskExample], prompter: Prompter, max_new_tokens: int) -> dict:
+def evaluate_task(lm, task: Task, examples: list[TaskExample], prompter: Prompter, max_new_tokens: int,
+                  quiet: bool = True) -> dict:
     """Greedy responses to ``examples`` scored by the task's reward. Returns ``{accuracy,
     format_rate, response_tokens (mean), records}``; records hold question, response, answer
-    and rewards per example."""
+    and rewards per example. Progress lines ``held-out eval: …`` while it runs longer than
+    ``LOG_EVERY_S`` seconds (every time with ``quiet=False``)."""
     completions = sample(lm, [prompter(e.question) for e in examples], max_new_tokens=max_new_tokens,
-                         temperature=0.0)
+                         temperature=0.0, desc="held-out eval", quiet=quiet)
     records, correct, formatted, length = [], 0.0, 0.0, 0
     for e, c in zip(examples, completions):
         r = task.reward(c.text, e.answer)
@@ -180,11 +188,48 @@ class History:
                 self.series[k].append((step, float(v)))
 
 
+class StepProgress:
+    """Progress of an alignment training loop: a bar on a terminal (``bar``) and the per-step log
+    line ``desc: step/total steps (pct), elapsed, ETA, steps/s, <metric> <value>, …, tokens/s``
+    every ``log_every`` steps, at the last step, and at least every ``LOG_EVERY_S`` seconds.
+
+    ``step(step, metrics, count)`` after each step (``keys``: the metrics shown, in order;
+    ``count``: the units of work the step did — tokens, pairs — for the ``rate_unit`` rate); ``tick()`` inside a long step (a line if
+    ``LOG_EVERY_S`` seconds passed without one); ``close()`` at the end."""
+
+    def __init__(self, total: int, desc: str, log_every: int, keys: tuple[str, ...], bar: bool = False,
+                 unit: str = "step", rate_unit: str = "tokens/s"):
+        from lmrun.tracking.progress import Progress
+
+        self.p = Progress(total, desc, unit=unit, bar=bar, log_start=True)
+        self.log_every, self.keys, self.rate_unit = max(1, int(log_every)), keys, rate_unit
+        self.count = 0
+
+    def step(self, step: int, metrics: dict, count: int = 0) -> None:
+        self.count += int(count)
+        fields = {k: metrics[k] for k in self.keys if isinstance(metrics.get(k), (int, float))}
+        if self.count:
+            fields[self.rate_unit] = self.count / max(self.p.elapsed, 1e-9)
+        before = self.p.last_log
+        self.p.update(1, **fields)
+        due = step % self.log_every == 0 or (self.p.total is not None and self.p.done >= self.p.total)
+        if due and self.p.last_log == before:
+            self.p.last_log = time.perf_counter()
+            self.p.log.info("%s: %s", self.p.desc, self.p.line())
+
+    def tick(self) -> None:
+        self.p.update(0)
+
+    def close(self) -> None:
+        self.p.close(log_final=False)  # the last step logged its line
+
+
 def sft_update(lm, opt: OptimizerStep, seqs, index: list[int], microbatch_size: int, step: int,
-               normalize_constant: float | None = None) -> dict:
+               normalize_constant: float | None = None, tick: Callable[[], None] | None = None) -> dict:
     """One SFT optimizer step over the rows ``index`` of ``seqs`` (``SFTSequences``), in
     microbatches of ``microbatch_size`` (gradient accumulation). normalize_constant: None = mean
     NLL per response token over each microbatch; else ``sft_microbatch_train_step``'s constant.
+    tick: called after each microbatch (``StepProgress.tick``).
     Returns ``{loss (mean NLL per response token, nats), lr, grad_norm, response_tokens}``."""
     from lmrun.align.losses import get_response_log_probs, sft_microbatch_train_step
 
@@ -202,6 +247,8 @@ def sft_update(lm, opt: OptimizerStep, seqs, index: list[int], microbatch_size: 
         check_finite(nll, "the SFT loss", step)
         total_nll += nll * n_tok
         tokens += n_tok
+        if tick is not None:
+            tick()
     return {"loss": total_nll / max(1, tokens), **opt(step), "response_tokens": tokens}
 
 
@@ -210,10 +257,13 @@ def sft_eval_loss(lm, seqs, batch_size: int) -> float:
     """Mean NLL per response token (nats) of ``seqs`` under ``lm`` (eval mode, restored)."""
     from lmrun.align.losses import get_response_log_probs
 
+    from lmrun.tracking.progress import Progress
+
     was = lm.model.training
     lm.model.eval()
     pad = lm.pad_id
     total, tokens = 0.0, 0
+    p = Progress(len(seqs), "validation loss", unit="sequence", bar=False)
     try:
         for i in range(0, len(seqs), batch_size):
             b = {k: v.to(lm.device) for k, v in seqs.batch(list(range(i, min(len(seqs), i + batch_size))), pad).items()}
@@ -221,6 +271,8 @@ def sft_eval_loss(lm, seqs, batch_size: int) -> float:
                 lp = get_response_log_probs(lm.model, b["input_ids"], b["labels"])["log_probs"]
             total += float(-(lp * b["response_mask"]).sum())
             tokens += int(b["response_mask"].sum())
+            p.update(len(b["input_ids"]))
     finally:
         lm.model.train(was)
+        p.close(log_final=p.last_log > p.t0)  # a last line only after a long evaluation
     return total / max(1, tokens)

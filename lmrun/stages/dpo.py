@@ -47,7 +47,7 @@ def verifier_pairs(ref_lm, task, examples, prompter, d, a, seed: int) -> list[di
     k = int(d.samples_per_prompt)
     prompts = [prompter(e.question) for e in examples for _ in range(k)]
     completions = sample(ref_lm, prompts, max_new_tokens=int(a.max_new_tokens), temperature=float(d.temperature),
-                         seed=seed)
+                         seed=seed, desc="sampling pairs", quiet=False)
     pairs = []
     for i, e in enumerate(examples):
         group = completions[i * k:(i + 1) * k]
@@ -87,8 +87,9 @@ def run(cfg) -> dict:
     import torch
 
     from lmrun.align.data import iterate_batches, read_jsonl
-    from lmrun.align.loop import (History, OptimizerStep, Prompter, autocast, check_finite, evaluate_task,
-                                  load_policy, load_task, plot_curves, save_policy)
+    from lmrun.align.loop import (History, OptimizerStep, Prompter, StepProgress, autocast, check_finite,
+                                  evaluate_task, load_policy, load_task, plot_curves, save_policy)
+    from lmrun.tracking.progress import Progress
     from lmrun.align.losses import dpo_loss
     from lmrun.errors import DataError
     from lmrun.tracking.run import seed_everything
@@ -126,16 +127,22 @@ def run(cfg) -> dict:
     pad = lm.pad_id
     mb = int(a.microbatch_size)
 
-    def logps(model_lm, encoded):  # (chosen, rejected) summed log-probs, no gradient, in microbatches
+    def logps(model_lm, encoded, desc: str = "log-probs", quiet: bool = True):
+        """(chosen, rejected) summed log-probs, no gradient, in microbatches; progress lines while
+        it runs (quiet: only after LOG_EVERY_S seconds)."""
         out_c, out_r = [], []
+        p = Progress(len(encoded), desc, unit="pair", bar=bool(cfg.progress) and not quiet, log_start=not quiet)
         with torch.no_grad(), autocast(model_lm.device):
             for i in range(0, len(encoded), mb):
                 c, r = pair_log_probs(model_lm.model, encoded[i:i + mb], model_lm.device, pad)
                 out_c.append(c.float().cpu())
                 out_r.append(r.float().cpu())
+                p.update(len(encoded[i:i + mb]))
+        p.close(log_final=not quiet or p.last_log > p.t0)
         return torch.cat(out_c), torch.cat(out_r)
 
-    ref_train, ref_val = logps(ref, train), (logps(ref, val) if val else None)
+    ref_train = logps(ref, train, "reference log-probs (train)", quiet=False)
+    ref_val = logps(ref, val, "reference log-probs (val)", quiet=False) if val else None
     test = task.examples("test", int(a.eval_examples), int(cfg.seed)) if task else None
     opt = OptimizerStep(cfg, lm.model, int(a.steps))
     history = History(("loss", "reward_margin", "preference_accuracy", "val_preference_accuracy", "eval_accuracy"))
@@ -158,6 +165,9 @@ def run(cfg) -> dict:
     first = last = evaluate(0)
     batches = iterate_batches(len(train), int(a.batch_size), shuffle=True, seed=int(cfg.seed))
     t0 = time.time()
+    progress = StepProgress(int(a.steps), "dpo", int(a.log_every),
+                            ("loss", "reward_margin", "preference_accuracy", "lr", "grad_norm"), bar=bool(cfg.progress),
+                            unit="step", rate_unit="pairs/s")
     for step in range(1, int(a.steps) + 1):
         index = next(batches)
         sums = {"loss": 0.0, "chosen_reward": 0.0, "rejected_reward": 0.0, "reward_margin": 0.0,
@@ -174,14 +184,15 @@ def run(cfg) -> dict:
             sums["loss"] += float(loss.detach()) * w
             for k in ("chosen_reward", "rejected_reward", "reward_margin", "preference_accuracy"):
                 sums[k] += float(info[k]) * w
+            progress.tick()
         m = {**sums, **opt(step)}
         history.add(step, m)
         if step % int(a.log_every) == 0 or step == int(a.steps):
             run.log(m, step=step)
-            log.info("step %d: loss %.4f, margin %.3f, preference accuracy %.3f", step, m["loss"], m["reward_margin"],
-                     m["preference_accuracy"])
+        progress.step(step, m, count=len(index))
         if (a.eval_every and step % int(a.eval_every) == 0) or step == int(a.steps):
             last = evaluate(step)
+    progress.close()
     seconds = time.time() - t0
     ckpt = save_policy(lm, run.dir, int(a.steps), "dpo", source=lm.source, beta=float(d.beta))
     plot_curves(history.series, run.dir / "curves.png", f"DPO (beta={d.beta})")

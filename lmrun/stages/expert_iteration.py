@@ -33,8 +33,9 @@ def plan(cfg) -> dict:
 
 def run(cfg) -> dict:
     from lmrun.align.data import SFTSequences, iterate_batches
-    from lmrun.align.loop import (History, OptimizerStep, Prompter, evaluate_task, load_policy, load_task,
-                                  plot_curves, sample, save_policy, sft_update)
+    from lmrun.align.loop import (History, OptimizerStep, Prompter, StepProgress, evaluate_task, load_policy,
+                                  load_task, plot_curves, sample, save_policy, sft_update)
+    from lmrun.tracking.progress import Progress
     from lmrun.errors import ConfigError
     from lmrun.tracking.run import seed_everything
 
@@ -65,12 +66,13 @@ def run(cfg) -> dict:
 
     first = last = evaluate(0)
     step, t0 = 0, time.time()
+    rounds = Progress(int(e.iterations), "expert iteration", unit="round", bar=bool(cfg.progress), every_s=0)
     for it in range(1, int(e.iterations) + 1):
         questions = rng.sample(pool, int(e.questions))
         k = int(e.samples_per_question)
         prompts = [prompter(q.question) for q in questions for _ in range(k)]
         completions = sample(lm, prompts, max_new_tokens=int(a.max_new_tokens), temperature=float(e.temperature),
-                             seed=int(cfg.seed) * 1_000_003 + it)
+                             seed=int(cfg.seed) * 1_000_003 + it, desc=f"round {it} sampling", quiet=False)
         kept, seen, correct = [], set(), 0
         for i, c in enumerate(completions):
             q = questions[i // k]
@@ -86,15 +88,23 @@ def run(cfg) -> dict:
         if kept:
             seqs = SFTSequences(pairs=kept)
             batches = iterate_batches(len(kept), int(a.batch_size), shuffle=True, seed=int(cfg.seed) + it)
-            for _ in range(int(e.sft_epochs) * math.ceil(len(kept) / int(a.batch_size))):
+            n_steps = int(e.sft_epochs) * math.ceil(len(kept) / int(a.batch_size))
+            progress = StepProgress(n_steps, f"round {it} SFT", int(a.log_every), ("loss", "lr", "grad_norm"),
+                                    bar=bool(cfg.progress), rate_unit="response tokens/s")
+            for i in range(1, n_steps + 1):
                 step += 1
-                losses.append(sft_update(lm, opt, seqs, next(batches), int(a.microbatch_size), step)["loss"])
+                out = sft_update(lm, opt, seqs, next(batches), int(a.microbatch_size), step, tick=progress.tick)
+                losses.append(out["loss"])
+                progress.step(i, out, count=out["response_tokens"])
+            progress.close()
         m.update(sft_steps=len(losses), sft_loss=sum(losses) / len(losses) if losses else None)
         run.log(m, step=it)
         history.add(it, m)
         log.info("round %d: %d/%d samples correct, %d kept, %d SFT steps", it, correct, len(completions), len(kept),
                  len(losses))
         last = evaluate(it)
+        rounds.update(1, eval_accuracy=last["eval_accuracy"])
+    rounds.close(log_final=False)  # every round logged its line
     seconds = time.time() - t0
     ckpt = save_policy(lm, run.dir, step, "expert_iteration", source=lm.source, task=a.task.name)
     atomic_write_text(run.dir / "eval_samples.jsonl", "".join(json.dumps(r) + "\n" for r in last["_records"]))

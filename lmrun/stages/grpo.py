@@ -51,7 +51,7 @@ def _rollout_batch(lm, task, pool, prompter, g, a, rng: random.Random, seed: int
     prompts = [prompter(e.question) for e in questions for _ in range(int(g.group_size))]
     truths = [e.answer for e in questions for _ in range(int(g.group_size))]
     completions = sample(lm, prompts, max_new_tokens=int(a.max_new_tokens), temperature=float(g.temperature),
-                         top_p=float(g.top_p), seed=seed)
+                         top_p=float(g.top_p), seed=seed, desc="rollouts")
     responses = [c.text for c in completions]
     advantages, raw, meta = compute_group_normalized_rewards(task.reward, responses, truths, int(g.group_size),
                                                              float(g.advantage_eps), bool(g.normalize_by_std))
@@ -66,8 +66,8 @@ def run(cfg) -> dict:
 
     import torch
 
-    from lmrun.align.loop import (History, OptimizerStep, Prompter, autocast, check_finite, evaluate_task,
-                                  load_policy, load_task, plot_curves, save_policy)
+    from lmrun.align.loop import (History, OptimizerStep, Prompter, StepProgress, autocast, check_finite,
+                                  evaluate_task, load_policy, load_task, plot_curves, save_policy)
     from lmrun.align.losses import get_response_log_probs, grpo_microbatch_train_step, masked_mean
     from lmrun.tracking.run import seed_everything
 
@@ -104,6 +104,9 @@ def run(cfg) -> dict:
     first = last = evaluate(0)
     opt_step, t_start = 0, time.time()
     rollout_s = train_s = 0.0
+    progress = StepProgress(int(a.steps), "grpo", int(a.log_every),
+                            ("reward", "zero_std_group_fraction", "token_entropy", "response_length", "loss",
+                             "grad_norm"), bar=bool(cfg.progress), rate_unit="rollout tokens/s")
     for step in range(1, int(a.steps) + 1):
         t0 = time.time()
         batch, adv, raw, meta, samples = _rollout_batch(lm, task, pool, prompter, g, a, rng,
@@ -139,6 +142,7 @@ def run(cfg) -> dict:
                     entropies.append(float(masked_mean(out["token_entropy"], mask)))
                     if "clip_fraction" in info:
                         clips.append(float(info["clip_fraction"]))
+                    progress.tick()
                 opt_step += 1
                 opt_out = opt(opt_step)
         train_s += time.time() - t1
@@ -151,11 +155,10 @@ def run(cfg) -> dict:
         history.add(step, m)
         if step % int(a.log_every) == 0 or step == int(a.steps):
             run.log(m, step=step)
-            log.info("step %d: reward %.3f, zero-std groups %.2f, entropy %.3f, length %.1f, loss %.4f, grad norm %.3f",
-                     step, m["reward"], m["zero_std_group_fraction"], m["token_entropy"], m["response_length"],
-                     m["loss"], m["grad_norm"])
+        progress.step(step, m, count=int(batch["response_mask"].sum()))
         if (a.eval_every and step % int(a.eval_every) == 0) or step == int(a.steps):
             last = evaluate(step)
+    progress.close()
     seconds = time.time() - t_start
     ckpt = save_policy(lm, run.dir, int(a.steps), "grpo", source=lm.source, task=a.task.name)
     atomic_write_text(run.dir / "eval_samples.jsonl", "".join(json.dumps(r) + "\n" for r in last["_records"]))

@@ -52,8 +52,8 @@ def run(cfg) -> dict:
     import json
 
     from lmrun.align.data import build_sft_sequences, iterate_batches
-    from lmrun.align.loop import (History, OptimizerStep, Prompter, evaluate_task, load_policy, load_task,
-                                  plot_curves, save_policy, sft_eval_loss, sft_update)
+    from lmrun.align.loop import (History, OptimizerStep, Prompter, StepProgress, evaluate_task, load_policy,
+                                  load_task, plot_curves, save_policy, sft_eval_loss, sft_update)
     from lmrun.tracking.run import seed_everything
 
     run = active_run()
@@ -63,6 +63,7 @@ def run(cfg) -> dict:
     task = load_task(cfg)
     prompter = Prompter.from_config(a.prompt_template)
     prompts, responses = _examples(cfg, prompter, task, "train")
+    log.info("SFT: tokenizing %d training examples", len(prompts))
     seqs, truncated = build_sft_sequences(prompts, responses, lm.tokenizer, lm.eos_token_id, lm.context_length,
                                           packing=bool(cfg.sft.packing), prefix_ids=lm.prefix_ids)
     if truncated:
@@ -99,16 +100,19 @@ def run(cfg) -> dict:
     batches = iterate_batches(len(seqs), int(a.batch_size), shuffle=True, seed=int(cfg.seed))
     t0, tokens = time.time(), 0
     last = first
+    progress = StepProgress(int(a.steps), "sft", int(a.log_every), ("loss", "lr", "grad_norm"), bar=bool(cfg.progress),
+                            rate_unit="response tokens/s")
     for step in range(1, int(a.steps) + 1):
         m = sft_update(lm, opt, seqs, next(batches), int(a.microbatch_size), step,
-                       cfg.sft.normalize_constant)
+                       cfg.sft.normalize_constant, tick=progress.tick)
         tokens += m["response_tokens"]
         history.add(step, m)
         if step % int(a.log_every) == 0 or step == int(a.steps):
             run.log({**m, "response_tokens_per_s": tokens / max(1e-9, time.time() - t0)}, step=step)
-            log.info("step %d: loss %.4f, lr %.2e, grad norm %.3f", step, m["loss"], m["lr"], m["grad_norm"])
+        progress.step(step, m, count=m["response_tokens"])
         if (a.eval_every and step % int(a.eval_every) == 0) or step == int(a.steps):
             last = report(step, evaluate(step))
+    progress.close()
     seconds = time.time() - t0
     ckpt = save_policy(lm, run.dir, int(a.steps), "sft", source=lm.source)
     if "_records" in last:

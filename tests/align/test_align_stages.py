@@ -69,6 +69,9 @@ def test_sft_then_grpo_dpo_expert_iteration_chain(base, isolated_workspace, tmp_
     assert summary["optimizer_steps"] == 2 * 2 * 16 // 8
     step_metrics = [m for m in _metrics(run) if "reward" in m]
     assert len(step_metrics) == 2
+    log = (run / "grpo.log").read_text()
+    assert "grpo: 1/2 steps (50%), elapsed " in log and "grpo: 2/2 steps (100%), elapsed " in log
+    assert "reward " in log and "zero_std_group_fraction " in log and "rollout tokens/s" in log
     for key in ("reward", "zero_std_group_fraction", "token_entropy", "clip_fraction", "response_length", "grad_norm"):
         assert step_metrics[0][key] is not None, key
     assert 0 <= step_metrics[0]["clip_fraction"] <= 1 and 1 <= step_metrics[0]["response_length"] <= 4
@@ -89,10 +92,42 @@ def test_sft_then_grpo_dpo_expert_iteration_chain(base, isolated_workspace, tmp_
     assert summary["iterations"] == 1 and (run / "curves.png").is_file()
     rounds = [m for m in _metrics(run) if "kept" in m]
     assert len(rounds) == 1 and 0 <= rounds[0]["kept"] <= 16
+    log = (run / "expert_iteration.log").read_text()
+    assert "round 1 sampling: 0/16 prompts (0%)" in log and "round 1 sampling: 16/16 prompts (100%)" in log
+    assert "expert iteration: 1/1 rounds (100%), elapsed " in log
 
     # the aligned checkpoint is an ordinary lmrun checkpoint: stage=generate reads it
     assert cli.main(["stage=generate", "logger=none", "progress=false", f"generate.checkpoint={sft_run}",
                      "generate.prompt='12+30='", "generate.max_new_tokens=3"]) == 0
+
+
+def test_sft_and_dpo_log_progress(base, isolated_workspace, tmp_path):
+    """The per-step line carries step/total, elapsed, ETA, the rate and the metrics; loading the
+    model and the reference's log-probs say so before they start."""
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{a}+{a}=", "response": str(2 * a)}) + "\n" for a in range(16)))
+    assert cli.main(["stage=sft", *COMMON, f"align.model={base}", f"align.train_data={data}", "align.steps=3",
+                     "align.eval_every=0"]) == 0
+    run, _ = _latest(isolated_workspace, "sft")
+    log = (run / "sft.log").read_text()
+    assert log.index("loading align.model: ") < log.index("SFT: tokenizing 16 training examples")
+    assert "sft: 0/3 steps (0%), elapsed 0.0s, ETA ?" in log
+    for step, pct in ((1, 33), (2, 67), (3, 100)):
+        line = next(x for x in log.splitlines() if f"sft: {step}/3 steps ({pct}%), elapsed " in x)
+        assert ", ETA " in line and "steps/s, loss " in line and ", lr " in line and ", grad_norm " in line
+        assert "response tokens/s" in line
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"{a}+1=", "chosen": str(a + 1), "rejected": str(a + 2)}) + "\n"
+                             for a in range(8)))
+    assert cli.main(["stage=dpo", *COMMON, f"align.model={run}", f"align.train_data={pairs}", "align.steps=2",
+                     "align.eval_every=0"]) == 0
+    run, _ = _latest(isolated_workspace, "dpo")
+    log = (run / "dpo.log").read_text()
+    assert log.index("loading align.reference: ") < log.index("reference log-probs (train): 0/8 pairs (0%)")
+    assert "reference log-probs (train): 8/8 pairs (100%), elapsed " in log
+    line = next(x for x in log.splitlines() if "dpo: 2/2 steps (100%), elapsed " in x)
+    assert "ETA 0.0s" in line and "loss " in line and "preference_accuracy " in line and "pairs/s" in line
 
 
 def test_align_errors_are_one_line(base, isolated_workspace, tmp_path, capsys):
