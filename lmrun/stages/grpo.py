@@ -116,10 +116,13 @@ def run(cfg) -> dict:
         n = batch["input_ids"].shape[0]
         old = None
         if needs_old:
+            parts = []
             with torch.no_grad(), autocast(lm.device):
-                old = torch.cat([get_response_log_probs(lm.model, batch["input_ids"][i:i + int(a.microbatch_size)],
-                                                        batch["labels"][i:i + int(a.microbatch_size)])["log_probs"]
-                                 for i in range(0, n, int(a.microbatch_size))])
+                for i in range(0, n, int(a.microbatch_size)):
+                    parts.append(get_response_log_probs(lm.model, batch["input_ids"][i:i + int(a.microbatch_size)],
+                                                        batch["labels"][i:i + int(a.microbatch_size)])["log_probs"])
+                    progress.tick()
+            old = torch.cat(parts)
         t1 = time.time()
         rollout_s += t1 - t0
         losses, entropies, clips, opt_out = [], [], [], {}
