@@ -23,7 +23,7 @@ def test_fit_new_tokens():
 
 
 def test_generate_caps_max_new_tokens_and_reports(isolated_workspace, capsys, monkeypatch):
-    run_dir = run_pretrain("train.max_steps=2", "train.eval_every=100", "train.samples=0", "train.eval_tokens=null")
+    run_dir = run_pretrain("train.max_steps=2", "train.eval_every=100", "train.samples=0")
     base = ["stage=generate", "logger=none", "progress=false", f"generate.checkpoint={run_dir}"]
     capsys.readouterr()
     # the default max_new_tokens (128) exceeds the context (64): capped, not an error
