@@ -103,7 +103,7 @@ def register_configs() -> None:
 
 def register_resolvers() -> None:
     """OmegaConf resolvers the presets use: ``${lmrun.shape:...}`` (model shapes from a
-    parameter count). Idempotent; also run on import of this module, so that a config loaded in a
+    parameter count), ``${lmrun.time_budget:...}`` (the default time budget). Idempotent; also run on import of this module, so that a config loaded in a
     Slurm job resolves too."""
     from omegaconf import OmegaConf
 
@@ -111,6 +111,16 @@ def register_resolvers() -> None:
 
     if not OmegaConf.has_resolver("lmrun.shape"):
         OmegaConf.register_new_resolver("lmrun.shape", shape_resolver)
+    if not OmegaConf.has_resolver("lmrun.time_budget"):
+        OmegaConf.register_new_resolver("lmrun.time_budget", time_budget_resolver)
+
+
+def time_budget_resolver(max_steps, max_tokens, max_flops, seconds):
+    """``${lmrun.time_budget:${train.max_steps},${train.max_tokens},${train.max_flops},S}``: the
+    default ``train.max_time`` — S seconds of training when no other budget is set, else null, so
+    that ``train.max_steps=5`` (or max_tokens / max_flops) replaces the default time budget
+    without also writing ``train.max_time=null``."""
+    return None if any(v is not None for v in (max_steps, max_tokens, max_flops)) else float(seconds)
 
 
 def check_schema(cfg) -> None:

@@ -91,11 +91,33 @@ def plan(cfg) -> dict:
     }
 
 
+def _samples(cfg, model, tok) -> list[str]:
+    """``train.samples`` completions of a newline, drawn together through the KV-cached inference
+    engine (at most the context's worth of new tokens; seeded by ``seed``)."""
+    from lmrun.inference import InferenceEngine, SamplingParams
+
+    n = int(cfg.train.samples)
+    if n == 0:
+        return []
+    prompt = tok.encode("\n")
+    room = int(cfg.model.context_length) - len(prompt)
+    new_tokens = min(int(cfg.train.sample_tokens), room)
+    if new_tokens < int(cfg.train.sample_tokens):
+        log.info("samples: train.sample_tokens=%d capped to %d (context %d)", cfg.train.sample_tokens, new_tokens,
+                 cfg.model.context_length)
+    log.info("sampling %d x %d tokens (KV-cached engine)", n, new_tokens)
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=float(cfg.train.temperature),
+                            top_p=float(cfg.train.top_p), stop_token_ids=tuple(tok.special_ids.values()),
+                            seed=int(cfg.seed))
+    was_training = model.training
+    completions = InferenceEngine(model, tok).generate([prompt] * n, params)
+    model.train(was_training)
+    return [tok.decode(prompt + c.token_ids) for c in completions]
+
+
 def run(cfg) -> dict:
     import numpy as np
-    import torch
 
-    from lmrun.inference import sample
     from lmrun.tracking.run import seed_everything
     from lmrun.train.trainer import Trainer, plot_loss_curve
 
@@ -129,14 +151,7 @@ def run(cfg) -> dict:
                     f"{cfg.model.name} on {corpus.name}: {summary['steps']} steps")
 
     tok = files.load(specials)
-    texts = []
-    prompt = tok.encode("\n")
-    stop = tuple(tok.special_ids.values())
-    for i in range(int(cfg.train.samples)):
-        gen = torch.Generator().manual_seed(int(cfg.seed) + i)
-        ids = sample(model, prompt, int(cfg.train.sample_tokens), context_length=int(cfg.model.context_length),
-                     temperature=float(cfg.train.temperature), top_p=float(cfg.train.top_p), stop_ids=stop, generator=gen)
-        texts.append(tok.decode(ids))
+    texts = _samples(cfg, model, tok)
     if texts:
         atomic_write_text(run.dir / "samples.txt", "".join(
             f"--- sample {i} (temperature {cfg.train.temperature}, top-p {cfg.train.top_p}) ---\n{t}\n\n"

@@ -18,8 +18,9 @@ class TokenizerConfig:
     path: null (train, or reuse from the cache) or an existing tokenizer: a folder holding
         ``vocab.json`` and ``merges.txt`` (a ``stage=tokenizer`` run directory, a cache entry)
         or a tokenizer cache key.
-    backend: bulk encoder for ``stage=encode``: "tiktoken" (our vocab and merges exported to
-        tiktoken; identical ids, faster) or "native" (our pure-Python encoder).
+    backend: bulk encoder for ``stage=encode`` and pretrain's token arrays: "native" (our own
+        encoder, the default; needs nothing beyond the base install) or "tiktoken" (our vocab and
+        merges exported to tiktoken; identical ids; needs ``pip install tiktoken``).
     train_backend: BPE merge-loop implementation, "c" (compiled extension), "python" or "auto".
     num_workers: processes for pre-tokenization and bulk encoding (null: all CPU cores).
     report_max_bytes: bytes of the validation split encoded for the compression report.
@@ -30,7 +31,7 @@ class TokenizerConfig:
     vocab_size: int = 2048
     special_tokens: list[str] = field(default_factory=lambda: ["<|endoftext|>"])
     path: str | None = None
-    backend: str = "tiktoken"
+    backend: str = "native"
     train_backend: str = "auto"
     num_workers: int | None = None
     report_max_bytes: int = 16 * 1024 * 1024
@@ -40,7 +41,12 @@ class TokenizerConfig:
 def validate_tokenizer(cfg: TokenizerConfig) -> None:
     """Raise ConfigError for values the schema's types cannot exclude."""
     check_choice("tokenizer.kind", cfg.kind, ["bpe", "bytes"])
-    check_choice("tokenizer.backend", cfg.backend, ["tiktoken", "native"])
+    check_choice("tokenizer.backend", cfg.backend, ["native", "tiktoken"])
+    if cfg.backend == "tiktoken":
+        import importlib.util
+
+        check("tokenizer.backend", cfg.backend, importlib.util.find_spec("tiktoken") is not None,
+              "native, or install tiktoken first (pip install tiktoken): it is not installed")
     check_choice("tokenizer.train_backend", cfg.train_backend, ["auto", "c", "python"])
     specials = list(cfg.special_tokens)
     check("tokenizer.special_tokens", specials, all(isinstance(s, str) and s for s in specials), "non-empty strings")

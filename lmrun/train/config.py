@@ -6,6 +6,11 @@ from dataclasses import dataclass
 from lmrun.errors import check, check_choice
 
 
+#: seconds of training in the main job's default budget (``train.max_time``): with start-up,
+#: tokenizer, encoding, evaluation and samples the whole run takes under 5 minutes on a 2-core CPU
+DEFAULT_MAX_TIME = 240
+
+
 @dataclass
 class TrainConfig:
     """Settings of ``stage=pretrain``'s training loop.
@@ -39,13 +44,20 @@ class TrainConfig:
         ``ema`` entry (which stage=evaluate / generate load) use it; null: off. Single process.
     keep_heap_memory: on CPU with glibc, keep freed memory for reuse instead of paying page faults
         for every step's activations (lmrun.train.trainer.keep_heap_memory).
+    overfit_batches: 0 (off) or N: train on the stream's first N micro-batches over and over
+        (``debug=overfit``: a model that cannot drive the loss of one batch towards zero has a bug;
+        Karpathy's "overfit one batch", Lightning's ``overfit_batches``).
+    profile: record 5 steps (3-7: one skipped, one warm-up) with ``torch.profiler`` (CPU, and CUDA when used) into the run
+        directory: ``profile/trace.json`` (chrome://tracing, Perfetto) and ``profile/ops.txt`` (the
+        operators by total time) — ``debug=profile``.
     """
 
     batch_size: int = 16
     grad_accum_steps: int = 1
-    max_steps: int | None = 1000
+    max_steps: int | None = None
     max_tokens: int | None = None
-    max_time: float | None = None
+    # the default budget: DEFAULT_MAX_TIME seconds of training unless max_steps, max_tokens or max_flops is set
+    max_time: float | None = f"${{lmrun.time_budget:${{train.max_steps}},${{train.max_tokens}},${{train.max_flops}},{DEFAULT_MAX_TIME}}}"  # type: ignore[assignment]
     max_flops: float | None = None
     device: str = "auto"
     precision: str = "auto"
@@ -71,6 +83,8 @@ class TrainConfig:
     fused_loss: bool = True
     keep_heap_memory: bool = True
     ema_decay: float | None = None
+    overfit_batches: int = 0
+    profile: bool = False
 
 
 def validate_train(cfg: TrainConfig) -> None:
@@ -103,5 +117,6 @@ def validate_train(cfg: TrainConfig) -> None:
           "false unless train.grad_accum_steps >= 2 (the estimate compares micro-batch and full-batch gradients)")
     if cfg.ema_decay is not None:
         check("train.ema_decay", cfg.ema_decay, 0 <= cfg.ema_decay < 1, "null or a number in [0, 1)")
+    check("train.overfit_batches", cfg.overfit_batches, cfg.overfit_batches >= 0, "an integer >= 0 (0: off)")
     if cfg.peak_flops is not None:
         check("train.peak_flops", cfg.peak_flops, cfg.peak_flops > 0, "null or FLOP/s > 0")

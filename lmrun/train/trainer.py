@@ -24,6 +24,7 @@ from lmrun.model import build_model
 from lmrun.model.flops import model_summary
 from lmrun.optim import build_optimizer, build_schedule, clip_grad_norm, set_lr
 from lmrun.tracking.files import save_figure
+from lmrun.tracking.progress import LOG_EVERY_S, Progress, format_duration
 from lmrun.train.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
 from lmrun.train.data import BatchStream
 from lmrun.train.ema import ParameterEMA
@@ -177,6 +178,10 @@ class Trainer:
         self.total_steps = self._total_steps()
         self.schedule = build_schedule(cfg.schedule, float(cfg.optimizer.lr), self.total_steps)
         self.stream = BatchStream(train_tokens, self.micro_batch, self.context_length, seed=int(cfg.seed))
+        self.overfit = None
+        if self.t.overfit_batches:  # the first N micro-batches of a fresh stream: the same after a resume
+            first = BatchStream(train_tokens, self.micro_batch, self.context_length, seed=int(cfg.seed))
+            self.overfit = [first.next(self.device) for _ in range(int(self.t.overfit_batches))]
         self.ckpt = CheckpointManager(Path(run.dir) / "checkpoints", keep_last=self.t.keep_last)
         self.state = TrainState()
         self.fused_loss = (self.t.fused_loss and not self.parallel.active and self.model.logit_softcap is None
@@ -215,6 +220,32 @@ class Trainer:
         if self.t.max_flops is not None:
             return max(1, math.ceil(float(self.t.max_flops) / self.summary["train_flops_per_token"] / self.tokens_per_step))
         return NOMINAL_TIME_STEPS
+
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.overfit is None:
+            return self.stream.next(self.device)
+        batch = self.overfit[self.stream.step % len(self.overfit)]
+        self.stream.step += 1  # the position still counts (checkpoints, resume)
+        return batch
+
+    def progress_line(self) -> str:
+        """``'step 40/1000 (4%), elapsed 1m02s, ETA 25m48s'`` (a step, token or FLOP budget) or
+        ``'step 40, 12.0s/240s of training (5%), elapsed 13.1s, ETA 3m48s'`` (a time budget). Elapsed
+        is wall time since this process started training (evaluations included); the ETA is the
+        remaining training at this run's pace so far."""
+        s, t = self.state, self.t
+        wall = time.perf_counter() - self._fit_t0
+        if t.max_time is not None:
+            frac = min(1.0, s.train_seconds / float(t.max_time))
+            eta = max(0.0, float(t.max_time) - s.train_seconds)
+            head = f"step {s.step}, {format_duration(s.train_seconds)}/{format_duration(float(t.max_time))} of training"
+        else:
+            frac = min(1.0, s.step / max(1, self.total_steps))
+            done = s.step - self._fit_step0
+            pace = self._train_s_here / done if done else None
+            eta = pace * (self.total_steps - s.step) if pace else None
+            head = f"step {s.step}/{self.total_steps}"
+        return f"{head} ({100 * frac:.0f}%), elapsed {format_duration(wall)}, ETA {format_duration(eta)}"
 
     def _checkpoint_blocks(self) -> None:
         from torch.utils.checkpoint import checkpoint
@@ -295,8 +326,12 @@ class Trainer:
             return self._evaluate(max_tokens)
 
     def _evaluate(self, max_tokens: int | None) -> dict:
-        r = evaluate_loss(self.forward if self.parallel.active else self.model, self.val_tokens, self.micro_batch, self.context_length, self.device,
-                          max_tokens=max_tokens, autocast_dtype=self.autocast_dtype, stride=self.t.eval_stride)
+        n = len(self.val_tokens) if max_tokens is None else min(len(self.val_tokens), int(max_tokens))
+        bar = bool(self.cfg.progress) and self.env.is_main
+        with Progress(max(0, n - 1), f"step {self.state.step}: evaluating", unit="token", bar=bar) as p:
+            r = evaluate_loss(self.forward if self.parallel.active else self.model, self.val_tokens, self.micro_batch,
+                              self.context_length, self.device, max_tokens=max_tokens,
+                              autocast_dtype=self.autocast_dtype, stride=self.t.eval_stride, progress=p.update)
         return {"val_loss": r["loss"], "val_perplexity": r["perplexity"],
                 "val_bpb": bits_per_byte(r["loss"], self.bytes_per_token), "val_tokens": r["tokens"]}
 
@@ -316,7 +351,7 @@ class Trainer:
         aux_stats: dict[str, float] = {}
         par = self.parallel
         for i in range(accum):
-            x, y = par.shard_batch(*self.stream.next(self.device))
+            x, y = par.shard_batch(*self._next_batch())
             with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
                 out = self.forward(x, return_hidden=True) if self.fused_loss else self.forward(x)
             if self.fused_loss:
@@ -394,8 +429,11 @@ class Trainer:
                    desc="pretrain", disable=None if self.cfg.progress else True, dynamic_ncols=True,
                    leave=False)  # disable=None: a bar only on a terminal
         window_loss, window_steps, window_t0, window_tokens = 0.0, 0, time.perf_counter(), 0
+        self._fit_t0, self._fit_step0, self._train_s_here = time.perf_counter(), s.step, 0.0
+        last_line = time.perf_counter()
+        profiler = self._profiler()
         self.model.train()
-        with logging_redirect_tqdm(), preemption.cooperative():
+        with logging_redirect_tqdm(), preemption.cooperative(), profiler or contextlib.nullcontext():
             while not self._done():
                 t0 = time.perf_counter()
                 lr = self.schedule(self._schedule_step())
@@ -424,6 +462,9 @@ class Trainer:
                 s.tokens += self.tokens_per_step
                 step_seconds, stop = self._agree(time.perf_counter() - t0, preemption.requested())
                 s.train_seconds += step_seconds
+                self._train_s_here += step_seconds
+                if profiler is not None:
+                    profiler.step()
                 window_loss += loss
                 window_steps += 1
                 window_tokens += self.tokens_per_step
@@ -444,12 +485,17 @@ class Trainer:
                     s.history["step"].append(s.step)
                     s.history["loss"].append(metrics["loss"])
                     bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tps:,.0f}")
-                    log.info("step %d: loss %.4f, lr %.3g, grad norm %.3f, %.0f tokens/s", s.step, metrics["loss"], lr,
-                             grad_norm, tps)
+                    log.info("%s: loss %.4f, lr %.3g, grad norm %.3f, %.0f tokens/s", self.progress_line(),
+                             metrics["loss"], lr, grad_norm, tps)
                     window_loss, window_steps, window_t0, window_tokens = 0.0, 0, time.perf_counter(), 0
+                    last_line = time.perf_counter()
+                elif time.perf_counter() - last_line >= LOG_EVERY_S:  # a line at least every ~10 s
+                    tps = window_tokens / max(time.perf_counter() - window_t0, 1e-9)
+                    log.info("%s: loss %.4f, %.0f tokens/s", self.progress_line(), window_loss / window_steps, tps)
+                    last_line = time.perf_counter()
                 if s.step % t.eval_every == 0 and not self._done():
                     self._log_eval(t.eval_tokens)
-                    window_t0 = time.perf_counter()  # evaluation time is not training throughput
+                    window_t0 = last_line = time.perf_counter()  # evaluation time is not training throughput
                 if t.checkpoint_every and s.step % t.checkpoint_every == 0 and not self._done():
                     self.save()
                     window_t0 = time.perf_counter()
@@ -459,6 +505,8 @@ class Trainer:
                     raise preemption.Preempted(f"preempted at step {s.step}: saved {path}; the job is requeued and "
                                                "resumes from it")
         bar.close()
+        if profiler is not None:
+            self._write_profile(profiler)
         final = self._log_eval(None)
         path = self.save()
         summary = {"steps": s.step, "tokens": s.tokens, "train_seconds": round(s.train_seconds, 3),
@@ -475,6 +523,30 @@ class Trainer:
             summary.update(world_size=self.env.world_size, strategy=self.parallel.strategy,
                            memory_bytes_per_rank=self.parallel.memory_bytes())
         return summary
+
+    def _profiler(self):
+        """A ``torch.profiler.profile`` recording steps 3-7 (``train.profile``), or None."""
+        if not self.t.profile or not self.env.is_main:
+            return None
+        from torch.profiler import ProfilerActivity, profile, schedule
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        return profile(activities=activities, schedule=schedule(wait=1, warmup=1, active=5, repeat=1),
+                       record_shapes=True, profile_memory=True)
+
+    def _write_profile(self, profiler) -> None:
+        out = Path(self.run.dir) / "profile"
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+        except (AssertionError, RuntimeError) as e:  # fewer steps than the schedule records
+            log.warning("train.profile: no profile recorded (%s); the run had %d steps, the profile needs 7",
+                        e, self.state.step)
+            return
+        profiler.export_chrome_trace(str(out / "trace.json"))
+        (out / "ops.txt").write_text(table + "\n")
+        log.info("profile of steps 3-7: %s (chrome://tracing or ui.perfetto.dev), %s", out / "trace.json",
+                 out / "ops.txt")
 
     def _log_eval(self, max_tokens: int | None) -> dict:
         r = self.evaluate(max_tokens)
