@@ -117,39 +117,119 @@ def explain(exc: BaseException) -> str:
 
 
 # --- pre-flight: compose and validate every job ---------------------------------------------------
-def _expand_jobs(overrides: list[str], multirun: bool) -> list[list[str]]:
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+
+
+def _sample(o) -> str:
+    """One value of a sweep override as a plain override: the first choice or range value, the
+    lower end of an interval."""
+    from hydra.core.override_parser.types import IntervalSweep, OverrideType
+
+    prefix = {OverrideType.ADD: "+", OverrideType.FORCE_ADD: "++"}.get(o.type, "")
+    value = o.value()
+    if isinstance(value, IntervalSweep):
+        first = value.start
+    else:
+        first = next(iter(o.sweep_string_iterator()))
+    return f"{prefix}{o.get_key_element()}={first}"
+
+
+def _expand_jobs(overrides: list[str], multirun: bool) -> tuple[list[list[str]], dict | None]:
     """The override list of every job Hydra's basic sweeper will launch: the sweep in
     ``hydra.sweeper.params`` (e.g. from an experiment preset) combined with the command line's
-    (which wins for the same key)."""
+    (which wins for the same key). Returns ``(jobs, search)``; ``search`` is None for the basic
+    sweeper. Another sweeper (``hydra/sweeper=optuna``, e.g. from ``hparams_search=...``) picks
+    its jobs while the sweep runs: ``jobs`` is then one sample of the search space (checked
+    before launching) and ``search`` describes it (sweeper, space, trials, direction)."""
     if not multirun:
-        return [list(overrides)]
+        return [list(overrides)], None
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parser = OverridesParser.create()
     try:
         parsed = parser.parse_overrides(overrides)
+        probe = [_sample(o) if o.is_sweep_override() else o.input_line for o in parsed]
+        sweeper = compose(probe, with_hydra=True).hydra.sweeper
+        params = sweeper.get("params") or {}
+        space = [f"{k}={v}" for k, v in params.items()] + list(overrides)
+        merged = parser.parse_overrides(space)
+        if str(sweeper.get("_target_", BASIC_SWEEPER)) == BASIC_SWEEPER:
+            return [job for batch in BasicSweeper.split_arguments(merged, None) for job in batch], None
+        last = {o.get_key_element(): o for o in merged}  # the command line wins for the same key
+        sample = [_sample(o) if o.is_sweep_override() else o.input_line for o in last.values()]
+    except LmrunError:
+        raise
     except Exception as e:
         raise ConfigError(explain(e)) from None
-    probe = [f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}" if o.is_sweep_override() else o.input_line
-             for o in parsed]
-    params = compose(probe, with_hydra=True).hydra.sweeper.get("params") or {}
-    merged = parser.parse_overrides([f"{k}={v}" for k, v in params.items()] + list(overrides))
-    return [job for batch in BasicSweeper.split_arguments(merged, None) for job in batch]
+    search = {"sweeper": str(sweeper._target_).rsplit(".", 1)[-1].removeprefix("Lmrun"),
+              "space": [o.input_line for o in last.values() if o.is_sweep_override()],
+              "identity": [o.input_line for o in last.values()],
+              "n_trials": sweeper.get("n_trials"), "direction": _plain(sweeper.get("direction"))}
+    return [sample], search
+
+
+def _plain(value):
+    from omegaconf import OmegaConf
+
+    value = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    return getattr(value, "name", value)
+
+
+#: extra config directories (``--config-dir``) and the primary config's name (``--config-name``),
+#: set by :func:`main` for its pre-flight composition; Hydra gets the same options itself
+_CONFIG = {"dirs": [], "name": "config"}
+
+
+def _quote(path: str) -> str:
+    return "'" + path.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _with_config_dirs(overrides: list[str]) -> list[str]:
+    """``overrides`` with ``--config-dir``'s directory put first in ``hydra.searchpath``, where
+    Hydra puts it: after lmrun's conf/, before the command line's ``hydra.searchpath`` entries."""
+    if not _CONFIG["dirs"]:
+        return list(overrides)
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    extra = [f"file://{d}" for d in _CONFIG["dirs"]]
+    out, found = [], False
+    for o in overrides:
+        if o.split("=", 1)[0] == "hydra.searchpath":
+            try:
+                value = OverridesParser.create().parse_override(o).value()
+            except Exception as e:
+                raise ConfigError(explain(e)) from None
+            o, found = "hydra.searchpath=[" + ",".join(_quote(str(p)) for p in extra + list(value or [])) + "]", True
+        out.append(o)
+    if not found:
+        out.append("hydra.searchpath=[" + ",".join(_quote(p) for p in extra) + "]")
+    return out
+
+
+def _quiet_schema_warnings() -> None:
+    from lmrun.launch.submitit_launcher import _quiet_schema_warnings as quiet
+
+    quiet()
+    # optuna (the Optuna sweeper) imports alembic, which logs every plugin it sets up at INFO
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def compose(overrides: list[str], with_hydra: bool = False):
     """Compose ``config.yaml`` with ``overrides`` (Compose API); ConfigError on any mistake.
-    ``with_hydra`` keeps Hydra's own node (launcher, sweeper, ...) in the result."""
+    ``with_hydra`` keeps Hydra's own node (launcher, sweeper, ...) in the result. Extra config
+    directories given to :func:`main` (``--config-dir``) are searched after lmrun's ``conf/``."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     register_configs()
+    _quiet_schema_warnings()
     GlobalHydra.instance().clear()
     try:
+        overrides = _with_config_dirs(overrides)
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="lmrun"):
-            return hydra_compose("config", overrides=overrides, return_hydra_config=with_hydra)
+            return hydra_compose(_CONFIG["name"], overrides=overrides, return_hydra_config=with_hydra)
     except LmrunError:
         raise
     except Exception as e:  # Hydra and OmegaConf raise many types; all are the user's input here
@@ -192,7 +272,10 @@ def _run_dir_for(cfg) -> Path:
 
 
 # --- the Hydra task ---------------------------------------------------------------------------
-def _task(cfg) -> dict:
+def _task(cfg):
+    """Run one job: the stage's summary; in a multirun with ``sweep.objective`` set, that summary
+    metric as a float (None if the job failed) — the value an optimizing sweeper (Optuna)
+    receives. Every job still writes its summary.json."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -207,6 +290,7 @@ def _task(cfg) -> dict:
     out_dir = Path(hc.runtime.output_dir)
     num = int(hc.job.num) if multirun else 0
     resumable = getattr(stage, "RESUMABLE", False)
+    objective = (cfg.sweep.get("objective") or None) if multirun else None
     rank = _rank()
     if rank > 0:  # a distributed job's other processes: rank 0 writes the run directory and the log
         from lmrun.distributed.env import quiet_non_main_logging
@@ -226,7 +310,7 @@ def _task(cfg) -> dict:
         if status == "completed" and bool(cfg.sweep.skip_done):
             log.info("job %d already completed in %s: skipped (sweep.skip_done=true)", num, out_dir)
             sweeps.record_outcome(num, overrides, "skipped", str(out_dir))
-            return sweeps.read_json(out_dir / "summary.json") or {}
+            return sweeps.job_result(sweeps.read_json(out_dir / "summary.json"), objective)
         if status == "completed" or not resumable:
             log.info("job %d: earlier attempt (%s) moved to %s", num, status, sweeps.archive_attempt(out_dir))
     run = start_run(cfg, out_dir, overrides, resumable=resumable)
@@ -240,7 +324,7 @@ def _task(cfg) -> dict:
         log.error("%s", e)
         if multirun:  # reported with the other jobs' outcomes when the sweep ends
             sweeps.record_outcome(num, overrides, "failed", str(run.dir), str(e))
-            return {}
+            return sweeps.job_result(None, objective)
         raise SystemExit(1)
     except Preempted as e:
         run.finish({}, status="preempted", error=str(e))
@@ -253,10 +337,17 @@ def _task(cfg) -> dict:
         raise
     run.finish(summary)
     end_run()
-    if multirun:
-        sweeps.record_outcome(num, overrides, "completed", str(run.dir))
     log.info("summary: %s", json.dumps(summary, default=str))
-    return summary
+    result = sweeps.job_result(summary, objective)
+    if objective and result is None:  # the run completed, but the search cannot use it
+        numeric = [k for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        error = (f"sweep.objective={objective}: not a number in stage {cfg.stage.name}'s summary; "
+                 f"numeric keys: {', '.join(numeric)}")
+        log.error("%s", error)
+        sweeps.record_outcome(num, overrides, "failed", str(run.dir), error)
+    elif multirun:
+        sweeps.record_outcome(num, overrides, "completed", str(run.dir))
+    return result if multirun else summary
 
 
 def _rank() -> int:
@@ -292,10 +383,15 @@ def _register_launchers() -> None:
     ``hydra_plugins/lmrun_launcher`` (setuptools' editable installs use an import hook)."""
     from hydra.core.plugins import Plugins
 
-    from hydra_plugins.lmrun_launcher.lmrun_launcher import LmrunLocalLauncher, LmrunSlurmLauncher
+    from hydra_plugins.lmrun_launcher.lmrun_launcher import LmrunBasicLauncher, LmrunLocalLauncher, LmrunSlurmLauncher
 
-    for cls in (LmrunSlurmLauncher, LmrunLocalLauncher):
+    for cls in (LmrunBasicLauncher, LmrunSlurmLauncher, LmrunLocalLauncher):
         Plugins.instance().register(cls)
+    try:  # needs hydra-optuna-sweeper (a dependency; an older install may lack it)
+        from hydra_plugins.lmrun_launcher.lmrun_sweeper import LmrunOptunaSweeper
+    except ImportError:
+        return
+    Plugins.instance().register(LmrunOptunaSweeper)
 
 
 def _hydra_entry() -> None:
@@ -319,29 +415,45 @@ def _launcher_of(job: list[str]) -> str:
     return target.rsplit(".", 1)[-1]
 
 
-def _sweep_dir(checked: list) -> Path:
+def _sweep_dir(checked: list, search: dict | None = None) -> Path:
     from lmrun.launch.sweep import default_sweep_dir
 
     cfg = checked[0][1]
     if cfg.sweep.dir:
         return Path(str(cfg.sweep.dir)).expanduser().absolute()
-    experiment = next((o.split("=", 1)[1] for job, _, _ in checked[:1] for o in job if o.startswith("experiment=")), None)
-    return default_sweep_dir(cfg.paths.multiruns_dir, cfg.stage.name, experiment, [job for job, _, _ in checked]).absolute()
+    first = checked[0][0]
+    name = next((o.split("=", 1)[1] for o in first if o.lstrip("+").startswith("experiment=")), None)
+    if search is not None:  # named by the search space (the trials are not known yet)
+        name = name or next((o.split("=", 1)[1] for o in first if o.lstrip("+").startswith("hparams_search=")),
+                            "search")
+        return default_sweep_dir(cfg.paths.multiruns_dir, cfg.stage.name, name, [search["identity"]]).absolute()
+    return default_sweep_dir(cfg.paths.multiruns_dir, cfg.stage.name, name, [job for job, _, _ in checked]).absolute()
 
 
-def _sweep_plan(checked: list, sweep_dir: Path, launcher: str) -> str:
-    """The dry run of a sweep: per job its overrides, run directory, state, resources and plan."""
+def _sweep_plan(checked: list, sweep_dir: Path, launcher: str, search: dict | None = None) -> str:
+    """The dry run of a sweep: per job its overrides, run directory, state, resources and plan
+    (for a search, the space and the one sample that was checked)."""
     from lmrun.launch.resources import job_resources
     from lmrun.launch.sweep import run_status
 
-    lines = [f"lmrun dry run of a sweep (nothing written or submitted): {len(checked)} job(s) in {sweep_dir}"
-             + (f", launcher {launcher}" if launcher else "")]
+    if search is None:
+        lines = [f"lmrun dry run of a sweep (nothing written or submitted): {len(checked)} job(s) in {sweep_dir}"
+                 + (f", launcher {launcher}" if launcher else "")]
+    else:
+        cfg = checked[0][1]
+        lines = [f"lmrun dry run of a search (nothing written or submitted): {search['n_trials']} trial(s) chosen by "
+                 f"{search['sweeper']} in {sweep_dir}" + (f", launcher {launcher}" if launcher else ""),
+                 f"  objective: {cfg.sweep.objective} ({search['direction']})",
+                 f"  search space: {' '.join(search['space']) or '(none)'}",
+                 "  checked with one sample of the space:"]
     for num, (job, cfg, plan) in enumerate(checked):
         status = run_status(sweep_dir / str(num))
         will = "skip (completed)" if status == "completed" and cfg.sweep.skip_done else (
             "run" if status == "missing" else f"run again (was {status})")
         entry = {"job": num, "overrides": " ".join(job) or "(defaults)", "run_dir": str(sweep_dir / str(num)),
                  "action": will}
+        if search is not None:
+            entry = {"sample": " ".join(job)}
         if launcher in SUBMITIT_LAUNCHERS:
             entry["resources"] = {k: v for k, v in job_resources(cfg).items() if v not in (None, [], {})}
         entry["plan"] = plan
@@ -349,38 +461,106 @@ def _sweep_plan(checked: list, sweep_dir: Path, launcher: str) -> str:
     return "\n".join(lines)
 
 
+def _check_search(checked: list, search: dict, launcher: str) -> None:
+    """A search needs the metric each job returns (``sweep.objective``) and, on a submitit
+    launcher, to wait for the jobs (the sweeper reads their results before choosing the next)."""
+    cfg = checked[0][1]
+    if not cfg.sweep.objective:
+        raise ConfigError(f"sweep.objective=None: hydra/sweeper {search['sweeper']} optimizes the value each job "
+                          "returns; name a summary metric, e.g. sweep.objective=val_bpb")
+    if launcher in SUBMITIT_LAUNCHERS and not cfg.launch.wait:
+        raise ConfigError(f"launch.wait=false: {search['sweeper']} chooses each trial from the results of the "
+                          "previous ones; use launch.wait=true")
+    if not search["space"]:
+        raise ConfigError(f"hydra.sweeper.params: {search['sweeper']} has nothing to search; give a space, e.g. "
+                          "'optimizer.lr=tag(log, interval(1e-4, 1e-2))'")
+
+
+def _report_search(sweep_dir: Path, search: dict, objective: str) -> None:
+    """After a search: print the best trial (the sweeper's optimization_results.yaml) and record it
+    in the sweep's manifest under ``search``."""
+    import yaml
+
+    from lmrun.launch import sweep as sweeps
+
+    results_path = sweep_dir / "optimization_results.yaml"
+    if not results_path.is_file():
+        print(f"lmrun: no trial completed: no best {objective}", file=sys.stderr)
+        return
+    results = yaml.safe_load(results_path.read_text(encoding="utf-8")) or {}
+    manifest = sweeps.load_manifest(sweep_dir)
+    best = results.get("best_params") or {}
+    wanted = {f"{k}={v}" for k, v in best.items()}
+    best_job = next((int(n) for n, j in sorted(manifest.get("jobs", {}).items(), key=lambda kv: int(kv[0]))
+                     if wanted and wanted <= set(j.get("overrides", []))), None)
+    manifest["search"] = {"sweeper": search["sweeper"], "objective": objective, "direction": search["direction"],
+                          "space": search["space"], "best_value": results.get("best_value"), "best_params": best,
+                          "best_job": best_job, "results": results_path.name}
+    sweeps.save_manifest(sweep_dir, manifest)
+    if "best_value" in results:
+        where = f" (job {best_job}: {sweep_dir / str(best_job)})" if best_job is not None else ""
+        print(f"lmrun: best {objective} = {results['best_value']:.6g} with "
+              f"{' '.join(sorted(wanted)) or '(no parameters)'}{where}", file=sys.stderr)
+    print(f"lmrun: search results: {results_path}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console script ``lmrun``. Returns the exit code (0 ok, 1 failed run or job, 2 invalid input)."""
+    import os
+
     from hydra._internal.utils import get_args_parser
 
     argv = _sweep_alias(list(sys.argv[1:] if argv is None else argv))
     args = get_args_parser().parse_args(argv)
+    _quiet_schema_warnings()
+    if args.config_path is not None:
+        print("lmrun: error: --config-path: lmrun's config tree is fixed; add your own configs with "
+              "--config-dir DIR (searched after lmrun's conf/) or hydra.searchpath=[file://DIR]", file=sys.stderr)
+        return 2
+    if args.config_dir is not None and not os.path.isdir(args.config_dir):
+        print(f"lmrun: error: --config-dir {args.config_dir}: no such directory", file=sys.stderr)
+        return 2
+    _CONFIG.update(dirs=[os.path.abspath(args.config_dir)] if args.config_dir else [],
+                   name=args.config_name or "config")
+    try:
+        return _main(argv, args)
+    finally:
+        _CONFIG.update(dirs=[], name="config")
+
+
+def _main(argv: list[str], args) -> int:
     informational = args.help or args.hydra_help or args.cfg or args.info or args.shell_completion or args.resolve
+    search = None
     if not informational:
         try:
             launcher = _launcher_of(args.overrides) if _mentions_launcher(args) and not args.multirun else ""
             if launcher in SUBMITIT_LAUNCHERS:
                 args.multirun = True  # launchers run only in multirun mode: a one-job sweep
                 argv.insert(0, "--multirun")
-            jobs = _expand_jobs(args.overrides, args.multirun)
+            jobs, search = _expand_jobs(args.overrides, args.multirun)
             if args.multirun and not launcher and _mentions_launcher(args):
                 launcher = _launcher_of(jobs[0])
-            if args.multirun:
+            if search is not None:
+                print(f"lmrun: checking one sample of the search space before launching {search['n_trials']} "
+                      f"trial(s) ({search['sweeper']})", file=sys.stderr)
+            elif args.multirun:
                 print(f"lmrun: checking {len(jobs)} job(s) before launching", file=sys.stderr)
             checked = [(job, *preflight(job)) for job in jobs]
-            sweep_dir = _sweep_dir(checked) if args.multirun else None
+            sweep_dir = _sweep_dir(checked, search) if args.multirun else None
         except LmrunError as e:
             print(f"lmrun: error: {e}", file=sys.stderr)
             return 2
         try:
             if launcher in SUBMITIT_LAUNCHERS:
                 _check_tasks(checked)
+            if search is not None:
+                _check_search(checked, search, launcher)
         except LmrunError as e:
             print(f"lmrun: error: {e}", file=sys.stderr)
             return 2
         if any(bool(cfg.dry_run) for _, cfg, _ in checked):
             if args.multirun:
-                print(_sweep_plan(checked, sweep_dir, launcher))
+                print(_sweep_plan(checked, sweep_dir, launcher, search))
             else:
                 for job, _, plan in checked:
                     print(format_plan(plan, job))
@@ -413,6 +593,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"lmrun: {format_outcomes(outcomes)}", file=sys.stderr)
             if code == 0 and any(o["state"] not in ("completed", "skipped") for o in outcomes):
                 code = 1
+        if search is not None:
+            hydra_dir = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("hydra.sweep.dir=")), None)
+            _report_search(Path(hydra_dir).absolute() if hydra_dir else sweep_dir, search,
+                           str(checked[0][1].sweep.objective))
     return code
 
 

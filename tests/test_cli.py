@@ -38,6 +38,9 @@ EXTRA = {("data", "text_files"): ["data.train=/dev/null"], ("stage", "evaluate")
          ("model/attention", "hyena"): ["model/position=none"]}  # Hyena has no queries/keys for the default RoPE
 
 
+GLOBAL_GROUPS = ("experiment", "debug", "hparams_search")
+
+
 def files_under(path: Path) -> list[Path]:
     return [p for p in path.rglob("*")] if path.exists() else []
 
@@ -50,7 +53,7 @@ def test_every_preset_composes_and_validates(group, preset):
     cfg = cli.compose(overrides)
     check_schema(cfg)
     validate(cfg)
-    if group == "experiment":  # experiment presets are global: they set keys of other groups
+    if group in GLOBAL_GROUPS:  # presets packaged _global_: they set keys of other groups
         assert cfg.stage.name in cli.stage_names()
     else:
         assert OmegaConf.select(cfg, group.replace("/", ".")) is not None
@@ -58,7 +61,7 @@ def test_every_preset_composes_and_validates(group, preset):
 
 def test_presets_found():
     groups = {g for g, _ in presets()}
-    assert {"stage", "data", "tokenizer", "logger", "experiment"} <= groups
+    assert {"stage", "data", "tokenizer", "logger", "experiment", "debug", "hparams_search"} <= groups
 
 
 @pytest.mark.parametrize("stage", [s for s in cli.stage_names() if s not in ("evaluate", "collect", "curate", "generate", "scaling", "sft", "dpo",
@@ -177,3 +180,86 @@ def test_experiment_preset_sweep_is_expanded_and_checked(capsys, isolated_worksp
     assert cli.main(["-m", "experiment=tokenizer_vocab_sweep", "tokenizer.vocab_size=300,100", "dry_run=true"]) == 2
     assert "tokenizer.vocab_size=100: expected an integer >= 257" in capsys.readouterr().err
     assert files_under(isolated_workspace) == []
+
+
+# --- your own configs: --config-dir and hydra.searchpath -------------------------------------------
+@pytest.fixture
+def my_conf(tmp_path) -> Path:
+    """A user's config directory: a model preset extending lmrun's and two experiment presets."""
+    conf = tmp_path / "my_conf"
+    (conf / "model").mkdir(parents=True)
+    (conf / "experiment").mkdir()
+    (conf / "model" / "my_model.yaml").write_text(
+        "defaults:\n  - swiglu_rope\n  - _self_\nname: my_model\ncontext_length: 64\nn_kv_heads: 2\n")
+    (conf / "experiment" / "my_tokenizer.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /stage: tokenizer\ntokenizer:\n  vocab_size: 333\n")
+    (conf / "experiment" / "my_sweep.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /stage: tokenizer\n"
+        "hydra:\n  sweeper:\n    params:\n      tokenizer.vocab_size: 300,320\n")
+    return conf
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["config_dir", "searchpath"])
+def test_your_own_presets_from_a_config_dir_or_search_path(how, my_conf, isolated_workspace, capsys):
+    extra = ["--config-dir", str(my_conf)] if how == "config_dir" else [f"hydra.searchpath=[file://{my_conf}]"]
+    assert cli.main([*extra, "stage=pretrain", "model=my_model", "dry_run=true"]) == 0
+    out = capsys.readouterr().out
+    assert "my_model/cpu: d_model 192, 4 layers, 6 heads" in out and "context 64" in out
+    assert cli.main(["--cfg", "job", *extra, "stage=pretrain", "model=my_model"]) == 0
+    assert "n_kv_heads: 2" in capsys.readouterr().out
+    # an experiment preset with its own sweep, expanded and checked by the pre-flight
+    assert cli.main(["-m", *extra, "experiment=my_sweep", "dry_run=true"]) == 0
+    out = capsys.readouterr().out
+    assert "2 job(s) in" in out and "/multiruns/tokenizer/my_sweep-" in out
+    assert re.findall(r"tokenizer\.vocab_size=(\d+)", out) == ["300", "320"]
+    # lmrun's own options still listed with the user's in an error
+    assert cli.main([*extra, "stage=pretrain", "model=my_modle", "dry_run=true"]) == 2
+    assert "model=my_modle: no such option; available: gpt2," in capsys.readouterr().err
+    assert files_under(isolated_workspace) == []
+    with pytest.raises(ConfigError, match="model=my_model: no such option"):  # main() leaves no state behind
+        cli.compose(["stage=pretrain", "model=my_model"])
+
+
+@pytest.mark.slow
+def test_a_run_with_a_config_dir_uses_the_users_preset(my_conf, small_text, isolated_workspace):
+    assert cli.main(["--config-dir", str(my_conf), "experiment=my_tokenizer", "data=text_files",
+                     f"data.train={small_text}", *FAST[:2]]) == 0
+    (run_dir,) = (isolated_workspace / "runs" / "tokenizer").iterdir()
+    assert json.loads((run_dir / "summary.json").read_text())["vocab_size"] == 333
+
+
+def test_config_dir_mistakes_are_one_line(isolated_workspace, capsys):
+    assert cli.main(["--config-dir", "no/such/dir", "stage=tokenizer"]) == 2
+    assert capsys.readouterr().err.strip() == "lmrun: error: --config-dir no/such/dir: no such directory"
+    assert cli.main(["--config-path", "elsewhere", "stage=tokenizer"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("lmrun: error: --config-path:") and "--config-dir" in err
+
+
+# --- debug presets ----------------------------------------------------------------------------------
+def test_debug_presets_shrink_the_budget(isolated_workspace, capsys):
+    fast = cli.compose(["stage=pretrain", "debug=fast"])
+    assert fast.train.max_steps <= 5 and fast.train.eval_every < fast.train.max_steps
+    assert 0 < fast.train.checkpoint_every < fast.train.max_steps and fast.train.samples >= 1
+    assert fast.logger.name == "none" and fast.model.name == "swiglu_rope"  # the model stays as configured
+    overfit = cli.compose(["stage=pretrain", "debug=overfit"])
+    assert overfit.train.overfit_batches == 1 and overfit.model.dropout == 0.0
+    profile = cli.compose(["stage=pretrain", "debug=profile"])
+    assert profile.train.profile is True and profile.train.max_steps <= 20
+    assert cli.compose(["stage=pretrain", "debug=fast", "train.max_steps=2"]).train.max_steps == 2  # the command line wins
+    assert cli.main(["stage=pretrain", "debug=fast", "dry_run=true"]) == 0
+    assert "dry run" in capsys.readouterr().out and files_under(isolated_workspace) == []
+
+
+@pytest.mark.slow
+def test_debug_fast_runs_every_phase(small_text, isolated_workspace):
+    assert cli.main(["stage=pretrain", "debug=fast", "data=text_files", f"data.train={small_text}",
+                     "tokenizer.vocab_size=300", "model/size=tiny", "model.context_length=32", "progress=false"]) == 0
+    (run_dir,) = (isolated_workspace / "runs" / "pretrain").iterdir()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["val_bpb"] > 0
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["ckpt_00000002.pt", "ckpt_00000004.pt"]
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "val_loss" in m][:1] == [2]  # the periodic evaluation ran
+    assert (run_dir / "samples.txt").read_text().strip()

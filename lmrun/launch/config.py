@@ -73,10 +73,14 @@ class SweepConfig:
     """dir: the sweep directory of a multirun (null: multiruns/<stage>/<experiment|sweep>-<hash of
     the job list>, so rerunning the same command finds the same sweep); for stage=collect, the
     sweep to collect (`lmrun stage=collect sweep=<dir>` is short for `sweep.dir=<dir>`).
-    skip_done: rerunning a sweep skips jobs whose run completed (failed ones run again)."""
+    skip_done: rerunning a sweep skips jobs whose run completed (failed ones run again).
+    objective: the summary metric (e.g. ``val_bpb``) each job of a multirun returns to Hydra's
+    sweeper instead of its whole summary — what an optimizing sweeper (``hydra/sweeper=optuna``,
+    set by ``hparams_search=<preset>``) minimizes or maximizes; null: jobs return their summary."""
 
     dir: str | None = None
     skip_done: bool = True
+    objective: str | None = None
 
 
 @dataclass

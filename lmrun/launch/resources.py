@@ -60,7 +60,8 @@ def submitit_parameters(resources: dict, executor: str, launch) -> dict:
         params.pop("mem_gb", None)
         params.pop("nodes", None)
         params.pop("cpus_per_task", None)
-        params["local_signal_delay_s"] = int(launch.signal_delay_s)
+        # submitit's AutoExecutor accepts only `local_setup` for this executor (1.5.x): the local
+        # executor has no scheduler to send a signal before the time limit
         if resources["setup"]:
             params["local_setup"] = list(resources["setup"])
     return params

@@ -29,7 +29,6 @@ from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 
-from lmrun.errors import ConfigError
 from lmrun.launch import sweep as sweeps
 from lmrun.launch.resources import job_resources, submitit_parameters
 
@@ -50,6 +49,7 @@ class LmrunSubmititLauncher(BaseSubmititLauncher):
 
         from lmrun.launch import preemption
 
+        _quiet_schema_warnings()
         env = submitit.JobEnvironment()
         preemption.install(env._usr_sig())
         if env.num_tasks > 1:
@@ -65,12 +65,8 @@ class LmrunSubmititLauncher(BaseSubmititLauncher):
 
         cfg = self.config
         sweep_dir = Path(str(cfg.hydra.sweep.dir)).absolute()
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        manifest = sweeps.load_manifest(sweep_dir)
-        manifest.setdefault("jobs", {})
-        manifest.update(executor=self._EXECUTOR, sweep_dir=str(sweep_dir))
-        manifest.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        manifest.setdefault("commands", []).append(" ".join(["lmrun", *sys.argv[1:]]))
+        manifest = sweeps.open_manifest(sweep_dir, self._EXECUTOR, new_command=not getattr(self, "_opened", False))
+        self._opened = True
         live = (sweeps.scheduler_states([str(j.get("job_id")) for j in manifest["jobs"].values()
                                          if j.get("executor") == "slurm"]) or {}) if self._EXECUTOR == "slurm" else {}
 
@@ -81,9 +77,7 @@ class LmrunSubmititLauncher(BaseSubmititLauncher):
             num, overrides = initial_job_idx + i, list(overrides)
             job_cfg = self.hydra_context.config_loader.load_sweep_config(cfg, overrides)
             entry = manifest["jobs"].get(str(num))
-            if entry and sweeps.job_identity(entry.get("overrides", [])) != sweeps.job_identity(overrides):
-                raise ConfigError(f"sweep directory {sweep_dir} holds a different job {num} "
-                                  f"({' '.join(entry.get('overrides', []))}); choose a new sweep.dir")
+            sweeps.check_same_job(manifest, sweep_dir, num, overrides)
             status = sweeps.run_status(sweep_dir / str(num))
             if status == "completed" and bool(job_cfg.sweep.skip_done):
                 skipped.append(num)
@@ -145,7 +139,17 @@ class LmrunSubmititLauncher(BaseSubmititLauncher):
         for num in skipped:
             sweeps.record_outcome(num, manifest["jobs"][str(num)]["overrides"], "skipped", str(sweep_dir / str(num)))
         sweeps.save_manifest(sweep_dir, manifest)
-        return [JobReturn(overrides=list(o), status=JobStatus.COMPLETED, _return_value=None) for _, o, _ in submitted]
+        # one result per job, in order: its summary, or the `sweep.objective` metric an optimizing
+        # sweeper (Optuna) needs, read from the run directory (None where the job did not complete)
+        objective = cfg.sweep.get("objective")
+        returns = []
+        for i, overrides in enumerate(job_overrides):
+            num = initial_job_idx + i
+            done = rows.get(num, {}).get("state") == "completed"
+            summary = sweeps.read_json(sweep_dir / str(num) / "summary.json") if done else None
+            returns.append(JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED,
+                                     _return_value=sweeps.job_result(summary, objective) if done else None))
+        return returns
 
     def _wait(self, submitted: list, poll_s: float) -> None:
         """Block until every job ended: its result file exists (it returned or raised), or, on
@@ -163,6 +167,16 @@ class LmrunSubmititLauncher(BaseSubmititLauncher):
                         del pending[num]
             if pending:
                 time.sleep(poll_s)
+
+
+def _quiet_schema_warnings() -> None:
+    """lmrun's conf/hydra/launcher/{basic,submitit_local}.yaml extend the launcher schemas Hydra
+    and hydra-submitit-launcher register under the same names, on purpose; Hydra warns about
+    every such match (a deprecation notice aimed at Hydra 1.0 configs)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"(?s).*'hydra/launcher/\w+' is validated against ConfigStore schema",
+                            category=UserWarning)
 
 
 def _job_error(job) -> str:

@@ -11,10 +11,11 @@ import hashlib
 import json
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
-from lmrun.errors import FormatError
+from lmrun.errors import ConfigError, FormatError
 from lmrun.tracking.files import atomic_write_json
 
 MANIFEST = "sweep.json"
@@ -66,6 +67,44 @@ def load_manifest(sweep_dir: Path) -> dict:
 def save_manifest(sweep_dir: Path, manifest: dict) -> None:
     manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     atomic_write_json(Path(sweep_dir) / MANIFEST, manifest)
+
+
+def open_manifest(sweep_dir: Path, executor: str, new_command: bool = True) -> dict:
+    """The manifest of ``sweep_dir`` (created with the directory if new), stamped for a launch by
+    ``executor`` ("basic", "local" or "slurm"); ``new_command`` appends this process's command
+    line to ``commands`` (once per launcher: a sweeper may call the launcher batch by batch)."""
+    sweep_dir = Path(sweep_dir)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    manifest = load_manifest(sweep_dir)
+    manifest.setdefault("jobs", {})
+    manifest.update(executor=executor, sweep_dir=str(sweep_dir))
+    manifest.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    if new_command:
+        manifest.setdefault("commands", []).append(" ".join(["lmrun", *sys.argv[1:]]))
+    return manifest
+
+
+def check_same_job(manifest: dict, sweep_dir: Path, num: int, overrides: list[str]) -> None:
+    """ConfigError if the manifest's job ``num`` computes something else than ``overrides``
+    (the sweep directory belongs to another sweep)."""
+    entry = manifest.get("jobs", {}).get(str(num))
+    if entry and job_identity(entry.get("overrides", [])) != job_identity(list(overrides)):
+        raise ConfigError(f"sweep directory {sweep_dir} holds a different job {num} "
+                          f"({' '.join(entry.get('overrides', []))}); choose a new sweep.dir")
+
+
+def job_result(summary: dict | None, objective: str | None):
+    """What a job hands back to Hydra's sweeper: its summary, or with ``objective`` (a summary key,
+    ``sweep.objective``) that metric as a float — what an optimizing sweeper (Optuna) needs.
+    None when the job has no such value (failed, or the key is missing): the sweeper records a
+    failed trial."""
+    if not objective:
+        return summary or {}
+    value = (summary or {}).get(objective)
+    try:
+        return float(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
 
 
 def archive_attempt(run_dir: Path) -> Path:
@@ -145,6 +184,11 @@ def record_outcome(num: int, overrides: list[str], state: str, run_dir: str, err
                    job_id: str | None = None) -> None:
     _OUTCOMES.append({"num": int(num), "overrides": list(overrides), "state": state, "dir": run_dir,
                       "error": error, "job_id": job_id})
+
+
+def last_outcome(num: int) -> dict | None:
+    """The latest outcome recorded in this process for job ``num`` (None if none yet)."""
+    return next((o for o in reversed(_OUTCOMES) if o["num"] == int(num)), None)
 
 
 def take_outcomes() -> list[dict]:

@@ -49,6 +49,8 @@ def test_a_failed_job_is_reported_and_the_others_run(capsys):
     assert status(sweep / "0") == "failed" and status(sweep / "1") == "completed"
     assert "sweep: 2 job(s): 1 completed, 1 failed" in err
     assert "job 0 FAILED: stage=pretrain" in err and "non-finite" in err
+    jobs = json.loads((sweep / "sweep.json").read_text())["jobs"]  # the basic launcher's manifest
+    assert (jobs["0"]["state"], jobs["1"]["state"]) == ("failed", "completed")
     # rerun: the completed job is skipped, the failed one runs again (and fails again)
     assert cli.main(["-m", *TINY, "train.max_steps=10", "optimizer.lr=1e12,3e-3", "model.d_model=32",
                      "sweep=multiruns/nan_sweep"]) == 1
