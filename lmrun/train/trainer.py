@@ -535,14 +535,20 @@ class Trainer:
                        record_shapes=True, profile_memory=True)
 
     def _write_profile(self, profiler) -> None:
+        # the schedule's window (steps 3-7) is complete only after 7 steps in this process: a shorter run
+        # would leave a partial (or empty) profile under the name of steps 3-7
+        recorded = int(getattr(profiler, "step_num", 0))
+        if recorded < 7:
+            log.warning("train.profile: no profile recorded; the run had %d steps, the profile needs 7", recorded)
+            return
         out = Path(self.run.dir) / "profile"
-        out.mkdir(parents=True, exist_ok=True)
         try:
             table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
         except (AssertionError, RuntimeError) as e:  # fewer steps than the schedule records
             log.warning("train.profile: no profile recorded (%s); the run had %d steps, the profile needs 7",
                         e, self.state.step)
             return
+        out.mkdir(parents=True, exist_ok=True)
         profiler.export_chrome_trace(str(out / "trace.json"))
         (out / "ops.txt").write_text(table + "\n")
         log.info("profile of steps 3-7: %s (chrome://tracing or ui.perfetto.dev), %s", out / "trace.json",
