@@ -101,7 +101,7 @@ def load_causal_lm(path: str | Path, device: str | torch.device = "cpu", key: st
     ``lmrun.eval.hf.load_hf_causal_lm``). device: where the weights go. key: the config key
     named in errors. Raises DataError (missing file, missing tokenizer files) or FormatError
     (not an lmrun checkpoint)."""
-    from lmrun.stages.checkpoints import checkpoint_facts, checkpoint_tokenizer_files, load_model, resolve_checkpoint
+    from lmrun.train.loading import checkpoint_facts, checkpoint_tokenizer_files, load_model, resolve_checkpoint
 
     p = Path(path).expanduser()
     if not p.exists():

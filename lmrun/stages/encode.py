@@ -5,33 +5,22 @@ Writes ``train.bin`` / ``val.bin`` (token ids, uint16 when the vocabulary fits, 
 cache under ``tokens/<key>`` — the key covers the tokenizer's identity and the corpus content —
 and ``meta.json`` into the run directory. The tokenizer is ``tokenizer.path`` if given, else
 the cached one for this data and tokenizer config, trained first if needed. Documents stay
-separated by the end-of-text special token they are separated by in the text.
+separated by the end-of-text special token they are separated by in the text. The builder is
+``lmrun.tokenizer.artifacts.get_or_encode_tokens``.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-import time
-from pathlib import Path
 
 from lmrun.data.corpora import prepare_corpus
-from lmrun.stages.tokenizer import get_tokenizer, open_cache
-from lmrun.tokenizer.bulk import encode_file, token_dtype
+from lmrun.tokenizer.artifacts import get_or_encode_tokens, get_tokenizer, tokens_material, vocab_requested
+from lmrun.tracking.cache import open_cache
 from lmrun.tracking.files import atomic_write_json
 from lmrun.tracking.run import active_run
 
 log = logging.getLogger(__name__)
-
-#: Bump when the array layout or meta.json changes for the same inputs.
-FORMAT_VERSION = 1
-SPLITS = ("train", "val")
-
-
-def tokens_material(corpus, tok_identity: dict) -> dict:
-    """Cache-key material of the token arrays: the tokenizer's identity and the corpus content."""
-    return {"tokenizer": tok_identity, "train": corpus.train_identity,
-            "sources": [{"role": s["role"], "digest": s["digest"]} for s in corpus.sources], "version": FORMAT_VERSION}
 
 
 def plan(cfg) -> dict:
@@ -54,51 +43,13 @@ def plan(cfg) -> dict:
     }
 
 
-def _vocab_requested(files) -> dict:
-    """``vocab_size_requested`` (and ``vocab_capped``, why the vocabulary is smaller) of a trained
-    tokenizer, from what its training recorded; empty for a given tokenizer (``tokenizer.path``)."""
-    return {k: files.built[k] for k in ("vocab_size_requested", "vocab_capped") if k in files.built}
-
-
-def get_or_encode_tokens(cfg, cache, corpus, files, special_tokens: list[str] | None = None):
-    """The cached token arrays (``tokens/<key>``: train.bin, val.bin, meta.json) for this corpus
-    and tokenizer, encoded first if absent. Returns the cache Artifact. ``special_tokens``
-    defaults to ``cfg.tokenizer.special_tokens``."""
-    specials = list(cfg.tokenizer.special_tokens if special_tokens is None else special_tokens)
-    tok = files.load(specials)
-    vocab_size = max(tok.vocab) + 1
-
-    requested = _vocab_requested(files)
-
-    def build(out: Path) -> dict:
-        meta = {"format_version": FORMAT_VERSION, "dtype": token_dtype(vocab_size).name, "vocab_size": vocab_size,
-                **requested,
-                "special_tokens": {s: tok.special_ids[s] for s in tok.special_tokens},
-                "eot_id": tok.special_ids[specials[0]] if specials else None,
-                "tokenizer": {"vocab": str(files.vocab), "merges": str(files.merges), **files.identity},
-                "backend": cfg.tokenizer.backend, "sources": corpus.sources,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "splits": {}}
-        for split in SPLITS:
-            src = corpus.train if split == "train" else corpus.val
-            stats = encode_file(src, tok, out / f"{split}.bin", backend=cfg.tokenizer.backend,
-                                num_workers=cfg.tokenizer.num_workers, progress=bool(cfg.progress))
-            stats["bytes_per_token"] = round(stats["bytes"] / max(stats["tokens"], 1), 4)
-            meta["splits"][split] = stats
-            log.info("%s: %d tokens from %.1f MB (%.3f bytes/token) at %.2f MB/s", split, stats["tokens"],
-                     stats["bytes"] / 1e6, stats["bytes_per_token"], stats["mb_per_s"])
-        atomic_write_json(out / "meta.json", meta)
-        return {"splits": meta["splits"]}
-
-    return cache.get_or_build("tokens", tokens_material(corpus, files.identity), build)
-
-
 def run(cfg) -> dict:
     run = active_run()
     cache = open_cache(cfg)
     corpus = prepare_corpus(cfg.data, cache)
     files = get_tokenizer(cfg, cache, corpus)
     artifact = get_or_encode_tokens(cfg, cache, corpus, files)
-    run_meta = {**json.loads((artifact.path / "meta.json").read_text()), **_vocab_requested(files),
+    run_meta = {**json.loads((artifact.path / "meta.json").read_text()), **vocab_requested(files),
                 "path": str(artifact.path), "cached": artifact.reused}
     atomic_write_json(run.dir / "meta.json", run_meta)
     summary = {"vocab_size": run_meta["vocab_size"]}

@@ -19,13 +19,13 @@ from pathlib import Path
 
 from lmrun.data.corpora import prepare_corpus
 from lmrun.errors import ConfigError, DataError, FormatError
-from lmrun.stages.checkpoints import checkpoint_facts as _checkpoint_facts
-from lmrun.stages.checkpoints import checkpoint_tokenizer_files as _tokenizer_files
-from lmrun.stages.checkpoints import resolve_checkpoint
-from lmrun.stages.encode import get_or_encode_tokens, tokens_material
-from lmrun.stages.tokenizer import open_cache
+from lmrun.tokenizer.artifacts import get_or_encode_tokens, tokens_material
+from lmrun.tracking.cache import open_cache
 from lmrun.tracking.files import atomic_write_json, atomic_write_text
 from lmrun.tracking.run import active_run
+from lmrun.train.loading import checkpoint_facts as _checkpoint_facts
+from lmrun.train.loading import checkpoint_tokenizer_files as _tokenizer_files
+from lmrun.train.loading import resolve_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +58,9 @@ def run(cfg) -> dict:
     import numpy as np
     import torch
 
-    from lmrun.stages.checkpoints import load_model
     from lmrun.tracking.progress import Progress
     from lmrun.train.evaluation import bits_per_byte, evaluate_loss
+    from lmrun.train.loading import load_model
     from lmrun.train.trainer import resolve_device
 
     run = active_run()
@@ -199,6 +199,7 @@ def _run_task(cfg) -> dict:
     from lmrun.eval.datasets import load_reference_outputs, load_task_data
     from lmrun.eval.models import load_causal_lm
     from lmrun.eval.scoring import GenerationOptions
+    from lmrun.train.loading import load_model
     from lmrun.train.trainer import resolve_device
 
     run = active_run()

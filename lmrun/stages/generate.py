@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 from lmrun.errors import ConfigError, DataError, FormatError
-from lmrun.stages.checkpoints import checkpoint_facts, checkpoint_tokenizer_files, resolve_checkpoint
 from lmrun.tracking.files import atomic_write_text
 from lmrun.tracking.progress import Progress
 from lmrun.tracking.run import active_run
+from lmrun.train.loading import checkpoint_facts, checkpoint_tokenizer_files, resolve_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def run(cfg) -> dict:
     import torch
 
     from lmrun.inference.engine import GenerationStats, InferenceEngine, SamplingParams
-    from lmrun.stages.checkpoints import load_model
+    from lmrun.train.loading import load_model
     from lmrun.train.trainer import resolve_device
 
     run = active_run()

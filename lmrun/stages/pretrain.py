@@ -16,8 +16,8 @@ from omegaconf import OmegaConf
 from lmrun.data.corpora import prepare_corpus
 from lmrun.errors import ConfigError
 from lmrun.model.flops import model_summary, training_flops
-from lmrun.stages.encode import get_or_encode_tokens, tokens_material
-from lmrun.stages.tokenizer import get_tokenizer, open_cache
+from lmrun.tokenizer.artifacts import get_or_encode_tokens, get_tokenizer, tokens_material
+from lmrun.tracking.cache import open_cache
 from lmrun.tracking.files import atomic_write_text
 from lmrun.tracking.run import active_run
 

@@ -162,3 +162,9 @@ class ArtifactCache:
             return json.loads((self.root / "digests.json").read_text(encoding="utf-8"))
         except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
             return {}
+
+
+def open_cache(cfg) -> ArtifactCache:
+    """The artifact cache of a composed config: root ``cfg.paths.cache_dir``, every entry
+    rebuilt when ``cfg.cache.rebuild`` is set."""
+    return ArtifactCache(cfg.paths.cache_dir, rebuild=bool(cfg.cache.rebuild))

@@ -94,7 +94,7 @@ def test_token_dtype():
 
 
 def test_interrupted_encode_leaves_no_artifact(docs_file, cache_dir, monkeypatch):
-    import lmrun.stages.encode as encode_stage
+    import lmrun.tokenizer.bulk as bulk
 
     calls = []
 
@@ -104,7 +104,7 @@ def test_interrupted_encode_leaves_no_artifact(docs_file, cache_dir, monkeypatch
             raise KeyboardInterrupt
         return encode_file(*args, **kwargs)
 
-    monkeypatch.setattr(encode_stage, "encode_file", interrupted)
+    monkeypatch.setattr(bulk, "encode_file", interrupted)  # get_or_encode_tokens imports it on use
     with pytest.raises(KeyboardInterrupt):
         cli.main(["stage=encode", *FAST, "data=text_files", f"data.train={docs_file}"])
     assert list((cache_dir / "tokens").iterdir()) == []

@@ -8,7 +8,7 @@ import torch
 
 from lmrun import cli
 from lmrun.inference.sampling import sample
-from lmrun.stages.checkpoints import checkpoint_facts, checkpoint_tokenizer_files, load_model, resolve_checkpoint
+from lmrun.train.loading import checkpoint_facts, checkpoint_tokenizer_files, load_model, resolve_checkpoint
 from tests.stages.test_pretrain_stage import run_pretrain
 
 

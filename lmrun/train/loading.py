@@ -1,12 +1,15 @@
-"""Shared by the stages that read a pretrain checkpoint (``evaluate``, ``generate``): resolve a
-checkpoint file or run directory, read its facts (model config, tokenizer identity) and rebuild
-the model and tokenizer. Not a stage (no ``conf/stage`` entry)."""
+"""Reading a pretrain checkpoint back (``evaluate``, ``generate``, ``lmrun.eval.models``):
+resolve a checkpoint file or run directory, read its facts (model config, tokenizer identity)
+and rebuild the model and tokenizer. The file format itself is ``lmrun.train.checkpoint``.
+
+torch and the model are imported on first use, so a stage's ``plan`` can resolve a
+checkpoint without them."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from lmrun.errors import DataError, FormatError
-from lmrun.stages.tokenizer import TokenizerFiles
+from lmrun.tokenizer.artifacts import TokenizerFiles
 
 
 def resolve_checkpoint(value: str, key: str = "evaluate.checkpoint") -> Path:
