@@ -101,3 +101,18 @@ def test_a_search_whose_trials_all_fail_ends_in_one_line_per_trial(small_text, c
     assert "Traceback" not in err and "sweep: 1 job(s): 1 failed" in err
     assert "sweep.objective=val_bpd: not a number in stage pretrain's summary; numeric keys: " in err
     assert "val_bpb" in err and "lmrun: no trial completed: no best val_bpd" in err
+
+
+@pytest.mark.slow
+def test_search_through_the_submitit_local_launcher(small_text, capsys):
+    # the launcher reads each finished job's objective from its run directory for the sweeper
+    args = [*SEARCH, *TINY, "hydra.sweeper.n_trials=1", "train.max_steps=1", "hydra/launcher=submitit_local",
+            "launch.poll_s=0.2", "data=text_files", f"data.train={small_text}"]
+    assert cli.main(args) == 0
+    err = capsys.readouterr().err
+    assert "submitted 1 job(s) to local" in err and "lmrun: best val_bpb = " in err
+    (sweep,) = Path("multiruns/pretrain").iterdir()
+    manifest = json.loads((sweep / "sweep.json").read_text())
+    value = json.loads((sweep / "0" / "summary.json").read_text())["val_bpb"]
+    assert manifest["executor"] == "local" and manifest["jobs"]["0"]["state"] == "completed"
+    assert manifest["search"]["best_job"] == 0 and manifest["search"]["best_value"] == pytest.approx(value)
