@@ -115,6 +115,7 @@ def test_empty_and_non_utf8_files(tmp_path, isolated_workspace, capsys):
     assert files_under(isolated_workspace) == []
 
 
+@pytest.mark.slow
 def test_single_run_directory_and_provenance(small_text, isolated_workspace):
     assert cli.main(["stage=tokenizer", "data=text_files", f"data.train={small_text}", "seed=7", *FAST]) == 0
     (run_dir,) = (isolated_workspace / "runs" / "tokenizer").iterdir()
@@ -138,6 +139,7 @@ def test_single_run_directory_and_provenance(small_text, isolated_workspace):
     assert len(list((isolated_workspace / "runs" / "tokenizer").iterdir())) == 2
 
 
+@pytest.mark.slow
 def test_multirun_sweep(small_text, isolated_workspace):
     assert cli.main(["-m", "stage=tokenizer", "data=text_files", f"data.train={small_text}",
                      "logger=none", "progress=false", "tokenizer.vocab_size=300,320"]) == 0
@@ -146,6 +148,7 @@ def test_multirun_sweep(small_text, isolated_workspace):
     assert sizes == [300, 320]
 
 
+@pytest.mark.slow
 def test_multirun_validates_every_job_first(small_text, isolated_workspace, capsys):
     rc = cli.main(["-m", "stage=tokenizer", "data=text_files", f"data.train={small_text}", "logger=none",
                    "tokenizer.vocab_size=300,100"])
@@ -159,6 +162,7 @@ def test_cfg_job_prints_config(capsys):
     assert "vocab_size: 2048" in out and "name: tokenizer" in out
 
 
+@pytest.mark.slow
 def test_help_lists_stages_and_groups(capsys):
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
@@ -171,6 +175,7 @@ def test_load_stage_rejects_unregistered():
         cli.load_stage("pretrain_not_built")
 
 
+@pytest.mark.slow
 def test_experiment_preset_sweep_is_expanded_and_checked(capsys, isolated_workspace):
     assert cli.main(["-m", "experiment=tokenizer_vocab_sweep", "dry_run=true"]) == 0
     out = capsys.readouterr().out

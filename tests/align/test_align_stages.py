@@ -130,6 +130,7 @@ def test_sft_and_dpo_log_progress(base, isolated_workspace, tmp_path):
     assert "ETA 0.0s" in line and "loss " in line and "preference_accuracy " in line and "pairs/s" in line
 
 
+@pytest.mark.slow
 def test_align_errors_are_one_line(base, isolated_workspace, tmp_path, capsys):
     assert cli.main(["stage=grpo", *COMMON, f"align.model={base}"]) == 2
     assert "align.task.name" in capsys.readouterr().err

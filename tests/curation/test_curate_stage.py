@@ -89,6 +89,7 @@ def _inputs(paths: list[str]) -> str:
     return "curate.inputs=[" + ",".join(paths) + "]"
 
 
+@pytest.mark.slow
 def test_curate_end_to_end_sharded_and_skip_on_rerun(tmp_path, capsys):
     out = tmp_path / "cur"
     args = ["stage=curate", _inputs(_corpus(tmp_path)), "curate.num_shards=3", "curate.num_workers=2",
@@ -124,6 +125,7 @@ def test_curate_end_to_end_sharded_and_skip_on_rerun(tmp_path, capsys):
                  "logger=none"]) == 0
 
 
+@pytest.mark.slow
 def test_curate_slurm_style_phases(tmp_path):
     """One job per shard (as a Slurm array would run them), then the dedup job."""
     out = tmp_path / "cur"

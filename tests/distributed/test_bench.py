@@ -4,6 +4,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import pytest
+
 from lmrun import cli
 
 
@@ -14,6 +16,7 @@ def _rows(kind: str, *overrides: str) -> list[dict]:
     return list(csv.DictReader(open(run / "benchmark.csv")))
 
 
+@pytest.mark.slow
 def test_collectives_table_has_every_op_and_size():
     rows = _rows("collectives", "benchmark.sizes_mb=[0.01,0.1]")
     assert {(r["impl"], r["size_mb"]) for r in rows} == {(o, s) for o in ("all_reduce", "all_gather", "reduce_scatter")
@@ -23,6 +26,7 @@ def test_collectives_table_has_every_op_and_size():
     assert float(base["speedup"]) == 1.0
 
 
+@pytest.mark.slow
 def test_ddp_benchmark_reports_comm_share_and_sharded_memory():
     rows = _rows("ddp", "benchmark.sizes=[tiny]", "benchmark.batch_size=4", "benchmark.context_length=32",
                  "benchmark.impls=[local,ddp_bucketed,zero1,fsdp,torch_ddp]")

@@ -35,6 +35,7 @@ def _run(nproc: int, *overrides: str) -> dict:
     return {"dir": run_dir, "summary": json.loads((run_dir / "summary.json").read_text())}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp_bucketed", pytest.param("zero1", marks=pytest.mark.slow),
                                       pytest.param("fsdp", marks=pytest.mark.slow),
                                       pytest.param("tp", marks=pytest.mark.slow)])

@@ -36,6 +36,7 @@ GQA = [("naive", "torch"), ("flash_torch", "torch"), ("flash_triton", "triton")]
 
 @pytest.mark.parametrize("extra, combos", [([], MHA), (["model.n_kv_heads=2", "model.attention.qk_norm=true"], GQA)],
                          ids=["mha", "gqa_qknorm"])
+@pytest.mark.slow
 def test_every_attention_and_norm_impl_gives_the_same_model(interpret, extra, combos):
     assert {a for a, _ in MHA} | {"sdpa"} == set(ATTENTION) and {n for _, n in MHA} == set(NORM)
     torch.manual_seed(0)

@@ -25,6 +25,7 @@ def status(d: Path) -> str:
     return json.loads((d / "run.json").read_text())["status"]
 
 
+@pytest.mark.slow
 def test_rerunning_a_sweep_skips_completed_jobs(capsys):
     assert cli.main(["-m", *TOK, "tokenizer.vocab_size=300,270"]) == 0
     (sweep,) = sweep_dirs()
@@ -69,6 +70,7 @@ def test_dry_run_of_a_sweep_lists_jobs_dirs_and_resources(capsys):
     assert not Path("multiruns").exists()
 
 
+@pytest.mark.slow
 def test_collect_groups_seeds_and_compares_variants(capsys):
     assert cli.main(["-m", *TINY, "train.max_steps=20", "model.d_model=32,48", "seed=0,1",
                      "sweep=multiruns/ablation"]) == 0
@@ -95,6 +97,7 @@ def test_collect_needs_a_sweep(capsys):
     assert "sweep=nowhere: no such directory" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_preempted_training_saves_and_resumes_to_the_same_result(monkeypatch):
     run_dir = Path("runs/preempt").absolute()
     ref_dir = Path("runs/reference").absolute()

@@ -223,6 +223,7 @@ def test_post_norm_block_order():
     torch.testing.assert_close(block(x), block.ln2(z + block.ffn(z)))
 
 
+@pytest.mark.slow
 def test_softcap_tying_and_errors():
     model = build("model.logit_softcap=2.0")
     logits = model(torch.randint(0, 97, (2, 32)))

@@ -93,6 +93,7 @@ def test_sub_quadratic_terms():
     assert 1.5 < ratio < math.log2(8192) / math.log2(256)  # 32x the length: ~log-ratio per token (attention: 32x)
 
 
+@pytest.mark.slow
 def test_kv_cache_per_token():
     d_k, L = 16, 2
     assert kv_cache_per_token(model_cfg()) == {"elements": L * 2 * 4 * d_k, "state_elements": 0}
@@ -106,6 +107,7 @@ def test_kv_cache_per_token():
     assert kv_cache_per_token(model_cfg("model=hyena"))["elements"] == L * 2 * 64
 
 
+@pytest.mark.slow
 def test_experiment_arms_have_matched_active_flops():
     cfg = cli.compose(["stage=pretrain", "experiment=ablate_architecture"])
     assert cfg.stage.name == "pretrain"

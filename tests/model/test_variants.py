@@ -358,6 +358,7 @@ def test_every_variant_is_causal(overrides):
         assert not torch.allclose(model(changed)[:, 19:], full[:, 19:])
 
 
+@pytest.mark.slow
 def test_variant_state_dict_keys():
     sd = build_model(model_cfg("model=mla", "model.attention.mla.q_lora_rank=16")).state_dict()
     attn = {k.split("attn.")[1] for k in sd if k.startswith("layers.0.attn.")}

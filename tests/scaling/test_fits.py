@@ -47,6 +47,7 @@ def test_power_law_and_parabola_on_hand_made_cases():
         fits.parabola_vertex([1, 2], [1.0, 2.0])
 
 
+@pytest.mark.slow
 def test_approach3_recovers_the_law():
     f = fits.approach3(synthetic(noise=0.002))
     assert f.alpha == pytest.approx(LAW["alpha"], abs=0.03) and f.beta == pytest.approx(LAW["beta"], abs=0.03)
@@ -66,6 +67,7 @@ def test_approaches_1_and_2_recover_the_allocation_exponent(approach):
     assert p["n_opt"] * p["d_opt"] * 6 == pytest.approx(1e21)
 
 
+@pytest.mark.slow
 def test_intervals_shrink_as_data_grows():
     small = fits.bootstrap(synthetic(budget_list=(1e17, 1e18, 1e19), sizes=5, noise=0.01, seed=1), "2", [1e22],
                            n_boot=60)

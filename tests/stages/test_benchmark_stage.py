@@ -29,6 +29,7 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_attention_benchmark_writes_tables_and_plot(isolated_workspace, capsys):
     run_dir = run_benchmark("benchmark=attention", "benchmark.seq_lens=[32,48]", "benchmark.head_dims=[16]",
                             "benchmark.impls=[naive,sdpa,flash_torch,flash_triton]", "benchmark.num_heads=2",
@@ -56,6 +57,7 @@ def test_attention_benchmark_writes_tables_and_plot(isolated_workspace, capsys):
     assert summary["geomean_speedup"]["naive"] == 1.0
 
 
+@pytest.mark.slow
 def test_rmsnorm_benchmark(isolated_workspace):
     run_dir = run_benchmark("benchmark=rmsnorm", "benchmark.rows=64", "benchmark.d_models=[32,96]",
                             "benchmark.impls=[torch,functional,triton]", "benchmark.passes=[forward_backward]",
@@ -67,6 +69,7 @@ def test_rmsnorm_benchmark(isolated_workspace):
     assert not (run_dir / "benchmark.png").exists()
 
 
+@pytest.mark.slow
 def test_model_benchmark_reports_tokens_per_second_and_mfu(isolated_workspace):
     run_dir = run_benchmark("benchmark=model", "benchmark.sizes=[tiny]", "benchmark.compile=[false]",
                             "benchmark.dtypes=[fp32,bf16]", "benchmark.batch_size=2", "benchmark.context_length=32",

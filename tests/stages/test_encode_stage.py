@@ -32,6 +32,7 @@ def docs_file(tmp_path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_arrays_equal_tokenizer_ids_and_backends_agree(docs_file):
     common = ["data=text_files", f"data.train={docs_file}"]
     first = run_encode(*common, "tokenizer.backend=tiktoken")
@@ -53,6 +54,7 @@ def test_arrays_equal_tokenizer_ids_and_backends_agree(docs_file):
     assert run_encode(*common)["cached"] is True
 
 
+@pytest.mark.slow
 def test_default_corpus_and_given_tokenizer_path(isolated_workspace):
     assert cli.main(["stage=tokenizer", *FAST]) == 0
     (tok_run,) = (isolated_workspace / "runs" / "tokenizer").iterdir()
@@ -61,6 +63,7 @@ def test_default_corpus_and_given_tokenizer_path(isolated_workspace):
     assert summary["meta"]["tokenizer"]["vocab"] == str(tok_run / "vocab.json")
 
 
+@pytest.mark.slow
 def test_gpt2_files_as_given_tokenizer(docs_file, tmp_path):
     import gzip
 

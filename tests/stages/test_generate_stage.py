@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from lmrun import cli
@@ -19,6 +20,7 @@ def _outputs(workspace):
         json.loads((run / "summary.json").read_text())
 
 
+@pytest.mark.slow
 def test_generate_stage(isolated_workspace, tmp_path, capsys):
     run_dir = run_pretrain("train.max_steps=10", "train.eval_every=100", "train.samples=0", "train.eval_tokens=null")
     base = ["stage=generate", "logger=none", "progress=false", f"generate.checkpoint={run_dir}"]

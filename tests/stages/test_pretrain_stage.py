@@ -35,6 +35,7 @@ def unigram_entropy(tokens: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum())
 
 
+@pytest.mark.slow
 def test_pretrain_learns_and_writes_outputs(isolated_workspace):
     run_dir = run_pretrain("train.max_steps=150", "train.eval_every=50", "train.log_every=25",
                            "optimizer.lr=3e-3", "train.checkpoint_every=100")
@@ -64,6 +65,7 @@ def _val_bytes_per_token(run_dir: Path) -> float:
     return json.loads((_tokens(run_dir) / "meta.json").read_text())["splits"]["val"]["bytes_per_token"]
 
 
+@pytest.mark.slow
 def test_resume_continues_the_same_curve(isolated_workspace):
     common = ["train.max_steps=12", "train.log_every=1", "train.eval_every=100", "train.checkpoint_every=6",
               "train.keep_last=5", "train.samples=0"]
@@ -87,6 +89,7 @@ def test_resume_continues_the_same_curve(isolated_workspace):
 
 
 @pytest.mark.parametrize("mode", ["stop", "skip_step"])
+@pytest.mark.slow
 def test_non_finite_loss(mode, isolated_workspace, monkeypatch, capsys):
     import lmrun.train.trainer as trainer
 
@@ -122,6 +125,7 @@ def test_non_finite_loss(mode, isolated_workspace, monkeypatch, capsys):
         assert summary["skipped_steps"] == 1 and summary["steps"] == 8 and math.isfinite(summary["val_loss"])
 
 
+@pytest.mark.slow
 def test_evaluate_stage_reproduces_the_final_validation_loss(isolated_workspace, tmp_path, capsys):
     # sliding-window validation (train.eval_stride / evaluate.stride): the same number both ways
     run_dir = run_pretrain("train.max_steps=20", "train.eval_every=100", "train.samples=0", "train.eval_tokens=null",
@@ -156,6 +160,7 @@ def test_evaluate_stage_reproduces_the_final_validation_loss(isolated_workspace,
     assert "evaluate.checkpoint=" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_token_budget_accumulation_checkpointing_z_loss_noise_scale(isolated_workspace):
     run_dir = run_pretrain("train.max_steps=null", "train.max_tokens=8192", "train.grad_accum_steps=2",
                            "train.activation_checkpointing=true", "train.z_loss=1e-4", "train.noise_scale=true",
@@ -167,6 +172,7 @@ def test_token_budget_accumulation_checkpointing_z_loss_noise_scale(isolated_wor
     assert any(math.isfinite(r.get("noise_scale_tokens") or math.nan) for r in rows)
 
 
+@pytest.mark.slow
 def test_time_budget(isolated_workspace):
     run_dir = run_pretrain("train.max_steps=null", "train.max_time=2", "train.log_every=5", "train.eval_every=1000",
                            "train.samples=0")
@@ -174,6 +180,7 @@ def test_time_budget(isolated_workspace):
     assert 2.0 <= summary["train_seconds"] < 10.0 and summary["steps"] >= 2
 
 
+@pytest.mark.slow
 def test_fused_loss_follows_the_unfused_curve(isolated_workspace):
     """train.fused_loss (LM head + loss chunk by chunk) trains the same model as the unfused path:
     same losses step by step (up to float32 summation order), z-loss and accumulation included."""
@@ -205,6 +212,7 @@ print(default, faults())
 """
 
 
+@pytest.mark.slow
 def test_keep_heap_memory_stops_page_faults_on_reused_activations():
     """glibc maps and unmaps a large allocation on each use (page faults every step);
     keep_heap_memory(True) reuses heap memory instead. In a fresh process (heap state matters)."""

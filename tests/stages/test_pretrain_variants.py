@@ -14,6 +14,7 @@ from tests.stages.test_pretrain_stage import metrics, run_pretrain
     ["model=mla", "model/ffn=moe", "model.ffn.moe.num_experts=4"],
     ["model=hyena"],
 ], ids=["moe-capacity", "mla-moe", "hyena"])
+@pytest.mark.slow
 def test_variant_pretrains_with_falling_validation_loss(overrides, isolated_workspace):
     run_dir = run_pretrain(*overrides, "train.max_steps=40", "train.eval_every=10", "train.log_every=10",
                            "optimizer.lr=3e-3", "train.samples=1")

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from lmrun import cli
 from lmrun.tokenizer.formats import load_merges, load_vocab
 
@@ -36,6 +38,7 @@ def test_default_preset_trains_on_embedded_corpus(isolated_workspace):
     assert (run_dir / "report.md").read_text().startswith("# Tokenizer report")
 
 
+@pytest.mark.slow
 def test_cache_reused_then_rebuilt_on_change(small_text, isolated_workspace, cache_dir):
     common = ["data=text_files", f"data.train={small_text}", "tokenizer.vocab_size=400"]
     first = run_tokenizer(*common)

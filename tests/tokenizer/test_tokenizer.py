@@ -414,6 +414,7 @@ def _overlapping_specials_tokenizer() -> Tokenizer:
     return Tokenizer(base.vocab, base.merges, [EOT, EOT + EOT, "<|", "endoftext"])
 
 
+@pytest.mark.slow
 def test_encode_iterable_is_lazy_and_bounded():
     tok = gpt2_tokenizer()
     pulled = 0

@@ -60,6 +60,7 @@ def test_state_round_trip_and_mismatch():
         ParameterEMA(model, 1.0)
 
 
+@pytest.mark.slow
 def test_pretrain_with_ema_resumes_and_evaluates_the_average(isolated_workspace):
     common = ["train.max_steps=12", "train.log_every=1", "train.eval_every=6", "train.checkpoint_every=6",
               "train.keep_last=5", "train.samples=1", "train.eval_tokens=null", "train.ema_decay=0.9"]
