@@ -28,7 +28,7 @@ class TokenizerConfig:
     """
 
     kind: str = "bpe"
-    vocab_size: int = 2048
+    vocab_size: int = 1024
     special_tokens: list[str] = field(default_factory=lambda: ["<|endoftext|>"])
     path: str | None = None
     backend: str = "native"
