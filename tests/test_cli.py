@@ -159,7 +159,7 @@ def test_multirun_validates_every_job_first(small_text, isolated_workspace, caps
 def test_cfg_job_prints_config(capsys):
     assert cli.main(["stage=tokenizer", "--cfg", "job"]) == 0
     out = capsys.readouterr().out
-    assert "vocab_size: 2048" in out and "name: tokenizer" in out
+    assert "vocab_size: 1024" in out and "name: tokenizer" in out
 
 
 @pytest.mark.slow
@@ -210,7 +210,7 @@ def test_your_own_presets_from_a_config_dir_or_search_path(how, my_conf, isolate
     extra = ["--config-dir", str(my_conf)] if how == "config_dir" else [f"hydra.searchpath=[file://{my_conf}]"]
     assert cli.main([*extra, "stage=pretrain", "model=my_model", "dry_run=true"]) == 0
     out = capsys.readouterr().out
-    assert "my_model/cpu: d_model 192, 4 layers, 6 heads" in out and "context 64" in out
+    assert "my_model/cpu: d_model 128, 3 layers, 4 heads" in out and "context 64" in out
     assert cli.main(["--cfg", "job", *extra, "stage=pretrain", "model=my_model"]) == 0
     assert "n_kv_heads: 2" in capsys.readouterr().out
     # an experiment preset with its own sweep, expanded and checked by the pre-flight

@@ -34,7 +34,7 @@ def base(tmp_path_factory):
     os.environ["LMRUN_CACHE"] = str(work / "cache")
     try:
         run_dir = run_pretrain("train.max_steps=20", "train.eval_every=100", "train.samples=0",
-                               "train.eval_tokens=null")
+                               "train.eval_tokens=null", "model.dropout=0.1")  # a checkpoint with dropout
     finally:
         os.chdir(old)
         if cache is None:
@@ -205,7 +205,7 @@ def test_verifier_pairs_pair_a_correct_with_an_incorrect_sample():
 
 
 def test_policies_train_without_dropout(base):
-    """A checkpoint pretrained with model.dropout > 0 (the main job's default) is loaded as a policy
+    """A checkpoint pretrained with model.dropout > 0 (experiment=shakespeare_best's) is loaded as a policy
     with every dropout disabled: train-mode log-probs are deterministic."""
     from omegaconf import OmegaConf
 

@@ -23,8 +23,8 @@ def test_default_is_llama_style_and_follows_the_tokenizer_vocab():
     m = compose().model
     assert (m.name, m.norm.kind, m.norm.placement, m.ffn.kind, m.position.kind) == \
         ("swiglu_rope", "rmsnorm", "pre", "swiglu", "rope")
-    assert m.vocab_size == 2048 and compose("tokenizer.vocab_size=8192").model.vocab_size == 8192
-    assert (m.size, m.d_model, m.num_layers, m.num_heads, m.d_ff) == ("cpu", 192, 4, 6, None)
+    assert m.vocab_size == 1024 and compose("tokenizer.vocab_size=8192").model.vocab_size == 8192
+    assert (m.size, m.d_model, m.num_layers, m.num_heads, m.d_ff) == ("cpu", 128, 3, 4, None)
 
 
 @pytest.mark.parametrize("preset,expect", [
@@ -66,8 +66,8 @@ def test_size_presets(size, shape):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["model.num_heads=7"], "model.num_heads=7: expected a divisor of model.d_model=192"),
-    (["model.n_kv_heads=4"], "model.n_kv_heads=4: expected null or a divisor of model.num_heads=6"),
+    (["model.num_heads=7"], "model.num_heads=7: expected a divisor of model.d_model=128"),
+    (["model.n_kv_heads=3"], "model.n_kv_heads=3: expected null or a divisor of model.num_heads=4"),
     (["model.d_model=96", "model.num_heads=32"], "model.num_heads=32: expected a value giving an even head dimension"),
     (["model.norm.kind=batchnorm"], "model.norm.kind='batchnorm': expected one of rmsnorm, layernorm, none"),
     (["model.norm.placement=sandwich"], "model.norm.placement='sandwich': expected one of pre, post, none"),
@@ -106,7 +106,7 @@ def test_schema_rejects_unknown_keys_and_options(overrides, message):
 def test_cli_prints_one_line_and_exits_2(capsys):
     assert cli.main(["stage=tokenizer", "model.num_heads=7", "dry_run=true"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["lmrun: error: model.num_heads=7: expected a divisor of model.d_model=192"]
+    assert err == ["lmrun: error: model.num_heads=7: expected a divisor of model.d_model=128"]
 
 
 def test_validate_model_on_dataclasses_and_conversion():
@@ -118,4 +118,4 @@ def test_validate_model_on_dataclasses_and_conversion():
     node = compose("model=gpt2", "model.n_kv_heads=2").model
     m = as_model_config(node)
     assert isinstance(m, ModelConfig) and isinstance(m.attention, AttentionConfig)
-    assert (m.vocab_size, m.n_kv_heads, m.position.kind) == (2048, 2, "learned")
+    assert (m.vocab_size, m.n_kv_heads, m.position.kind) == (1024, 2, "learned")
