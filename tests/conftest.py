@@ -56,3 +56,9 @@ def small_text(tmp_path) -> Path:
     path = tmp_path / "small.txt"
     path.write_bytes(data)
     return path
+
+
+def pytest_collection_modifyitems(config, items):
+    """The README's commands (tests/test_readme.py, minutes long) run first, so that pytest-xdist
+    runs the other tests beside that one instead of after it."""
+    items.sort(key=lambda item: item.get_closest_marker("readme") is None)
