@@ -72,6 +72,8 @@ _ALIGN_EVAL = "align.eval_examples=4 align.eval_every=0 align.max_new_tokens=8"
 
 # (stage, regex the command must also match or "", overrides appended, why)
 BUDGETS: list[tuple[str, str, str, str]] = [
+    ("pretrain", r"train\.max_flops=\d", "train.eval_tokens=4096 train.sample_tokens=32",
+     "keeps the command's FLOP budget (an IsoFLOP sweep is defined by it: keep README examples small)"),
     ("pretrain", "", _PRETRAIN_BUDGET, "5 optimizer steps instead of the run's budget; validation on "
      "4,096 tokens, samples of 32 tokens"),
     ("sft", "", f"align.steps=2 align.batch_size=4 align.microbatch_size=4 {_ALIGN_EVAL}",
@@ -456,6 +458,8 @@ def test_plan_resolves_placeholders_and_appends_budgets(tmp_path):
     line = plan(Command(1, "pip install -e . && lmrun stage=pretrain model=gpt2", "bash"), tmp_path)
     assert line == f"pip install -e . && lmrun stage=pretrain model=gpt2 {_PRETRAIN_BUDGET}"
     assert budget_for("OMP_NUM_THREADS=1 lmrun experiment=isoflop_cpu")[0] == "scaling.first_budget=3e11"
+    assert budget_for("lmrun -m stage=pretrain model.target_params=1e5,2e5 train.max_flops=3e11,6e11") == \
+        ["train.eval_tokens=4096", "train.sample_tokens=32"]
     with pytest.raises(FileNotFoundError, match="runs/grpo/<...>"):
         plan(Command(1, "lmrun stage=dpo align.model=runs/grpo/<run>", "bash"), tmp_path)
 
