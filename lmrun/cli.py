@@ -20,7 +20,8 @@ import time
 # OpenMP threads that find no work sleep instead of spinning (set before torch loads its OpenMP
 # runtime; an explicit OMP_WAIT_POLICY wins). With another process on the cores, spinning threads
 # steal each other's time slices: the main job's step ran at 2,550 tokens/s with the default and
-# 10,318 with PASSIVE beside another training on 2 cores (README "Performance").
+# 10,318 with PASSIVE beside another training on 2 cores; on an idle machine PASSIVE costs up to
+# ~20% (OMP_WAIT_POLICY=ACTIVE for a dedicated node; README "Performance").
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from pathlib import Path
 from types import ModuleType
