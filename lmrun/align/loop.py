@@ -5,7 +5,6 @@ per-step log line with step/total, elapsed, ETA and the rate)."""
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,12 +209,8 @@ class StepProgress:
         fields = {k: metrics[k] for k in self.keys if isinstance(metrics.get(k), (int, float))}
         if self.count:
             fields[self.rate_unit] = self.count / max(self.p.elapsed, 1e-9)
-        before = self.p.last_log
-        self.p.update(1, **fields)
-        due = step % self.log_every == 0 or (self.p.total is not None and self.p.done >= self.p.total)
-        if due and self.p.last_log == before:
-            self.p.last_log = time.perf_counter()
-            self.p.log.info("%s: %s", self.p.desc, self.p.line())
+        due = step % self.log_every == 0 or (self.p.total is not None and self.p.done + 1 >= self.p.total)
+        self.p.update(1, force=due, **fields)
 
     def tick(self) -> None:
         self.p.update(0)
@@ -274,5 +269,5 @@ def sft_eval_loss(lm, seqs, batch_size: int) -> float:
             p.update(len(b["input_ids"]))
     finally:
         lm.model.train(was)
-        p.close(log_final=p.last_log > p.t0)  # a last line only after a long evaluation
+        p.close(log_final=p.logged)  # a last line only after a long evaluation
     return total / max(1, tokens)

@@ -203,5 +203,5 @@ def generate_batches(lm, prompts: list, params_at: Callable[[int], object], batc
             p.update(len(chunk), new_tokens=done_tokens, **{"tokens/s": done_tokens / max(p.elapsed, 1e-9)})
         ok = True
     finally:
-        p.close(log_final=ok and (not quiet or p.last_log > p.t0))
+        p.close(log_final=ok and (not quiet or p.logged))
     return out

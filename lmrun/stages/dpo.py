@@ -138,7 +138,7 @@ def run(cfg) -> dict:
                 out_c.append(c.float().cpu())
                 out_r.append(r.float().cpu())
                 p.update(len(encoded[i:i + mb]))
-        p.close(log_final=not quiet or p.last_log > p.t0)
+        p.close(log_final=not quiet or p.logged)
         return torch.cat(out_c), torch.cat(out_r)
 
     ref_train = logps(ref, train, "reference log-probs (train)", quiet=False)

@@ -121,9 +121,15 @@ class Progress:
         extra = ", ".join(f"{k} {_fmt(v)}" for k, v in self.fields.items())
         return text + (f", {extra}" if extra else "")
 
-    def update(self, n: float = 1, **fields) -> None:
+    @property
+    def logged(self) -> bool:
+        """Whether a progress line was logged since the start (``log_start``'s line not counted)."""
+        return self.last_log > self.t0
+
+    def update(self, n: float = 1, force: bool = False, **fields) -> None:
         """Count ``n`` more units done; ``fields`` (e.g. ``loss=2.31``) are shown on the bar and the
-        next log lines."""
+        next log lines. ``force``: log a line now (e.g. every N steps) even if ``every_s`` has not
+        passed; either way at most one line per call."""
         self.done += n
         self.fields.update(fields)
         if self._bar is not None:
@@ -131,7 +137,7 @@ class Progress:
             if fields:
                 self._bar.set_postfix({k: _fmt(v) for k, v in fields.items()}, refresh=False)
         now = time.perf_counter()
-        if now - self.last_log >= self.every_s:
+        if force or now - self.last_log >= self.every_s:
             self.last_log = now
             self.log.info("%s: %s", self.desc, self.line())
 
