@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lmrun.errors import check, check_choice
+from lmrun.errors import ConfigError, check, check_choice
 
 
 @dataclass
@@ -52,3 +52,15 @@ def validate_generate(cfg: GenerateConfig, stage: str) -> None:
     check_choice("generate.device", cfg.device, ["auto", "cpu", "cuda"])
     check("generate.use_cache", cfg.use_cache, cfg.use_cache or not cfg.draft_checkpoint,
           "true with generate.draft_checkpoint (speculative decoding uses the cache)")
+
+
+def fit_new_tokens(prompt_lengths: list[int], max_new_tokens: int, context_length: int, key: str = "generate.prompt"
+                   ) -> int:
+    """The new-token budget that fits a batch of prompts: ``min(max_new_tokens, context_length -
+    longest prompt)`` (tokens). ConfigError (naming ``key``) when a prompt leaves no room for even
+    one new token."""
+    longest = max(prompt_lengths)
+    if longest >= context_length:
+        raise ConfigError(f"{key}: a prompt of {longest} tokens leaves no room for new tokens in the checkpoint's "
+                          f"context_length={context_length}; use a prompt of at most {context_length - 1} tokens")
+    return min(int(max_new_tokens), context_length - longest)

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from lmrun.errors import ConfigError, DataError, FormatError
+from lmrun.inference.config import fit_new_tokens
 from lmrun.tracking.files import atomic_write_text
 from lmrun.tracking.progress import Progress
 from lmrun.tracking.run import active_run
@@ -80,18 +81,6 @@ def plan(cfg) -> dict:
     if draft:
         out["draft_checkpoint"] = str(draft[0])
     return out
-
-
-def fit_new_tokens(prompt_lengths: list[int], max_new_tokens: int, context_length: int, key: str = "generate.prompt"
-                   ) -> int:
-    """The new-token budget that fits a batch of prompts: ``min(max_new_tokens, context_length -
-    longest prompt)`` (tokens). ConfigError (naming ``key``) when a prompt leaves no room for even
-    one new token."""
-    longest = max(prompt_lengths)
-    if longest >= context_length:
-        raise ConfigError(f"{key}: a prompt of {longest} tokens leaves no room for new tokens in the checkpoint's "
-                          f"context_length={context_length}; use a prompt of at most {context_length - 1} tokens")
-    return min(int(max_new_tokens), context_length - longest)
 
 
 def run(cfg) -> dict:

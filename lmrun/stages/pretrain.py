@@ -95,13 +95,14 @@ def _samples(cfg, model, tok) -> list[str]:
     """``train.samples`` completions of a newline, drawn together through the KV-cached inference
     engine (at most the context's worth of new tokens; seeded by ``seed``)."""
     from lmrun.inference import InferenceEngine, SamplingParams
+    from lmrun.inference.config import fit_new_tokens
 
     n = int(cfg.train.samples)
     if n == 0:
         return []
     prompt = tok.encode("\n")
-    room = int(cfg.model.context_length) - len(prompt)
-    new_tokens = min(int(cfg.train.sample_tokens), room)
+    new_tokens = fit_new_tokens([len(prompt)], int(cfg.train.sample_tokens), int(cfg.model.context_length),
+                                "train.samples")
     if new_tokens < int(cfg.train.sample_tokens):
         log.info("samples: train.sample_tokens=%d capped to %d (context %d)", cfg.train.sample_tokens, new_tokens,
                  cfg.model.context_length)

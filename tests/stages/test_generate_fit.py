@@ -7,7 +7,7 @@ import json
 
 from lmrun import cli
 from lmrun.inference.engine import InferenceEngine
-from lmrun.stages.generate import fit_new_tokens
+from lmrun.inference.config import fit_new_tokens
 from tests.stages.test_pretrain_stage import run_pretrain
 
 
