@@ -16,6 +16,7 @@ if "TRITON_INTERPRET" not in os.environ:
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
+EXAMPLE_PAGES = REPO / "examples" / "pages"  # the README's example HTML pages, also read by the curation tests
 
 
 @pytest.fixture(autouse=True, scope="session")

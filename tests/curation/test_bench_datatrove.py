@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from tests.conftest import FIXTURES, REPO
+from tests.conftest import EXAMPLE_PAGES, FIXTURES, REPO
 
 from lmrun.curation.bench_datatrove import GOPHER_PAPER, _co_cluster_pairs, exact_similar_pairs, planted_corpus
 from lmrun.curation.dedup import jaccard, shingles
@@ -46,8 +46,8 @@ def test_gopher_rules_match_datatrove_with_whitespace_words():
     from lmrun.curation.extract import extract_text_from_html_bytes
     from lmrun.curation.gopher import gopher_reasons
 
-    pages = [extract_text_from_html_bytes((FIXTURES / name).read_bytes(), main_content=True)
-             for name in ("cur_moby.html", "cur_pydoc_getpass.html")]
+    pages = [extract_text_from_html_bytes((EXAMPLE_PAGES / name).read_bytes(), main_content=True)
+             for name in ("moby.html", "getpass.html")]
     words = " ".join(_texts()).split()
     passages = [" ".join(words[i:i + n]) for i, n in zip(range(0, 40_000, 2_000), itertools.cycle([30, 80, 400]))]
     docs = pages + passages + ["#" * 3 + " tag " * 60, "... \n" * 40 + "word " * 60, "- item one\n" * 70]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FIXTURES, REPO
+from tests.conftest import EXAMPLE_PAGES, FIXTURES, REPO
 
 from lmrun.cli import main
 from lmrun.curation.readers import list_input_files, read_documents, shard_files
@@ -73,8 +73,8 @@ def _corpus(tmp_path) -> list[str]:
     duplicate of a document of another shard and a German document."""
     html_dir = tmp_path / "html"
     html_dir.mkdir()
-    shutil.copy(FIXTURES / "cur_pydoc_getpass.html", html_dir / "getpass.html")
-    shutil.copy(FIXTURES / "cur_moby.html", html_dir / "moby.html")
+    shutil.copy(EXAMPLE_PAGES / "getpass.html", html_dir / "getpass.html")
+    shutil.copy(EXAMPLE_PAGES / "moby.html", html_dir / "moby.html")
     prose = (FIXTURES / "enc_corpus_en_head.txt").read_text(encoding="utf-8").split()
     a = " ".join(prose[:400])
     b = " ".join(prose[400:800])

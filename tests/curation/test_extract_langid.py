@@ -1,19 +1,19 @@
 """HTML extraction and language id on real pages and hand-made edge cases."""
 from __future__ import annotations
 
-from tests.conftest import FIXTURES
+from tests.conftest import EXAMPLE_PAGES, FIXTURES
 
 from lmrun.curation.extract import decode_html_bytes, extract_text_from_html_bytes
 from lmrun.curation.langid import identify_language
 
 
 def test_extract_real_page():
-    text = extract_text_from_html_bytes((FIXTURES / "cur_moby.html").read_bytes())
+    text = extract_text_from_html_bytes((EXAMPLE_PAGES / "moby.html").read_bytes())
     assert "Moby" in text and "<" not in text and "</" not in text
 
 
 def test_extract_python_docs_page_main_content():
-    html = (FIXTURES / "cur_pydoc_getpass.html").read_bytes()
+    html = (EXAMPLE_PAGES / "getpass.html").read_bytes()
     full = extract_text_from_html_bytes(html)
     main = extract_text_from_html_bytes(html, main_content=True)
     assert "Prompt the user for a password without echoing" in main
