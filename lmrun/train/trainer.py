@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 #: Dense bf16 peak FLOP/s of known accelerators, for MFU (vendor datasheets).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 NOMINAL_TIME_STEPS = 100_000  # schedule resolution for a time budget
+#: train.profile's torch.profiler schedule: steps skipped, warm-up steps, steps recorded (steps 3-7)
+PROFILE_SCHEDULE = (1, 1, 5)
 
 
 class NonFiniteError(LmrunError):
@@ -531,23 +533,20 @@ class Trainer:
         from torch.profiler import ProfilerActivity, profile, schedule
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
-        return profile(activities=activities, schedule=schedule(wait=1, warmup=1, active=5, repeat=1),
+        wait, warmup, active = PROFILE_SCHEDULE
+        return profile(activities=activities, schedule=schedule(wait=wait, warmup=warmup, active=active, repeat=1),
                        record_shapes=True, profile_memory=True)
 
     def _write_profile(self, profiler) -> None:
         # the schedule's window (steps 3-7) is complete only after 7 steps in this process: a shorter run
         # would leave a partial (or empty) profile under the name of steps 3-7
-        recorded = int(getattr(profiler, "step_num", 0))
-        if recorded < 7:
-            log.warning("train.profile: no profile recorded; the run had %d steps, the profile needs 7", recorded)
+        recorded, needed = int(getattr(profiler, "step_num", 0)), sum(PROFILE_SCHEDULE)
+        if recorded < needed:
+            log.warning("train.profile: no profile recorded; the run had %d steps, the profile needs %d", recorded,
+                        needed)
             return
         out = Path(self.run.dir) / "profile"
-        try:
-            table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
-        except (AssertionError, RuntimeError) as e:  # fewer steps than the schedule records
-            log.warning("train.profile: no profile recorded (%s); the run had %d steps, the profile needs 7",
-                        e, self.state.step)
-            return
+        table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
         out.mkdir(parents=True, exist_ok=True)
         profiler.export_chrome_trace(str(out / "trace.json"))
         (out / "ops.txt").write_text(table + "\n")
