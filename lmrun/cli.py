@@ -360,8 +360,6 @@ def _task(cfg):
 
 def _rank() -> int:
     """This process's rank in a distributed job (0 for a single process)."""
-    import os
-
     for name in ("RANK", "SLURM_PROCID"):
         if os.environ.get(name, "").strip():
             world = os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or "1"
@@ -372,8 +370,6 @@ def _rank() -> int:
 def _shared_run_dir(cfg, run_dir: Path) -> Path:
     """Under torchrun (WORLD_SIZE > 1) every process composes the command itself: join the process
     group now and take rank 0's run directory, so all ranks use one."""
-    import os
-
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return run_dir
     import torch.distributed as dist
@@ -514,8 +510,6 @@ def _report_search(sweep_dir: Path, search: dict, objective: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Console script ``lmrun``. Returns the exit code (0 ok, 1 failed run or job, 2 invalid input)."""
-    import os
-
     from hydra._internal.utils import get_args_parser
 
     argv = _sweep_alias(list(sys.argv[1:] if argv is None else argv))
