@@ -27,6 +27,7 @@ locally and are averaged once).
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 
 import torch
@@ -56,7 +57,7 @@ def broadcast_module(module: nn.Module, src: int = 0, group=None) -> None:
         w.wait()
 
 
-class _DataParallel(nn.Module):
+class _DataParallel(nn.Module, abc.ABC):
     """Shared parts: wrapping, the initial broadcast, forward, ``no_sync``."""
 
     def __init__(self, module: nn.Module, group=None):
@@ -80,8 +81,9 @@ class _DataParallel(nn.Module):
         finally:
             self._sync = before
 
-    def finish_gradient_synchronization(self) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def finish_gradient_synchronization(self) -> None:
+        """Wait for (or run) the gradient communication of the last backward pass."""
 
 
 class DDPNaive(_DataParallel):
