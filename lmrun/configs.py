@@ -82,6 +82,7 @@ class LmrunConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     seed: int = 0
+    threads: int | None = None
     dry_run: bool = False
     progress: bool = True
 
@@ -135,6 +136,8 @@ def check_schema(cfg) -> None:
 
 def validate(cfg) -> None:
     """Check values and combinations of a composed config; raise ConfigError naming the key."""
+    check("threads", cfg.threads, cfg.threads is None or cfg.threads >= 1,
+          "null (the CPUs this process may use) or an integer >= 1")
     validate_data(cfg.data)
     validate_tokenizer(cfg.tokenizer)
     validate_model(cfg.model)
