@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import platform
 import random
@@ -23,7 +22,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lmrun.errors import LmrunError
-from lmrun.tracking.files import atomic_write_json, config_digest
+from lmrun.tracking.files import atomic_write, atomic_write_json, config_digest, json_dumps
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +143,8 @@ class Run:
                              restarts=int(previous.get("restarts", 0)) + 1,
                              wandb_run_id=previous.get("wandb_run_id"))
         self._metrics = open(self.dir / "metrics.jsonl", "a", encoding="utf-8")
+        if self._metrics.tell() > 0 and not _ends_with_newline(self.dir / "metrics.jsonl"):
+            self._metrics.write("\n")  # a line torn by a kill: the next record starts on its own line
         if self.cfg.logger.name == "wandb":
             self._start_wandb(resolved)
         self._write_info()
@@ -164,16 +165,75 @@ class Run:
 
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
         """Append one JSON line (``step``, wall ``time`` in seconds since start, the metrics) and
-        forward to wandb. Non-finite floats are written as null; flushes every call."""
+        forward to wandb. Non-finite floats, nested ones included, are written as null (the line
+        is strict JSON); flushes every call."""
         if not self.writes:
             return
         record = {"step": step, "time": round(time.time() - self._t0, 3), **metrics}
-        line = json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()},
-                          default=str)
+        line = json_dumps(record)
         self._metrics.write(line + "\n")
         self._metrics.flush()
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+
+    def drop_metrics_after(self, step: int) -> int:
+        """Forget the metrics logged after ``step``: call it on resume, right after loading the
+        checkpoint of ``step``, so that the steps the killed or requeued attempt logged after its
+        last checkpoint (which this attempt will log again) are not in metrics.jsonl twice.
+        Returns the number of lines dropped.
+
+        metrics.jsonl is rewritten atomically (temp file + rename; streamed, memory O(1)) keeping,
+        in order: every line whose ``step`` is a number <= ``step``, and every line without a
+        step (``null`` or no key) that comes before the first dropped line. Dropped: lines whose
+        step is > ``step``, step-less lines after the first of those, and lines that are not a
+        JSON object (a line torn by the kill). Nothing is rewritten when nothing is dropped, and
+        nothing happens for a run that writes nothing (``writes=False``) or has no metrics.jsonl
+        yet. The run's append handle is reopened, so :meth:`log` continues after the kept lines."""
+        if not self.writes:
+            return 0
+        path = self.dir / "metrics.jsonl"
+        if self._metrics is not None:
+            self._metrics.flush()
+        if not path.is_file():
+            return 0
+
+        def keep_flags():
+            dropping = False
+            with open(path, "rb") as src:
+                for raw in src:
+                    try:
+                        record = json.loads(raw)
+                    except (json.JSONDecodeError, UnicodeDecodeError):
+                        record = None
+                    if not isinstance(record, dict):
+                        yield raw, False
+                        continue
+                    s = record.get("step")
+                    if isinstance(s, (int, float)) and not isinstance(s, bool):
+                        keep = s <= step
+                    else:
+                        keep = not dropping
+                    dropping = dropping or not keep
+                    yield raw, keep
+
+        dropped = sum(1 for _, keep in keep_flags() if not keep)
+        if dropped == 0:
+            return 0
+        if self._metrics is not None:
+            self._metrics.close()
+
+        def write(f):
+            for raw, keep in keep_flags():
+                if keep:
+                    f.write(raw if raw.endswith(b"\n") else raw + b"\n")
+
+        try:
+            atomic_write(path, write)
+        finally:
+            if self._metrics is not None:
+                self._metrics = open(path, "a", encoding="utf-8")
+        log.info("metrics.jsonl: dropped %d line(s) logged after step %d (resumed from its checkpoint)", dropped, step)
+        return dropped
 
     def finish(self, summary: dict[str, Any] | None, status: str = "completed", error: str | None = None) -> None:
         """Write ``summary.json`` and the final ``run.json`` (status, end time, seconds)."""
@@ -194,6 +254,12 @@ class Run:
 
     def _write_info(self) -> None:
         atomic_write_json(self.dir / "run.json", self.info)
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
 
 
 def start_run(cfg: DictConfig, run_dir: str | os.PathLike, overrides: list[str] | None = None,
