@@ -48,28 +48,71 @@ def collate_pairs(pairs: list[tuple[list[int], list[int]]], pad_token_id: int = 
     return {"input_ids": full[:, :-1], "labels": full[:, 1:], "response_mask": mask[:, 1:]}
 
 
-def read_jsonl(path: str | Path, keys: tuple[str, ...], what: str) -> list[dict]:
-    """Records of a JSONL file that each hold string values for ``keys``. ``what`` names the
-    config key in errors. DataError for a missing file, FormatError (with the line number) for
-    a line that is not a JSON object with those keys, or an empty file."""
+def scan_jsonl(path: str | Path, keys: tuple[str, ...], what: str) -> Iterator[dict]:
+    """Stream the records of a JSONL file, each a JSON object with string values for ``keys``
+    (blank lines are skipped; a UTF-8 byte-order mark on line 1 is allowed). ``what`` names the
+    config key in errors, which are one line naming the file and the line:
+
+    - DataError: the path does not exist or is not a regular file; a line is not UTF-8 text
+      ("not UTF-8 text at byte N (line N)" — a binary file lands here);
+    - FormatError: a line is not JSON, or not an object with those string fields (the missing
+      or mistyped key is named); the file holds no record (raised after the last line).
+
+    One line is in memory at a time, so a whole file is validated cheaply (``count_jsonl``)."""
     path = Path(path).expanduser()
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"{what}={path}: no such file")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    if not path.is_file():
+        raise DataError(f"{what}={path}: not a regular file")
+    offset, records = 0, 0
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise DataError(f"{what}={path}: cannot read it ({e.strerror})") from None
+    with f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{what}={path}: not UTF-8 text at byte {offset + e.start} (line {n})") from None
+            offset += len(raw)
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise FormatError(f"{what}={path}: line {n} is not JSON ({e.msg})") from None
-            if not isinstance(row, dict) or any(not isinstance(row.get(k), str) for k in keys):
-                raise FormatError(f"{what}={path}: line {n} is not an object with string fields {list(keys)}")
-            rows.append(row)
-    if not rows:
-        raise FormatError(f"{what}={path}: no records")
-    return rows
+            if not isinstance(row, dict):
+                raise FormatError(f"{what}={path}: line {n} is not an object with string fields {list(keys)} "
+                                  f"(got a JSON {_json_type(row)})")
+            for k in keys:
+                if k not in row:
+                    raise FormatError(f"{what}={path}: line {n} lacks key {k!r} (each record needs string fields "
+                                      f"{list(keys)})")
+                if not isinstance(row[k], str):
+                    raise FormatError(f"{what}={path}: line {n}: {k!r} is a JSON {_json_type(row[k])}, "
+                                      "expected a string")
+            records += 1
+            yield row
+    if not records:
+        raise FormatError(f"{what}={path}: no records (the file is empty or blank)")
+
+
+def _json_type(value) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def read_jsonl(path: str | Path, keys: tuple[str, ...], what: str) -> list[dict]:
+    """All records of ``scan_jsonl(path, keys, what)`` (same errors)."""
+    return list(scan_jsonl(path, keys, what))
+
+
+def count_jsonl(path: str | Path, keys: tuple[str, ...], what: str) -> int:
+    """Validate the whole file as ``scan_jsonl`` does, holding one line at a time -> the number of
+    records (same errors). Stages call it from ``plan`` so bad data is refused before a run
+    directory exists."""
+    return sum(1 for _ in scan_jsonl(path, keys, what))
 
 
 @dataclass

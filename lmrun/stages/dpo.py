@@ -28,10 +28,17 @@ log = logging.getLogger(__name__)
 
 
 def plan(cfg) -> dict:
+    """The dry-run plan, after checking every input (``lmrun.align.checks``): the policy and the
+    reference open as checkpoints, the JSONL files are valid in full. DataError/FormatError/
+    ConfigError otherwise."""
+    from lmrun.align.checks import DPO_KEYS, check_align_inputs
+
     a, d = cfg.align, cfg.dpo
+    checked = check_align_inputs(cfg, "dpo", DPO_KEYS)
     source = a.train_data or (f"pairs ranked by the {a.task.name} verifier from {d.samples_per_prompt} samples of "
                               f"{d.pair_prompts} questions")
-    return {"stage": "dpo", "model": a.model, "reference": a.reference or a.model, "data": source,
+    return {"stage": "dpo", "model": checked["model"], "reference": checked.get("reference", checked["model"]),
+            "records": checked["records"], "data": source,
             "beta": d.beta, "steps": a.steps, "batch_size": a.batch_size,
             "inputs": [a.model] + [x for x in (a.train_data, a.val_data) if x],
             "outputs": ["checkpoints/", "metrics.jsonl", "curves.png", "summary.json"]}

@@ -24,8 +24,14 @@ log = logging.getLogger(__name__)
 
 
 def plan(cfg) -> dict:
+    """The dry-run plan, after checking every input (``lmrun.align.checks``): the model opens as a
+    checkpoint, the task's files are valid in full. DataError/FormatError/ConfigError otherwise."""
+    from lmrun.align.checks import check_align_inputs
+
     a, e = cfg.align, cfg.expert_iteration
-    return {"stage": "expert_iteration", "model": a.model, "task": a.task.name, "iterations": e.iterations,
+    checked = check_align_inputs(cfg, "expert_iteration")
+    return {"stage": "expert_iteration", "model": checked["model"], "records": checked["records"], "task": a.task.name,
+            "iterations": e.iterations,
             "samples_per_round": e.questions * e.samples_per_question, "sft_epochs": e.sft_epochs,
             "inputs": [a.model] + [x for x in (a.train_data, a.val_data) if x],
             "outputs": ["checkpoints/", "metrics.jsonl", "curves.png", "eval_samples.jsonl", "summary.json"]}

@@ -29,9 +29,15 @@ log = logging.getLogger(__name__)
 
 
 def plan(cfg) -> dict:
+    """The dry-run plan, after checking every input (``lmrun.align.checks``): the model opens as a
+    checkpoint, the task's files are valid in full. DataError/FormatError/ConfigError otherwise."""
+    from lmrun.align.checks import check_align_inputs
+
     a, g = cfg.align, cfg.grpo
+    checked = check_align_inputs(cfg, "grpo")
     per_step = g.epochs_per_rollout_batch * g.rollout_batch_size // a.batch_size
-    return {"stage": "grpo", "model": a.model, "task": a.task.name, "template": a.prompt_template,
+    return {"stage": "grpo", "model": checked["model"], "records": checked["records"], "task": a.task.name,
+            "template": a.prompt_template,
             "steps": a.steps, "questions_per_step": g.rollout_batch_size // g.group_size, "group_size": g.group_size,
             "optimizer_steps": a.steps * per_step, "loss_type": g.loss_type, "normalize_by_std": g.normalize_by_std,
             "length_normalization": g.length_normalization,

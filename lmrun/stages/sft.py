@@ -39,9 +39,14 @@ def _examples(cfg, prompter, task, split: str):
 
 
 def plan(cfg) -> dict:
+    """The dry-run plan, after checking every input (``lmrun.align.checks``): the model opens as a
+    checkpoint, the JSONL files are valid in full. DataError/FormatError/ConfigError otherwise."""
+    from lmrun.align.checks import SFT_KEYS, check_align_inputs
+
     a = cfg.align
-    return {"stage": "sft", "model": a.model, "data": a.train_data or f"task {a.task.name} ({a.train_examples} "
-            "generated train examples)", "val": a.val_data or (f"task {a.task.name} test split" if a.task.name else None),
+    checked = check_align_inputs(cfg, "sft", SFT_KEYS)
+    return {"stage": "sft", "model": checked["model"], "records": checked["records"],
+            "data": a.train_data or f"task {a.task.name} ({a.train_examples} generated train examples)", "val": a.val_data or (f"task {a.task.name} test split" if a.task.name else None),
             "template": a.prompt_template, "steps": a.steps, "batch_size": a.batch_size,
             "gradient_accumulation": a.batch_size // a.microbatch_size, "packing": cfg.sft.packing,
             "inputs": [a.model] + [x for x in (a.train_data, a.val_data) if x],
