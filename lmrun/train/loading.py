@@ -27,7 +27,9 @@ def resolve_checkpoint(value: str, key: str = "evaluate.checkpoint") -> Path:
 
 
 def checkpoint_facts(path: Path) -> dict:
-    """The whole checkpoint dict; FormatError when it lacks ``model_config`` or ``tokenizer``."""
+    """The whole checkpoint dict, its checksum verified (``read_checkpoint``). FormatError (one
+    line naming the file) when it is corrupt, truncated or does not match its checksum
+    (``CorruptCheckpointError``), or lacks ``model_config`` or ``tokenizer``."""
     from lmrun.train.checkpoint import read_checkpoint
 
     obj = read_checkpoint(path)
@@ -51,13 +53,16 @@ def checkpoint_tokenizer_files(facts: dict, path: Path) -> TokenizerFiles:
 
 def load_model(path: Path, facts: dict, device):
     """Rebuild the checkpoint's ``TransformerLM`` on ``device`` and load its weights ->
-    ``(model in eval mode, step)``. A run trained with ``train.ema_decay`` loads the averaged
-    weights (the ones its validation figures describe)."""
+    ``(model in eval mode, step)``. ``facts``: the checkpoint dict :func:`checkpoint_facts` read
+    (and verified) from ``path``; the weights come from it, so the file is read once. A run
+    trained with ``train.ema_decay`` loads the averaged weights (the ones its validation figures
+    describe). FormatError (one line naming the file) when the weights do not fit the model
+    config."""
     from lmrun.model import build_model
-    from lmrun.train.checkpoint import load_checkpoint
+    from lmrun.train.checkpoint import load_state
 
     model = build_model(facts["model_config"], device=device)
-    step = load_checkpoint(path, model)
+    step = load_state(facts, model, name=str(path))
     if "ema" in facts:
         import torch
 

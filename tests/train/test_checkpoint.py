@@ -11,6 +11,8 @@ from lmrun.errors import DataError, FormatError
 from lmrun.model import TransformerLM
 from lmrun.train.checkpoint import (
     CheckpointManager,
+    CorruptCheckpointError,
+    checkpoint_digest,
     load_checkpoint,
     read_checkpoint,
     rng_state,
@@ -203,3 +205,145 @@ def test_rng_state_round_trip_through_checkpoint(tmp_path):
     assert _draws() != first
     set_rng_state(read_checkpoint(tmp_path / "c.pt")["rng"])
     assert _draws() == first
+
+
+# ----------------------------------------------------------------------------- checksums (issue 25, F5)
+
+def _tensor_records(path) -> list[tuple[int, int]]:
+    """(offset, size) in the file of each tensor's bytes: torch.save writes a zip whose entries
+    ``<archive>/data/<n>`` hold the storages, stored uncompressed after a local header."""
+    import struct
+    import zipfile
+
+    out = []
+    blob = path.read_bytes()
+    with zipfile.ZipFile(path) as z:
+        for info in z.infolist():
+            if "/data/" in info.filename and info.compress_size:
+                name_len, extra_len = struct.unpack("<HH", blob[info.header_offset + 26: info.header_offset + 30])
+                out.append((info.header_offset + 30 + name_len + extra_len, info.compress_size))
+    return out
+
+
+def flip_tensor_bytes(path, n: int = 2000, seed: int = 0) -> None:
+    """Flip ``n`` bytes (XOR 0xFF) at random places inside the tensor data of a checkpoint file,
+    spread over its largest storages: torch.load still reads such a file without complaint."""
+    records = sorted(_tensor_records(path), key=lambda r: -r[1])
+    assert records, f"{path}: no tensor data found"
+    rng = random.Random(seed)
+    blob = bytearray(path.read_bytes())
+    places = [o for offset, size in records[:4] for o in range(offset, offset + size)]
+    for i in rng.sample(places, min(n, len(places))):
+        blob[i] ^= 0xFF
+    path.write_bytes(bytes(blob))
+
+
+def test_checksum_catches_flipped_tensor_bytes(tmp_path):
+    model, opt, _ = _trained(1)
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(model, opt, 1, path, note="x")
+    obj = read_checkpoint(path)
+    assert obj["checksum"]["algorithm"] == "sha256" and len(obj["checksum"]["digest"]) == 64
+    flip_tensor_bytes(path)
+    torch.load(path, weights_only=True)  # torch itself notices nothing: the reason for the checksum
+    for load in (lambda: read_checkpoint(path), lambda: load_checkpoint(path, _model())):
+        with pytest.raises(CorruptCheckpointError) as err:
+            load()
+        message = str(err.value)
+        assert "ckpt.pt" in message and "checksum" in message and "\n" not in message
+    assert isinstance(err.value, FormatError)
+
+
+def test_checksum_covers_extras_and_optimizer(tmp_path):
+    model, opt, _ = _trained(1)
+    path = tmp_path / "c.pt"
+    save_checkpoint(model, opt, 1, path, ema={"shadow": {"w": torch.ones(3)}}, note="abc")
+    obj = torch.load(path, weights_only=True)
+    for change in (lambda o: o["ema"]["shadow"]["w"].add_(1e-7), lambda o: o.update(note="abd"),
+                   lambda o: next(iter(o["optimizer"]["state"].values()))["exp_avg"].view(-1)[0].add_(1.0),
+                   lambda o: o.update(iteration=2)):
+        tampered = {k: v for k, v in torch.load(path, weights_only=True).items()}
+        change(tampered)
+        torch.save(tampered, tmp_path / "t.pt")
+        with pytest.raises(CorruptCheckpointError, match="t.pt: corrupt checkpoint"):
+            read_checkpoint(tmp_path / "t.pt")
+    assert checkpoint_digest(obj) == obj["checksum"]["digest"]  # the untouched file verifies
+
+
+def test_checkpoint_without_checksum_still_loads(tmp_path):
+    """Files written before checksums existed load unverified."""
+    model = _model()
+    torch.save({"format_version": 1, "iteration": 4, "model": model.state_dict(), "optimizer": None},
+               tmp_path / "old.pt")
+    other = _model(seed=3)
+    assert load_checkpoint(tmp_path / "old.pt", other) == 4
+    assert torch.equal(other.lm_head.weight, model.lm_head.weight)
+
+
+def test_truncated_and_garbage_are_corrupt_errors(tmp_path):
+    model, opt, _ = _trained(1)
+    save_checkpoint(model, opt, 1, tmp_path / "good.pt")
+    blob = (tmp_path / "good.pt").read_bytes()
+    for cut in (len(blob) // 3, len(blob) - 30):
+        (tmp_path / "trunc.pt").write_bytes(blob[:cut])
+        with pytest.raises(CorruptCheckpointError, match="trunc.pt: not a readable checkpoint") as err:
+            read_checkpoint(tmp_path / "trunc.pt")
+        assert "\n" not in str(err.value)
+    save_checkpoint(_model(d_model=16), None, 0, tmp_path / "c.pt")  # a good file for another model is not corrupt
+    with pytest.raises(FormatError) as err:
+        load_checkpoint(tmp_path / "c.pt", _model(d_model=32))
+    assert not isinstance(err.value, CorruptCheckpointError)
+
+
+# ----------------------------------------------------------------------------- falling back (F4) and stale temp files (F10)
+
+def test_manager_falls_back_to_the_newest_good_checkpoint(tmp_path, caplog):
+    model = _model()
+    mgr = CheckpointManager(tmp_path / "ckpts", keep_last=3)
+    for step in (1, 2, 3):
+        with torch.no_grad():
+            model.lm_head.weight.fill_(step)
+        mgr.save(step, model, None, note=f"s{step}")
+    flip_tensor_bytes(mgr.path(3))
+    mgr.path(2).write_bytes(mgr.path(2).read_bytes()[:100])  # truncated
+    target = _model(seed=4)
+    with caplog.at_level("WARNING", logger="lmrun.train.checkpoint"):
+        iteration, extra = mgr.load_latest(target)
+    assert iteration == 1 and extra["note"] == "s1" and bool((target.lm_head.weight == 1).all())
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("ckpt_00000003.pt: corrupt checkpoint" in w and "checksum" in w for w in warnings)
+    assert any("ckpt_00000002.pt: not a readable checkpoint" in w for w in warnings)
+    assert any("resuming from" in w and "ckpt_00000001.pt" in w for w in warnings)
+    assert [p.name for p in mgr.checkpoints()] == ["ckpt_00000001.pt", "ckpt_00000002.pt", "ckpt_00000003.pt"]
+
+    # the writer moves corrupt files aside, so that they no longer count as the latest or against keep_last
+    path, obj = mgr.read_latest(quarantine=True)
+    assert path == mgr.path(1) and obj["iteration"] == 1
+    assert sorted(p.name for p in mgr.directory.iterdir()) == ["ckpt_00000001.pt", "ckpt_00000002.pt.corrupt",
+                                                              "ckpt_00000003.pt.corrupt"]
+    assert mgr.latest() == mgr.path(1)
+
+    flip_tensor_bytes(mgr.path(1))
+    with pytest.raises(CorruptCheckpointError, match="none of its 1 checkpoint.*ckpt_00000001.pt") as err:
+        mgr.load_latest(_model())
+    assert "\n" not in str(err.value)
+
+
+def test_manager_removes_temp_files_of_dead_writers_only(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from lmrun.tracking.files import temp_path
+
+    folder = tmp_path / "ckpts"
+    mgr = CheckpointManager(folder, keep_last=None)
+    mgr.save(1, _model())
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    stale = temp_path(mgr.path(2)).name.replace(f".{os.getpid()}.", f".{dead_pid}.")
+    (folder / stale).write_bytes(b"PK partial")
+    live = temp_path(mgr.path(3))  # this process is writing it
+    live.write_bytes(b"PK partial")
+    assert mgr.remove_stale_temp_files() == [folder / stale]
+    assert sorted(p.name for p in folder.iterdir()) == sorted([live.name, "ckpt_00000001.pt"])
