@@ -128,7 +128,10 @@ class CurateConfig:
     samples_per_step: documents kept/removed per step written to samples/ for inspection;
     min_doc_chars: documents shorter than this after a step that changes text are dropped;
     extract_main_content: drop navigation, headers and footers while extracting HTML
-        (resiliparse's main-content heuristics).
+        (resiliparse's main-content heuristics);
+    strict: an input file cut off or corrupt (a truncated ``.warc.gz``) fails the run
+        (DataError naming the file and byte) instead of a warning and an entry in the report's
+        ``read_errors`` (the documents before the damage are kept).
     """
 
     name: str = "web"
@@ -143,6 +146,7 @@ class CurateConfig:
     samples_per_step: int = 3
     min_doc_chars: int = 1
     extract_main_content: bool = True
+    strict: bool = False
     langid: LangIdConfig = field(default_factory=LangIdConfig)
     pii: PiiConfig = field(default_factory=PiiConfig)
     harmful: HarmfulConfig = field(default_factory=HarmfulConfig)

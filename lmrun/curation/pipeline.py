@@ -257,15 +257,21 @@ def run_shard(cfg: dict, files: list[tuple[str, str]], shard_dir: str, index: in
     read = {"docs": 0, "bytes": 0, "seconds": 0.0}
     sent = {"docs": 0, "kept": 0, "at": time.perf_counter()}
     kept = [0]
+    read_errors: list[dict] = []  # files cut off or corrupt: {"path", "offset", "error"}
 
     def send(files_done: int) -> None:
         if report is not None:
             report((index, read["docs"] - sent["docs"], kept[0] - sent["kept"], files_done))
             sent.update(docs=read["docs"], kept=kept[0], at=time.perf_counter())
 
+    def problem(item: dict) -> None:
+        read_errors.append(item)
+        if cfg.get("strict"):
+            raise DataError(f"{item['path']}: {item['error']} (curate.strict=true)")
+
     def write(f):
         for path, fmt in files:
-            it = read_documents(Path(path), fmt)
+            it = read_documents(Path(path), fmt, on_problem=problem)
             while True:
                 tr = time.perf_counter()
                 doc = next(it, None)
@@ -284,7 +290,7 @@ def run_shard(cfg: dict, files: list[tuple[str, str]], shard_dir: str, index: in
 
     atomic_write(shard_dir / "docs.jsonl", write)
     manifest = {"shard": index, "fingerprint": fingerprint, "files": [{"path": p, "format": f} for p, f in files],
-                "read": {**read, "seconds": round(read["seconds"], 4)},
+                "read": {**read, "seconds": round(read["seconds"], 4)}, "read_errors": read_errors,
                 "seconds": round(time.perf_counter() - t0, 4), "setup_seconds": round(pipe.setup_seconds, 4),
                 "pid": os.getpid(),
                 "steps": [pipe.stats[s].to_dict() for s in pipe.steps], "skipped": False}
@@ -508,7 +514,9 @@ def dedup_shards(cfg: dict, shard_dirs: list[Path], out_dir: Path, bar: bool = F
 
 # --- report ---------------------------------------------------------------------------------
 def build_report(shard_manifests: list[dict], dedup: dict | None) -> dict:
-    """Per-step statistics over all shards (then the dedup steps), with totals."""
+    """Per-step statistics over all shards (then the dedup steps), with totals; ``read_errors``
+    lists the input files read only in part (cut off or corrupt: path, byte offset, error) and
+    ``truncated_files`` counts them."""
     steps: dict[str, list[dict]] = {}
     for m in shard_manifests:
         for s in m["steps"]:
@@ -519,7 +527,9 @@ def build_report(shard_manifests: list[dict], dedup: dict | None) -> dict:
     read = {"docs": sum(m["read"]["docs"] for m in shard_manifests),
             "bytes": sum(m["read"]["bytes"] for m in shard_manifests),
             "seconds": round(sum(m["read"]["seconds"] for m in shard_manifests), 4)}
+    errors = [e for m in shard_manifests for e in m.get("read_errors", [])]
     return {"read": read, "steps": rows, "shards": len(shard_manifests),
+            "truncated_files": len({e["path"] for e in errors}), "read_errors": errors,
             **({"dedup": dedup["dedup"], "clean": dedup["clean"]} if dedup else {})}
 
 
@@ -527,6 +537,9 @@ def report_markdown(report: dict) -> str:
     """The per-step table: documents and bytes in/out, kept share, seconds, top removal reasons."""
     lines = [f"Read {report['read']['docs']:,} documents ({report['read']['bytes'] / 1e6:.2f} MB) "
              f"from {report['shards']} shard(s).", "",
+             *([f"**{report['truncated_files']} input file(s) cut off or corrupt** (documents read before the damage "
+                "are kept):", "", *[f"- `{e['path']}` at byte {e['offset']:,}: {e['error']}"
+                                    for e in report["read_errors"]], ""] if report.get("read_errors") else []),
              "| step | docs in | docs out | kept % | MB in | MB out | seconds | docs/s | removed (top reasons) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for s in report["steps"]:

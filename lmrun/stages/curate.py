@@ -162,6 +162,9 @@ def _filter_shards(cfg, args: list[tuple], workers: int) -> list[dict]:
         prog.update(rest, **fields())
         log.info("shard %d: %s", i, "skipped (complete)" if m["skipped"] else
                  f"{m['read']['docs']} docs read, {kept[i]} kept in {m['seconds']:.1f} s")
+        for e in m.get("read_errors", []):  # workers have no log handlers: the parent warns
+            log.warning("%s: %s (counted in report.json read_errors; curate.strict=true makes it an error)",
+                        e["path"], e["error"])
 
     try:
         manifests = run_shards(args, workers, on_report=on_report, on_done=on_done, on_tick=lambda: prog.update(0))
@@ -170,6 +173,17 @@ def _filter_shards(cfg, args: list[tuple], workers: int) -> list[dict]:
         raise
     prog.close()
     return sorted(manifests, key=lambda m: m["shard"])
+
+
+def _check_strict(cfg, manifests: list[dict]) -> None:
+    """With ``curate.strict=true``, DataError (one line: the first file, its byte offset, the
+    count) when a shard recorded an input file cut off or corrupt — also a shard completed by an
+    earlier, non-strict run."""
+    errors = [e for m in manifests for e in m.get("read_errors", [])]
+    if cfg.curate.strict and errors:
+        e = errors[0]
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise DataError(f"{e['path']}: {e['error']}{more} (curate.strict=true)")
 
 
 def run(cfg) -> dict:
@@ -221,6 +235,7 @@ def run(cfg) -> dict:
         dedup = dedup_shards(cc, dirs, out, bar=bool(cfg.progress))
         summary["dedup_seconds"] = round(time.perf_counter() - t0, 3)
 
+    _check_strict(cfg, manifests)
     report = build_report(manifests, dedup)
     write_report(report, out)
     if out != run.dir:
