@@ -1,4 +1,4 @@
-"""Build hooks that pyproject.toml cannot express: the C core of BPE training, and shipping
+"""Build hooks that pyproject.toml cannot express: the C cores of BPE training and encoding, and shipping
 the top-level ``conf/`` tree inside the wheel (as ``lmrun/conf``) for non-editable installs."""
 import shutil
 from pathlib import Path
@@ -24,6 +24,13 @@ setup(
             sources=["lmrun/tokenizer/_bpe.c"],
             extra_compile_args=["-O3", "-std=c11"],
             optional=True,  # without a C compiler lmrun falls back to the pure-Python trainer
-        )
+        ),
+        Extension(
+            "lmrun.tokenizer._encode",
+            sources=["lmrun/tokenizer/_encode.c"],
+            depends=["lmrun/tokenizer/_unicode_classes.h"],
+            extra_compile_args=["-O3", "-std=c11"],
+            optional=True,  # without a C compiler Tokenizer.encode uses the pure-Python encoder (same ids)
+        ),
     ],
 )
