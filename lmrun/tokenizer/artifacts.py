@@ -85,6 +85,27 @@ def warn_vocab_capped(facts: dict) -> None:
                     facts["vocab_size"], facts["vocab_capped"])
 
 
+def follow_tokenizer_vocab(cfg, vocab_size: int) -> int:
+    """The vocabulary size to build the model with, given the tokenizer's real number of token
+    ids ``vocab_size`` (``meta["vocab_size"]`` of the token arrays; smaller than
+    ``tokenizer.vocab_size`` when BPE training was capped). When ``model.vocab_size`` is the
+    presets' interpolation ``${tokenizer.vocab_size}`` it is set to ``vocab_size`` in ``cfg``
+    (in place, logged): no embedding rows for ids that never occur. An explicit
+    ``model.vocab_size`` (e.g. padded to a multiple of 64) is kept and returned as is; the caller
+    checks that it is >= ``vocab_size``."""
+    from omegaconf import OmegaConf, open_dict
+
+    model = cfg.get("model")
+    if model is None or "vocab_size" not in model:
+        return int(vocab_size)
+    if OmegaConf.is_interpolation(model, "vocab_size") and int(model.vocab_size) != int(vocab_size):
+        log.info("model.vocab_size=%d: the tokenizer's %d token ids (tokenizer.vocab_size=%d asked; set "
+                 "model.vocab_size to override)", vocab_size, vocab_size, int(model.vocab_size))
+        with open_dict(model):
+            model.vocab_size = int(vocab_size)
+    return int(model.vocab_size)
+
+
 def get_or_train_tokenizer(cfg, cache: ArtifactCache, corpus: Corpus) -> Artifact:
     """The cached tokenizer for (train split, cfg.tokenizer), trained first if absent."""
     from lmrun.tokenizer.bpe import train_bpe

@@ -6,6 +6,10 @@ from dataclasses import dataclass, field
 from lmrun.errors import check, check_choice
 
 
+#: The largest ``tokenizer.vocab_size``: token ids are int32 in the BPE trainer and the encoders.
+MAX_VOCAB_SIZE = 2**31 - 1
+
+
 @dataclass
 class TokenizerConfig:
     """Which tokenizer the stages train or load, and how bulk encoding runs.
@@ -13,7 +17,10 @@ class TokenizerConfig:
     kind: "bpe" (byte-level BPE trained by ``lmrun.tokenizer.bpe.train_bpe``) or "bytes"
         (raw UTF-8 bytes, no merges: the tokenizer-free baseline).
     vocab_size: total tokens including the 256 bytes and the special tokens (for "bytes" it
-        must be exactly 256 + the number of special tokens).
+        must be exactly 256 + the number of special tokens; at most ``MAX_VOCAB_SIZE``). BPE
+        stops early when the training text has no pairs left to merge: the vocabulary is then
+        smaller (a warning states it, ``vocab_size_requested`` records it) and the model's
+        ``model.vocab_size`` follows the real size unless set explicitly.
     special_tokens: strings never split or merged; the first one separates documents.
     path: null (train, or reuse from the cache) or an existing tokenizer: a folder holding
         ``vocab.json`` and ``merges.txt`` (a ``stage=tokenizer`` run directory, a cache entry)
@@ -39,7 +46,9 @@ class TokenizerConfig:
 
 
 def validate_tokenizer(cfg: TokenizerConfig) -> None:
-    """Raise ConfigError for values the schema's types cannot exclude."""
+    """Raise ConfigError (one line naming the key, the value and the limit) for values the
+    schema's types cannot exclude: e.g. a ``vocab_size`` below 256 + the special tokens or above
+    ``MAX_VOCAB_SIZE``."""
     check_choice("tokenizer.kind", cfg.kind, ["bpe", "bytes"])
     check_choice("tokenizer.backend", cfg.backend, ["native", "tiktoken"])
     if cfg.backend == "tiktoken":
@@ -52,11 +61,15 @@ def validate_tokenizer(cfg: TokenizerConfig) -> None:
     check("tokenizer.special_tokens", specials, all(isinstance(s, str) and s for s in specials), "non-empty strings")
     check("tokenizer.special_tokens", specials, len(set(specials)) == len(specials), "distinct strings")
     minimum = 256 + len(specials)
+    tokens = f"{len(specials)} special token" + ("" if len(specials) == 1 else "s")
     if cfg.kind == "bytes":
         check("tokenizer.vocab_size", cfg.vocab_size, cfg.vocab_size == minimum,
-              f"{minimum} with tokenizer.kind=bytes (256 bytes + {len(specials)} special tokens)")
-    check("tokenizer.vocab_size", cfg.vocab_size, minimum <= cfg.vocab_size <= 2**31 - 1,
-          f"an integer >= {minimum} (256 bytes + {len(specials)} special tokens)")
+              f"{minimum} with tokenizer.kind=bytes (256 bytes + {tokens})")
+    check("tokenizer.vocab_size", cfg.vocab_size, cfg.vocab_size >= minimum,
+          f"an integer >= {minimum} (256 bytes + {tokens})")
+    check("tokenizer.vocab_size", cfg.vocab_size, cfg.vocab_size <= MAX_VOCAB_SIZE,
+          f"an integer <= {MAX_VOCAB_SIZE:,} (token ids are int32); a vocabulary larger than the training text "
+          "supports is capped with a warning")
     if cfg.num_workers is not None:
         check("tokenizer.num_workers", cfg.num_workers, cfg.num_workers >= 1, "null or an integer >= 1")
     check("tokenizer.report_max_bytes", cfg.report_max_bytes, cfg.report_max_bytes >= 1, "an integer >= 1")
