@@ -9,6 +9,7 @@ the run directory to ``<runs_dir>/<stage>/<timestamp>-<config hash>`` (never reu
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -269,14 +270,68 @@ def format_plan(plan: dict, job: list[str]) -> str:
         "  " + line for line in body.splitlines())
 
 
-def _run_dir_for(cfg) -> Path:
+def _create_run_dir(cfg) -> Path:
+    """Create this single run's directory, ``<runs_dir>/<stage>/<timestamp>-<config hash>``, and
+    return its absolute path. The directory is claimed with ``os.mkdir`` (which fails if it
+    exists), so two identical commands started in the same second get two directories: the
+    later one takes the first free ``-1``, ``-2``, ... suffix. Hydra and the run then fill the
+    empty directory. DataError (one line) if it cannot be created (permissions, full disk)."""
+    from lmrun.errors import DataError
     from lmrun.tracking.run import config_hash
 
     base = Path(cfg.paths.runs_dir) / cfg.stage.name / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}-{config_hash(cfg)}"
-    run_dir, n = base, 1
-    while run_dir.exists():
-        run_dir, n = base.with_name(f"{base.name}-{n}"), n + 1
-    return run_dir.absolute()
+    try:
+        base.parent.mkdir(parents=True, exist_ok=True)
+        for n in range(10_000):
+            run_dir = base if n == 0 else base.with_name(f"{base.name}-{n}")
+            try:
+                os.mkdir(run_dir)
+            except FileExistsError:
+                continue
+            return run_dir.absolute()
+    except OSError as e:
+        raise DataError(f"paths.runs_dir={cfg.paths.runs_dir}: cannot create the run directory "
+                        f"({e.strerror or e})") from None
+    raise DataError(f"paths.runs_dir={cfg.paths.runs_dir}: no free run directory name for {base}")
+
+
+def _check_run_dir(cfg, value: str, overrides: list[str]) -> None:
+    """Pre-flight for ``hydra.run.dir=<value>`` on the command line (before Hydra writes its
+    ``.hydra/`` there): a directory that holds a run (``run.json``) may only be given to a
+    resumable stage (one that declares ``RESUMABLE = True``, e.g. pretrain) to resume that same
+    stage's run, and a completed run only with the same resolved config (its config hash);
+    resuming a failed, preempted or interrupted run with another config is allowed (the stage
+    checks what it loads). ``overrides`` (the command line's) name what changed in the message.
+    A path with an interpolation (``${now:...}``) is not checked.
+    ConfigError (one line, nothing written) otherwise, or if run.json is unreadable."""
+    if "${" in value:
+        return
+    from lmrun.tracking.run import config_hash
+
+    run_dir = Path(value).expanduser()
+    info_path = run_dir / "run.json"
+    if not info_path.is_file():
+        return
+    key = f"hydra.run.dir={value}"
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+        if not isinstance(info, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{key}: unreadable {info_path} ({e}); choose a new directory") from None
+    stage, status = str(info.get("stage")), str(info.get("status", "running"))
+    if not getattr(load_stage(cfg.stage.name), "RESUMABLE", False):
+        raise ConfigError(f"{key}: run directory already used (a {stage} run, {status}); runs are never "
+                          f"overwritten and stage {cfg.stage.name} does not resume: choose a new directory")
+    if stage != cfg.stage.name:
+        raise ConfigError(f"{key}: holds a {stage} run, not a {cfg.stage.name} run; choose a new directory")
+    if status == "completed" and info.get("config_hash") != config_hash(cfg):
+        was = set(info.get("overrides") or [])
+        now = {o for o in overrides if not o.lstrip("+~").startswith("hydra.")}
+        changed = sorted(now - was) + [f"(was {o})" for o in sorted(was - now)]
+        raise ConfigError(f"{key}: holds a completed run with another config (hash {info.get('config_hash')}, "
+                          f"now {config_hash(cfg)}" + (f": {' '.join(changed)}" if changed else "")
+                          + "); resuming it would rewrite its records: choose a new directory")
 
 
 # --- the Hydra task ---------------------------------------------------------------------------
@@ -321,7 +376,14 @@ def _task(cfg):
             return sweeps.job_result(sweeps.read_json(out_dir / "summary.json"), objective)
         if status == "completed" or not resumable:
             log.info("job %d: earlier attempt (%s) moved to %s", num, status, sweeps.archive_attempt(out_dir))
-    run = start_run(cfg, out_dir, overrides, resumable=resumable)
+    try:
+        run = start_run(cfg, out_dir, overrides, resumable=resumable)
+    except LmrunError as e:  # e.g. a run directory already used: nothing of that run was touched
+        log.error("%s", e)
+        if multirun:
+            sweeps.record_outcome(num, overrides, "failed", str(out_dir), str(e))
+            return sweeps.job_result(None, objective)
+        raise SystemExit(2)
     log.info("stage %s -> %s", cfg.stage.name, run.dir)
     try:
         validate(cfg)
@@ -339,8 +401,14 @@ def _task(cfg):
         end_run()
         log.warning("%s", e)
         raise
+    except KeyboardInterrupt as e:  # Ctrl-C: main() prints one line and exits 130
+        with _sigint_ignored():  # a second Ctrl-C must not tear run.json
+            run.finish({}, status="interrupted", error=interrupted_message(e))
+            end_run()
+        e.lmrun_run_dir = str(run.dir)
+        raise
     except BaseException as e:
-        run.finish({}, status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed", error=repr(e))
+        run.finish({}, status="failed", error=repr(e))
         end_run()
         raise
     run.finish(summary)
@@ -358,6 +426,29 @@ def _task(cfg):
     return result if multirun else summary
 
 
+def interrupted_message(exc: BaseException) -> str:
+    """What a KeyboardInterrupt says, as one line: ``interrupted (Ctrl-C)``, then the stage's
+    message if it gave one (e.g. the step reached and the checkpoint saved)."""
+    detail = " ".join(str(exc).split())
+    return "interrupted (Ctrl-C)" + (f": {detail}" if detail else "")
+
+
+@contextlib.contextmanager
+def _sigint_ignored():
+    """SIGINT (Ctrl-C) is ignored inside (in the main thread; elsewhere this does nothing)."""
+    import signal
+    import threading
+
+    old = None
+    if threading.current_thread() is threading.main_thread():
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGINT, old)
+
+
 def _rank() -> int:
     """This process's rank in a distributed job (0 for a single process)."""
     for name in ("RANK", "SLURM_PROCID"):
@@ -367,17 +458,18 @@ def _rank() -> int:
     return 0
 
 
-def _shared_run_dir(cfg, run_dir: Path) -> Path:
-    """Under torchrun (WORLD_SIZE > 1) every process composes the command itself: join the process
-    group now and take rank 0's run directory, so all ranks use one."""
+def _single_run_dir(cfg) -> Path:
+    """The run directory of a single run, created (:func:`_create_run_dir`). Under torchrun
+    (WORLD_SIZE > 1) every process composes the command itself: rank 0 creates the directory
+    and, once the process group is joined, the others take its path, so all ranks use one."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return run_dir
+        return _create_run_dir(cfg)
     import torch.distributed as dist
 
     from lmrun.distributed.env import init_distributed
 
     init_distributed(str(cfg.train.device), str(cfg.distributed.backend), float(cfg.distributed.timeout_s))
-    box = [str(run_dir)]
+    box = [str(_create_run_dir(cfg)) if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(box, src=0)
     return Path(box[0])
 
@@ -509,7 +601,8 @@ def _report_search(sweep_dir: Path, search: dict, objective: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console script ``lmrun``. Returns the exit code (0 ok, 1 failed run or job, 2 invalid input)."""
+    """Console script ``lmrun``. Returns the exit code (0 ok, 1 failed run or job, 2 invalid input,
+    130 interrupted by Ctrl-C: one line on stderr, no traceback)."""
     from hydra._internal.utils import get_args_parser
 
     argv = _sweep_alias(list(sys.argv[1:] if argv is None else argv))
@@ -526,6 +619,11 @@ def main(argv: list[str] | None = None) -> int:
                    name=args.config_name or "config")
     try:
         return _main(argv, args)
+    except KeyboardInterrupt as e:  # Ctrl-C: one line, no traceback; the run recorded "interrupted"
+        where = getattr(e, "lmrun_run_dir", None)
+        print(f"lmrun: {interrupted_message(e)}" + (f" (run directory {where})" if where else ""),
+              file=sys.stderr, flush=True)
+        return 130
     finally:
         _CONFIG.update(dirs=[], name="config")
 
@@ -569,8 +667,16 @@ def _main(argv: list[str], args) -> int:
             return 0
         if args.multirun and not any(o.startswith("hydra.sweep.dir=") for o in args.overrides):
             argv.append(f"hydra.sweep.dir={sweep_dir}")
-        if not args.multirun and not any(o.startswith("hydra.run.dir=") for o in args.overrides):
-            argv.append(f"hydra.run.dir={_shared_run_dir(checked[0][1], _run_dir_for(checked[0][1]))}")
+        if not args.multirun:
+            given = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("hydra.run.dir=")), None)
+            try:
+                if given is None:
+                    argv.append(f"hydra.run.dir={_single_run_dir(checked[0][1])}")
+                else:
+                    _check_run_dir(checked[0][1], given, checked[0][0])
+            except LmrunError as e:
+                print(f"lmrun: error: {e}", file=sys.stderr)
+                return 2
     elif args.cfg or args.info:
         try:
             compose(args.overrides)  # a bad override is one line here too, not Hydra's traceback
@@ -581,10 +687,20 @@ def _main(argv: list[str], args) -> int:
         argv.append(f"stage={stage_names()[0]}")  # help lists the groups; composing it needs some stage
     sys.argv = [sys.argv[0] if sys.argv else "lmrun"] + argv
     code = 0
+    lock = contextlib.nullcontext()
+    if not informational and args.multirun:  # one launch per sweep directory at a time (all launchers)
+        from lmrun.launch.sweep import sweep_lock
+
+        given = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("hydra.sweep.dir=")), None)
+        lock = sweep_lock(Path(given).absolute() if given else sweep_dir)
     try:
-        _hydra_entry()
+        with lock:
+            _hydra_entry()
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except LmrunError as e:  # the sweep is being launched by another process: nothing submitted
+        print(f"lmrun: error: {e}", file=sys.stderr)
+        return 2
     if args.help and code == 0:
         print(stage_catalogue())
     if not informational and args.multirun:

@@ -101,6 +101,7 @@ class Run:
         self._metrics = None
         self._wandb = None
         self._t0 = time.time()
+        self._previous: dict | None = None  # run.json of the attempt this one restarts, if any
 
     # lifecycle -------------------------------------------------------------------------------
     def start(self) -> "Run":
@@ -142,6 +143,10 @@ class Run:
             self.info.update(first_started=previous.get("first_started", previous.get("started")),
                              restarts=int(previous.get("restarts", 0)) + 1,
                              wandb_run_id=previous.get("wandb_run_id"))
+            for key in ("failed_restarts",):
+                if key in previous:
+                    self.info[key] = previous[key]
+            self._previous = previous
         self._metrics = open(self.dir / "metrics.jsonl", "a", encoding="utf-8")
         if self._metrics.tell() > 0 and not _ends_with_newline(self.dir / "metrics.jsonl"):
             self._metrics.write("\n")  # a line torn by a kill: the next record starts on its own line
@@ -149,6 +154,15 @@ class Run:
             self._start_wandb(resolved)
         self._write_info()
         return self
+
+    def _restarts_completed(self) -> bool:
+        """Whether this attempt restarts a run that had completed (its record must survive)."""
+        return self._previous is not None and self._previous.get("status") == "completed"
+
+    def _attempt(self) -> dict:
+        """This attempt, as recorded in a completed run's ``restarting`` / ``failed_restarts``."""
+        return {k: self.info.get(k) for k in ("started", "config_hash", "overrides", "argv", "host")} | {
+            "pid": os.getpid(), "slurm": self.info.get("slurm") or None}
 
     def _start_wandb(self, resolved: dict) -> None:
         import wandb
@@ -236,15 +250,32 @@ class Run:
         return dropped
 
     def finish(self, summary: dict[str, Any] | None, status: str = "completed", error: str | None = None) -> None:
-        """Write ``summary.json`` and the final ``run.json`` (status, end time, seconds)."""
+        """Write ``summary.json`` and the final ``run.json`` (status, end time, seconds).
+
+        A finished run's records are never made worse by a restart that does not complete
+        (``status`` other than "completed"): an existing ``summary.json`` (an earlier attempt's) is
+        kept, not replaced; and if the restarted run had completed, run.json stays that completed
+        record, with this attempt (start, end, status, error, config hash, overrides) appended to
+        its ``failed_restarts`` list (and counted in ``restarts``)."""
         if not self.writes:
             return
         summary = dict(summary or {})
-        atomic_write_json(self.dir / "summary.json", summary)
-        self.info.update(status=status, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                         seconds=round(time.time() - self._t0, 3))
-        if error:
-            self.info["error"] = error
+        keep_summary = status != "completed" and (self.dir / "summary.json").exists()
+        if not keep_summary:
+            atomic_write_json(self.dir / "summary.json", summary)
+        now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        if status != "completed" and self._restarts_completed():
+            attempt = self._attempt() | {"finished": now, "seconds": round(time.time() - self._t0, 3),
+                                         "status": status, "error": error}
+            record = {k: v for k, v in self._previous.items() if k != "restarting"}
+            record["failed_restarts"] = list(record.get("failed_restarts") or []) + [attempt]
+            record["restarts"] = self.info.get("restarts", 1)
+            self.info = record
+            log.warning("%s: the restart ended %s; the completed run's records are kept", self.dir, status)
+        else:
+            self.info.update(status=status, finished=now, seconds=round(time.time() - self._t0, 3))
+            if error:
+                self.info["error"] = error
         self._write_info()
         if self._metrics is not None:
             self._metrics.close()
@@ -253,6 +284,11 @@ class Run:
             self._wandb.finish(exit_code=0 if status == "completed" else 1)
 
     def _write_info(self) -> None:
+        """Write run.json. While a completed run is restarted it keeps saying "completed" (a kill
+        in the middle loses nothing); the attempt in progress is its ``restarting`` entry."""
+        if self._restarts_completed() and self.info.get("status") == "running":
+            atomic_write_json(self.dir / "run.json", self._previous | {"restarting": self._attempt()})
+            return
         atomic_write_json(self.dir / "run.json", self.info)
 
 
