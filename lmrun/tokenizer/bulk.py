@@ -5,21 +5,32 @@ newline between two ASCII letters or digits; see ``find_chunk_boundaries``), so 
 chunks separately gives exactly the ids of encoding the whole file. Each worker reads its own
 byte range, encodes it and writes a part file; the parent appends the parts in order to the
 output. Memory is bounded by a few chunks, not by the file's size.
+
+With the native encoder's C core (``lmrun.tokenizer._encode``) a worker's ids go from C into a
+numpy array without a Python int per token (:func:`lmrun.tokenizer.native.encode_to_numpy`).
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
 
 import numpy as np
 
+from lmrun.tokenizer import native
 from lmrun.tokenizer.pretokenize import (DEFAULT_CHUNK_BYTES, find_chunk_boundaries, mp_context, read_text_range,
                                          worker_pool)
 from lmrun.tokenizer.tokenizer import Tokenizer
 from lmrun.tracking.progress import byte_progress
 
+log = logging.getLogger(__name__)
+
 BACKENDS = ("native", "tiktoken")
+#: with several processes, chunks are at most 1/(this x processes) of the file (load balance) ...
+_CHUNKS_PER_WORKER = 4
+#: ... and at least this big (each chunk costs a task round trip and a part file)
+_MIN_CHUNK_BYTES = 256 << 10
 
 _worker: dict = {}
 
@@ -29,22 +40,41 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
+def tiktoken_encoder(tok: Tokenizer):
+    """``encode(text) -> (ids, fell_back)`` with ``tok.to_tiktoken()``, falling back to the native
+    ``tok.encode`` (the same ids) for a text tiktoken refuses: its regex engine raises
+    ``ValueError: ... Max stack size exceeded for backtracking`` on a run of about a million
+    whitespace characters (a 1M-space line), which the GPT-2 pattern's ``\\s+(?!\\S)`` backtracks
+    over."""
+    enc = tok.to_tiktoken()
+
+    def encode(text: str) -> tuple[list[int], bool]:
+        try:
+            return enc.encode(text, allowed_special="all"), False
+        except ValueError:  # regex backtracking limit (tiktoken's fancy-regex); nothing else raises here
+            return tok.encode(text), True
+
+    return encode
+
+
 def _init_worker(vocab, merges, special_tokens, backend: str) -> None:
     tok = Tokenizer(vocab, merges, special_tokens)
     _worker["tok"] = tok
+    dtype = token_dtype(max(tok.vocab) + 1)
     if backend == "tiktoken":
-        enc = tok.to_tiktoken()
-        _worker["encode"] = lambda text: enc.encode(text, allowed_special="all")
-    else:
-        _worker["encode"] = tok.encode
-    _worker["dtype"] = token_dtype(max(tok.vocab) + 1)
+        _worker["encode"] = tiktoken_encoder(tok)
+    elif tok._native is not None:  # C core: ids straight into a numpy array
+        _worker["encode"] = lambda text: (native.encode_to_numpy(tok, tok._native, text, dtype), False)
+    else:  # pure Python (the C extension is not built)
+        _worker["encode"] = lambda text: (tok.encode(text), False)
+    _worker["dtype"] = dtype
 
 
-def _encode_range(task: tuple[str, int, int, int, str]) -> tuple[int, int, int]:
+def _encode_range(task: tuple[str, int, int, int, str]) -> tuple[int, int, int, bool]:
     path, index, start, end, part = task
-    ids = np.asarray(_worker["encode"](read_text_range(path, start, end)), dtype=_worker["dtype"])
-    ids.tofile(part)
-    return index, len(ids), end - start
+    ids, fell_back = _worker["encode"](read_text_range(path, start, end))
+    np.asarray(ids, dtype=_worker["dtype"]).tofile(part)
+    return index, len(ids), end - start, fell_back
 
 
 def encode_file(path: str | os.PathLike, tokenizer: Tokenizer, out_path: str | os.PathLike, *,
@@ -53,27 +83,35 @@ def encode_file(path: str | os.PathLike, tokenizer: Tokenizer, out_path: str | o
     """Encode the UTF-8 text file ``path`` to ``out_path``: flat token ids, native byte order,
     dtype ``token_dtype(vocab size)`` (read back with ``numpy.memmap(out_path, dtype)``).
 
-    backend: "native" (``Tokenizer.encode``) or "tiktoken" (``Tokenizer.to_tiktoken()``; the
-    same ids, faster). num_workers: processes (None: all cores; 1: in this process).
-    Returns {"tokens", "bytes", "seconds", "mb_per_s", "dtype", "chunks"}.
+    backend: "native" (our encoder: its C core, else ``Tokenizer.encode``) or "tiktoken"
+    (``Tokenizer.to_tiktoken()``; the same ids; a chunk tiktoken cannot encode — a run of ~1M spaces exceeds its regex
+    stack — is encoded natively, see ``tiktoken_encoder``, and counted in ``native_fallback_chunks``).
+    num_workers: processes (None: all cores; 1: in this process); with several, a chunk is at
+    most a quarter of a process's share of the file (at least 256 KiB), so all stay busy.
+    Returns {"tokens", "bytes", "seconds", "mb_per_s", "dtype", "chunks"[, "native_fallback_chunks"]}.
     Raises DataError for a missing or non-UTF-8 file, ValueError for an unknown backend."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     path, out_path = Path(path), Path(out_path)
     specials = [s.encode("utf-8") for s in tokenizer.special_tokens]
+    workers = max(1, num_workers or os.cpu_count() or 1)
+    if workers > 1 and path.is_file():  # enough chunks to keep every process busy to the end
+        per_chunk = -(-path.stat().st_size // (_CHUNKS_PER_WORKER * workers))
+        chunk_bytes = max(1, min(chunk_bytes, max(per_chunk, _MIN_CHUNK_BYTES)))
     bounds = find_chunk_boundaries(path, chunk_bytes, specials)
     tasks = [(str(path), i, a, b, f"{out_path}.part{i:06d}") for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
-    workers = max(1, min(num_workers or os.cpu_count() or 1, len(tasks)))
+    workers = max(1, min(workers, len(tasks)))
     init_args = (tokenizer.vocab, tokenizer.merges, tokenizer.special_tokens, backend)
     dtype = token_dtype(max(tokenizer.vocab) + 1)
     bar = byte_progress(bounds[-1], f"encoding {path.name}", progress)
     t0 = time.perf_counter()
-    n_tokens = 0
+    n_tokens, fallbacks = 0, 0
     try:
         with open(out_path, "wb") as out:
-            def append(result: tuple[int, int, int]) -> None:
-                nonlocal n_tokens
-                index, count, nbytes = result
+            def append(result: tuple[int, int, int, bool]) -> None:
+                nonlocal n_tokens, fallbacks
+                index, count, nbytes, fell_back = result
+                fallbacks += fell_back
                 part = Path(tasks[index][4])
                 with open(part, "rb") as p:
                     while block := p.read(1 << 24):
@@ -105,5 +143,10 @@ def encode_file(path: str | os.PathLike, tokenizer: Tokenizer, out_path: str | o
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - t0
-    return {"tokens": n_tokens, "bytes": bounds[-1], "seconds": round(seconds, 3),
-            "mb_per_s": round(bounds[-1] / 1e6 / max(seconds, 1e-9), 3), "dtype": dtype.name, "chunks": len(tasks)}
+    stats = {"tokens": n_tokens, "bytes": bounds[-1], "seconds": round(seconds, 3),
+             "mb_per_s": round(bounds[-1] / 1e6 / max(seconds, 1e-9), 3), "dtype": dtype.name, "chunks": len(tasks)}
+    if fallbacks:
+        log.info("%s: %d of %d chunk(s) encoded natively (tiktoken's regex cannot match them; same ids)", path.name,
+                 fallbacks, len(tasks))
+        stats["native_fallback_chunks"] = fallbacks
+    return stats

@@ -108,8 +108,31 @@ def test_interrupted_encode_leaves_no_artifact(docs_file, cache_dir, monkeypatch
         return encode_file(*args, **kwargs)
 
     monkeypatch.setattr(bulk, "encode_file", interrupted)  # get_or_encode_tokens imports it on use
-    with pytest.raises(KeyboardInterrupt):
-        cli.main(["stage=encode", *FAST, "data=text_files", f"data.train={docs_file}"])
+    assert cli.main(["stage=encode", *FAST, "data=text_files", f"data.train={docs_file}"]) == 130  # Ctrl-C: one line
     assert list((cache_dir / "tokens").iterdir()) == []
     (run_dir,) = (Path.cwd() / "runs" / "encode").iterdir()
     assert json.loads((run_dir / "run.json").read_text())["status"] == "interrupted"
+
+
+def test_tiktoken_backend_falls_back_on_a_million_spaces(tmp_path):
+    """Issue 25 F9: tiktoken's regex raises "Max stack size exceeded for backtracking" on a
+    1M-space line; that chunk is encoded natively, with the same ids."""
+    pytest.importorskip("tiktoken")
+    from lmrun.tokenizer.bpe import train_bpe
+
+    src = Path(cli.CONF_DIR).parent / "lmrun" / "data" / "corpora" / "tinyshakespeare.txt"
+    train = tmp_path / "train.txt"
+    train.write_text(src.read_text(encoding="utf-8")[:50_000], encoding="utf-8")
+    vocab, merges = train_bpe(train, 400, ["<|endoftext|>"])
+    tok = Tokenizer(vocab, merges, ["<|endoftext|>"])
+    text = "First line.\n" + " " * 1_000_000 + "\nafter the spaces<|endoftext|>next document\n"
+    with pytest.raises(ValueError, match="stack"):  # what tiktoken alone does (the bug)
+        tok.to_tiktoken().encode(text, allowed_special="all")
+    path = tmp_path / "spaces.txt"
+    path.write_text(text, encoding="utf-8")
+    out = tmp_path / "spaces.bin"
+    stats = encode_file(path, tok, out, backend="tiktoken", num_workers=1, chunk_bytes=1 << 16)
+    ids = np.fromfile(out, dtype=token_dtype(max(tok.vocab) + 1)).tolist()
+    assert ids == tok.encode(text) and stats["tokens"] == len(ids)
+    assert stats["native_fallback_chunks"] >= 1
+    assert "native_fallback_chunks" not in encode_file(path, tok, tmp_path / "n.bin", backend="native", num_workers=1)
