@@ -8,11 +8,17 @@ a flag; the loop sees :func:`requested` after its current step, saves its own ch
 raises :class:`Preempted`; the launcher then runs submitit's handler, which requeues the job
 into the same run directory, where the stage resumes from that checkpoint. Outside such a loop
 the signal requeues immediately (the stage restarts from scratch).
+
+Ctrl-C (SIGINT) gets the same treatment inside :func:`interruptible`: the first one sets a flag
+(:func:`interrupted`), the loop saves a checkpoint after its current step and raises
+KeyboardInterrupt; a second Ctrl-C raises KeyboardInterrupt at once (an atomic checkpoint write
+in progress leaves the previous checkpoint, never half a file).
 """
 from __future__ import annotations
 
 import logging
 import signal
+import threading
 from contextlib import contextmanager
 
 log = logging.getLogger(__name__)
@@ -20,6 +26,7 @@ log = logging.getLogger(__name__)
 _requested: int | None = None
 _deferred = None
 _cooperative = 0
+_interrupts = 0
 
 
 class Preempted(Exception):
@@ -68,3 +75,42 @@ def requeue_now() -> None:
     if _deferred is None or _requested is None:
         return
     _deferred(_requested, None)
+
+
+@contextmanager
+def interruptible():
+    """While inside, Ctrl-C (SIGINT) does not raise KeyboardInterrupt in the middle of whatever
+    runs: the first one only sets the flag that :func:`interrupted` reports (and logs a warning),
+    so that the code can stop at a safe point (the trainer checkpoints after its current step,
+    then raises KeyboardInterrupt); a second one raises KeyboardInterrupt at once.
+
+    Takes effect only in the main thread and only where SIGINT has Python's default handler (an
+    ignored SIGINT, e.g. a background job, or another handler is left alone). The previous
+    handler and the flag are restored on exit."""
+    global _interrupts
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+
+    def handler(sig, frame):
+        global _interrupts
+        _interrupts += 1
+        if _interrupts > 1:
+            raise KeyboardInterrupt("a second Ctrl-C: stopped at once, without waiting for the checkpoint")
+        log.warning("interrupted (Ctrl-C): saving a checkpoint after the current step; press Ctrl-C again to stop "
+                    "at once")
+
+    _interrupts = 0
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        _interrupts = 0
+
+
+def interrupted() -> bool:
+    """True once Ctrl-C (SIGINT) arrived inside :func:`interruptible` (the code should save and
+    raise KeyboardInterrupt)."""
+    return _interrupts > 0

@@ -25,7 +25,7 @@ from lmrun.model.flops import model_summary
 from lmrun.optim import build_optimizer, build_schedule, clip_grad_norm, set_lr
 from lmrun.tracking.files import save_figure
 from lmrun.tracking.progress import LOG_EVERY_S, Progress, format_duration
-from lmrun.train.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
+from lmrun.train.checkpoint import RESERVED, CheckpointManager, load_state, rng_state, set_rng_state
 from lmrun.train.data import BatchStream
 from lmrun.train.ema import ParameterEMA
 from lmrun.train.evaluation import bits_per_byte, evaluate_loss
@@ -114,6 +114,9 @@ class TrainState:
     skipped_steps: int = 0
     best_val_loss: float = math.inf
     history: dict = field(default_factory=lambda: {"step": [], "loss": [], "val_step": [], "val_loss": []})
+    #: the end-of-training evaluation (``{"step": ..., **metrics}``) once done: a restart of the
+    #: finished run reports it instead of evaluating (and logging) the same step again
+    final_eval: dict | None = None
 
 
 class _State:
@@ -276,7 +279,7 @@ class Trainer:
         s = self.state
         extra = {"train_state": {"step": s.step, "tokens": s.tokens, "train_seconds": s.train_seconds,
                                  "skipped_steps": s.skipped_steps, "best_val_loss": s.best_val_loss,
-                                 "history": s.history},
+                                 "history": s.history, "final_eval": s.final_eval},
                  "stream": self.stream.state_dict(), "rng": rng_state(), "config": self.config_container,
                  **self.extra_state}
         if self.noise_scale is not None:
@@ -294,24 +297,33 @@ class Trainer:
         return self.ckpt.path(s.step)
 
     def maybe_resume(self) -> bool:
+        """With ``train.resume=auto``: restore the newest intact checkpoint of the run's
+        ``checkpoints/`` folder (model, optimizer, train state, data position, RNG states, noise
+        scale, EMA); True if one was restored.
+
+        A corrupt newer checkpoint (truncated, or its checksum does not match) is reported with a
+        warning naming it and why, moved aside to ``<name>.corrupt``, and the previous one is
+        used (:meth:`CheckpointManager.read_latest`).
+
+        Raises CorruptCheckpointError (a FormatError) when no checkpoint is readable, FormatError
+        when the checkpoint does not fit this model or optimizer (another model config): one line
+        naming the file."""
         if self.t.resume != "auto":
             return False
-        latest = self.ckpt.latest()
-        if latest is None:
+        found = self.ckpt.read_latest(quarantine=self.env.is_main)
+        if found is None:
             return False
+        latest, obj = found
         if self.parallel.active:
-            from lmrun.train.checkpoint import read_checkpoint
-
-            obj = read_checkpoint(latest)
             self.parallel.load_model_state(obj["model"])
             self.parallel.load_optimizer_state(obj["optimizer"])
-            extra = {k: v for k, v in obj.items() if k not in ("format_version", "iteration", "model", "optimizer")}
         else:
-            step, extra = load_checkpoint(latest, self.model, self.optimizer, return_extra=True)
+            load_state(obj, self.model, self.optimizer, name=str(latest))
+        extra = {k: v for k, v in obj.items() if k not in RESERVED}
         ts = extra["train_state"]
         self.state = TrainState(step=int(ts["step"]), tokens=int(ts["tokens"]), train_seconds=float(ts["train_seconds"]),
                                 skipped_steps=int(ts["skipped_steps"]), best_val_loss=float(ts["best_val_loss"]),
-                                history=ts["history"])
+                                history=ts["history"], final_eval=ts.get("final_eval"))
         self.stream.load_state_dict(extra["stream"])
         set_rng_state(extra["rng"])
         if self.noise_scale is not None and "noise_scale" in extra:
@@ -385,16 +397,17 @@ class Trainer:
         grad_norm = clip_grad_norm(params, t.grad_clip if t.grad_clip > 0 else math.inf)
         return float(total_loss), float(total_z), float(grad_norm)
 
-    def _agree(self, seconds: float, preempt: bool) -> tuple[float, bool]:
-        """With several processes: the slowest rank's step time and whether any rank was asked
-        to stop, so that every rank takes the same decisions (time budget, preemption)."""
+    def _agree(self, seconds: float, preempt: bool, interrupt: bool = False) -> tuple[float, bool, bool]:
+        """With several processes: the slowest rank's step time, whether any rank was asked to
+        stop (preemption) and whether any was interrupted (Ctrl-C), so that every rank takes the
+        same decisions (time budget, checkpoint and stop)."""
         if not self.parallel.active:
-            return seconds, preempt
+            return seconds, preempt, interrupt
         import torch.distributed as dist
 
-        v = torch.tensor([seconds, float(preempt)], dtype=torch.float64, device=self.device)
+        v = torch.tensor([seconds, float(preempt), float(interrupt)], dtype=torch.float64, device=self.device)
         dist.all_reduce(v, op=dist.ReduceOp.MAX)
-        return float(v[0]), bool(v[1] > 0)
+        return float(v[0]), bool(v[1] > 0), bool(v[2] > 0)
 
     def plain_model(self) -> torch.nn.Module | None:
         """The trained model as one unsplit module (for sampling): the model itself (a copy with
@@ -416,7 +429,25 @@ class Trainer:
         return self.model if self.env.is_main else None
 
     def fit(self) -> dict:
+        """Train to the budget, resuming first (:meth:`maybe_resume`; temporary files of killed
+        checkpoint writes are removed before), then evaluate on the whole validation split, save
+        the final checkpoint and return the summary.
+
+        Raises preemption.Preempted after saving a checkpoint when Slurm's preemption or
+        time-limit signal arrived; KeyboardInterrupt("at step N: saved <path>; resume with ...")
+        after saving a checkpoint of the step in progress when Ctrl-C (SIGINT) arrived (a second
+        Ctrl-C stops at once); NonFiniteError for a non-finite loss with ``train.on_nan=stop``.
+
+        The run's metrics logged after the step training starts from (the restored checkpoint's,
+        or 0) by an earlier attempt that was killed or requeued are dropped
+        (``Run.drop_metrics_after``): this attempt logs those steps again, and each step appears
+        once in metrics.jsonl."""
+        if self.env.is_main:
+            self.ckpt.remove_stale_temp_files()
         resumed = self.maybe_resume()
+        drop = getattr(self.run, "drop_metrics_after", None)  # None: a stand-in run (library use)
+        if drop is not None:
+            drop(self.state.step)
         t, s = self.t, self.state
         log.info("model %s: %s parameters (%s non-embedding); %s train FLOPs/token; %d steps of %d tokens on %s (%s)%s",
                  self.summary["architecture"], f"{self.summary['params']['total']:,}",
@@ -435,7 +466,8 @@ class Trainer:
         last_line = time.perf_counter()
         profiler = self._profiler()
         self.model.train()
-        with logging_redirect_tqdm(), preemption.cooperative(), profiler or contextlib.nullcontext():
+        with logging_redirect_tqdm(), preemption.cooperative(), preemption.interruptible(), \
+                profiler or contextlib.nullcontext():
             while not self._done():
                 t0 = time.perf_counter()
                 lr = self.schedule(self._schedule_step())
@@ -462,7 +494,8 @@ class Trainer:
                     torch.cuda.synchronize()
                 s.step += 1
                 s.tokens += self.tokens_per_step
-                step_seconds, stop = self._agree(time.perf_counter() - t0, preemption.requested())
+                step_seconds, stop, interrupt = self._agree(time.perf_counter() - t0, preemption.requested(),
+                                                            preemption.interrupted())
                 s.train_seconds += step_seconds
                 self._train_s_here += step_seconds
                 if profiler is not None:
@@ -506,11 +539,22 @@ class Trainer:
                     bar.close()
                     raise preemption.Preempted(f"preempted at step {s.step}: saved {path}; the job is requeued and "
                                                "resumes from it")
+                if interrupt:  # Ctrl-C (on any rank): save the step just taken, then stop
+                    path = self.save()
+                    bar.close()
+                    raise KeyboardInterrupt(f"at step {s.step}: saved {path}; resume with hydra.run.dir={self.run.dir}")
         bar.close()
         if profiler is not None:
             self._write_profile(profiler)
-        final = self._log_eval(None)
-        path = self.save()
+        if s.final_eval is not None and s.final_eval.get("step") == s.step:  # a restart of a finished run
+            final = {k: v for k, v in s.final_eval.items() if k != "step"}
+            path = self.ckpt.path(s.step)
+            log.info("step %d: training was already finished; validation loss %.4f (from %s)", s.step,
+                     final["val_loss"], path.name)
+        else:
+            final = self._log_eval(None)
+            s.final_eval = {"step": s.step, **final}
+            path = self.save()
         summary = {"steps": s.step, "tokens": s.tokens, "train_seconds": round(s.train_seconds, 3),
                    "tokens_per_s": s.tokens / max(s.train_seconds, 1e-9), "final_train_loss": s.history["loss"][-1]
                    if s.history["loss"] else None, **final, "skipped_steps": s.skipped_steps,
