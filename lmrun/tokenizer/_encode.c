@@ -51,6 +51,7 @@ enum { C_OTHER = 0, C_L = 1, C_N = 2, C_WS = 3 };
 #define HEAP_MIN_BYTES 64
 #define CACHE_MAX_BYTES 255
 #define NO_RANK INT32_MAX
+#define INTS_MAX (1 << 24) /* Python ints of ids below this are cached */
 
 static PyObject *MissingByteError;
 
@@ -158,6 +159,7 @@ typedef struct {
     Py_ssize_t nmerges;
     int32_t max_id;
     PyObject **ints; /* cached Python ints 0..max_id */
+    PyObject *args;  /* the constructor's arguments, for pickling */
     /* pre-token cache */
     CacheSlot *slots;
     uint64_t cmask;
@@ -170,7 +172,7 @@ typedef struct {
     int32_t *buf;
     size_t buf_len, buf_cap; /* output ids of one call */
     uint64_t *heap;
-    int32_t *htok, *hnxt, *hprv;
+    int32_t *htok, *hnxt, *hprv, *hbatch;
     size_t hcap;
 } Encoder;
 
@@ -237,7 +239,10 @@ static int heap_reserve(Encoder *E, size_t n) {
     if (x) E->hnxt = x;
     int32_t *v = realloc(E->hprv, cap * sizeof(int32_t));
     if (v) E->hprv = v;
-    if (!h || !t || !x || !v) {
+    /* a batch holds the heap entries of one rank: at most the heap size */
+    int32_t *bt = realloc(E->hbatch, 3 * cap * sizeof(int32_t));
+    if (bt) E->hbatch = bt;
+    if (!h || !t || !x || !v || !bt) {
         PyErr_NoMemory();
         return -1;
     }
@@ -308,7 +313,7 @@ static Py_ssize_t bpe_small(const Encoder *E, int32_t *ids, Py_ssize_t n) {
 /* O(n log n) BPE of ids[0..n) in place, same result as bpe_small (see Tokenizer._bpe_heap) */
 static Py_ssize_t bpe_heap(Encoder *E, int32_t *ids, Py_ssize_t n) {
     if (heap_reserve(E, (size_t)n) < 0) return -1;
-    int32_t *tok = E->htok, *nxt = E->hnxt, *prv = E->hprv;
+    int32_t *tok = E->htok, *nxt = E->hnxt, *prv = E->hprv, *batch = E->hbatch;
     uint64_t *heap = E->heap;
     size_t nh = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -339,9 +344,11 @@ static Py_ssize_t bpe_heap(Encoder *E, int32_t *ids, Py_ssize_t n) {
     while (nh) {
         uint32_t r = (uint32_t)(heap[0] >> 32);
         int32_t nw = E->merge_new[r];
-        /* the pair of rank r: read it off the first valid entry */
-        while (nh && (uint32_t)(heap[0] >> 32) == r) {
-            int32_t i = (int32_t)(uint32_t)heap_pop(heap, &nh);
+        /* take the whole batch first: merges below may push pairs of a lower rank */
+        size_t nb = 0;
+        while (nh && (uint32_t)(heap[0] >> 32) == r) batch[nb++] = (int32_t)(uint32_t)heap_pop(heap, &nh);
+        for (size_t q = 0; q < nb; q++) {
+            int32_t i = batch[q];
             int32_t j = nxt[i];
             if (tok[i] < 0 || j < 0 || pair_rank(E, tok[i], tok[j]) != (int32_t)r) continue;
             tok[i] = nw;
@@ -523,6 +530,20 @@ static int parse_range(PyObject *text, PyObject *ostart, PyObject *oend, Py_ssiz
     return 0;
 }
 
+/* a new reference to the Python int of id; ids below INTS_MAX are made once and shared */
+static inline PyObject *int_of(Encoder *E, int32_t id) {
+    if (E->ints && id <= E->max_id) {
+        PyObject *v = E->ints[id];
+        if (!v) {
+            v = E->ints[id] = PyLong_FromLong(id);
+            if (!v) return NULL;
+        }
+        Py_INCREF(v);
+        return v;
+    }
+    return PyLong_FromLong(id);
+}
+
 static PyObject *Encoder_encode(Encoder *E, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"text", "start", "end", "out", NULL};
     PyObject *text, *ostart = NULL, *oend = NULL, *out = NULL;
@@ -545,8 +566,11 @@ static PyObject *Encoder_encode(Encoder *E, PyObject *args, PyObject *kw) {
         PyObject *tail = PyList_New((Py_ssize_t)n);
         if (!tail) return NULL;
         for (size_t k = 0; k < n; k++) {
-            PyObject *v = E->ints[E->buf[k]];
-            Py_INCREF(v);
+            PyObject *v = int_of(E, E->buf[k]);
+            if (!v) {
+                Py_DECREF(tail);
+                return NULL;
+            }
             PyList_SET_ITEM(tail, (Py_ssize_t)k, v);
         }
         if (PyList_SetSlice(out, base, base, tail) < 0) {
@@ -560,8 +584,11 @@ static PyObject *Encoder_encode(Encoder *E, PyObject *args, PyObject *kw) {
     list = PyList_New((Py_ssize_t)n);
     if (!list) return NULL;
     for (size_t k = 0; k < n; k++) {
-        PyObject *v = E->ints[E->buf[k]];
-        Py_INCREF(v);
+        PyObject *v = int_of(E, E->buf[k]);
+        if (!v) {
+            Py_DECREF(list);
+            return NULL;
+        }
         PyList_SET_ITEM(list, (Py_ssize_t)k, v);
     }
     return list;
@@ -612,7 +639,16 @@ static PyObject *Encoder_get_cache_len(Encoder *E, void *Py_UNUSED(closure)) {
     return PyLong_FromSsize_t(E->centries);
 }
 
+static PyObject *Encoder_reduce(Encoder *E, PyObject *Py_UNUSED(ignored)) {
+    if (!E->args) {
+        PyErr_SetString(PyExc_TypeError, "cannot pickle an uninitialized Encoder");
+        return NULL;
+    }
+    return Py_BuildValue("(OO)", (PyObject *)Py_TYPE(E), E->args);
+}
+
 static void Encoder_dealloc(Encoder *E) {
+    Py_XDECREF(E->args);
     free(E->pkeys);
     free(E->pranks);
     free(E->merge_new);
@@ -628,6 +664,7 @@ static void Encoder_dealloc(Encoder *E) {
     free(E->htok);
     free(E->hnxt);
     free(E->hprv);
+    free(E->hbatch);
     Py_TYPE(E)->tp_free((PyObject *)E);
 }
 
@@ -715,15 +752,10 @@ static int Encoder_init(Encoder *E, PyObject *args, PyObject *kw) {
     Py_DECREF(fm);
     E->nmerges = nm;
     E->max_id = max_id;
-    E->ints = calloc((size_t)max_id + 1, sizeof(PyObject *));
-    if (!E->ints) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    for (int32_t i = 0; i <= max_id; i++) {
-        E->ints[i] = PyLong_FromLong(i);
-        if (!E->ints[i]) return -1;
-    }
+    E->args = Py_BuildValue("(OOn)", obytes, omerges, cache_size);
+    if (!E->args) return -1;
+    /* made lazily; calloc leaves the untouched pages of a large table unallocated */
+    E->ints = max_id < INTS_MAX ? calloc((size_t)max_id + 1, sizeof(PyObject *)) : NULL;
     if (cache_size < 0) cache_size = 0;
     E->cmax = cache_size;
     if (cache_size > 0) {
@@ -749,6 +781,7 @@ static PyMethodDef Encoder_methods[] = {
      "The ids of text[start:end] appended to the bytearray `out` as native unsigned ints of itemsize\n"
      "(2 or 4) bytes; returns how many were appended."},
     {"clear_cache", (PyCFunction)Encoder_clear_cache, METH_NOARGS, "Empty the pre-token cache."},
+    {"__reduce__", (PyCFunction)Encoder_reduce, METH_NOARGS, "Pickle support: rebuilt from its arguments."},
     {NULL, NULL, 0, NULL},
 };
 

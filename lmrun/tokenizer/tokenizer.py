@@ -13,6 +13,7 @@ Units"; Radford et al. 2019; the ``Tokenizer`` of Stanford CS336 assignment 1):
 
 Pre-token encodings are cached (pre-token text -> ids), which is what makes the pure-Python
 encoder fast on natural text, where few distinct pre-tokens make up most of the text.
+``encode`` runs the same algorithm in C when the extension is built (:mod:`lmrun.tokenizer.native`).
 
 The ids this module returns are those of the vocabulary it was given, whatever their order;
 :meth:`Tokenizer.to_tiktoken` and :meth:`Tokenizer.to_hf` export encoders that return the same ids.
@@ -27,6 +28,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from lmrun.errors import ConfigError, DataError, FormatError, LmrunError
+from lmrun.tokenizer import native as _native
 from lmrun.tokenizer.formats import check_consistent, load_merges, load_vocab, token_to_str
 from lmrun.tokenizer.pretokenize import GPT2_PATTERN, pretokenize
 from lmrun.tracking.files import atomic_write_text
@@ -143,6 +145,8 @@ class Tokenizer:
 
         self._cache: dict[str, tuple[int, ...]] = {}
         self._cache_size = max(int(cache_size), 0)
+        # the C core of encoding (same ids), or None: pure Python (lmrun.tokenizer.native)
+        self._native = _native.native_encoder(self)
 
     # ------------------------------------------------------------------ construction
 
@@ -214,6 +218,8 @@ class Tokenizer:
             yield from self.encode(buf)
 
     def _encode(self, text: str) -> list[int]:
+        if self._native is not None:
+            return _native.encode(self, self._native, text)
         if self._special_re is None:
             return self._encode_pretokens(pretokenize(text))
         ids: list[int] = []
