@@ -4,7 +4,11 @@ Layout: ``<root>/<kind>/<key>/`` holding the artifact's files and ``artifact.jso
 material, creation time, build seconds and what the builder returned). The key is a hash of
 the inputs' identity (content digests of files) and the config that produced the artifact.
 An artifact is built in a temporary sibling folder and renamed into place only when complete,
-so an interrupted build leaves nothing that a later run could mistake for a finished one.
+so an interrupted build leaves nothing that a later run could mistake for a finished one. The
+temporary folder's name carries the builder's host and pid (``.tmp-<key>.<host>.<pid>.<random>``;
+a replaced entry is moved aside as ``.old-<key>.<host>.<pid>.<random>``), so the folders of a
+builder killed outright (``kill -9``, out of memory, a lost node) are removed before the next
+build of that kind — never those of a live builder, nor of another host's (a shared cache).
 File digests are remembered in ``<root>/digests.json`` by (path, size, mtime) so large inputs
 are read once.
 """
@@ -15,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import uuid
@@ -23,12 +28,21 @@ from pathlib import Path
 from typing import Any, Callable
 
 from lmrun.errors import DataError, FormatError
-from lmrun.tracking.files import atomic_write_json
+from lmrun.tracking.files import _host_tag, _pid_alive, atomic_write_json, remove_stale_temp_files
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "artifact.json"
 _BLOCK = 1 << 20
+#: a build's temporary folder, or an entry moved aside while being replaced (see ``_work_dir``)
+_WORK_RE = re.compile(r"^\.(?P<what>tmp|old)-(?P<key>[0-9a-f]+)\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\."
+                      r"(?P<rand>[0-9a-f]{8})$")
+
+
+def _work_dir(final: Path, what: str) -> Path:
+    """``<kind dir>/.<what>-<key>.<host>.<pid>.<random>``: a folder beside ``final`` that this
+    process owns (``what``: "tmp" for a build, "old" for an entry being replaced)."""
+    return final.parent / f".{what}-{final.name}.{_host_tag()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
 
 
 @dataclass
@@ -74,6 +88,50 @@ class ArtifactCache:
         return Artifact(kind, key, where, manifest, reused=True)
 
     # building ----------------------------------------------------------------------------
+    def remove_stale(self, kind: str | None = None) -> list[Path]:
+        """Remove what dead builders left under ``<root>/<kind>`` (every kind when None): their
+        temporary build folders and entries moved aside (``.tmp-…``/``.old-…`` named with this
+        host and a pid that no longer exists here), and temporary files of interrupted atomic
+        writes (``lmrun.tracking.files.remove_stale_temp_files``), also in the root
+        (``digests.json``). An entry moved aside whose replacement never arrived (killed between
+        the two renames) is put back instead. Kept: a live builder's folders (this process's
+        included), other hosts' (their pids cannot be checked from here), anything else. Returns
+        the removed paths, sorted; a missing cache removes nothing. Called before every build."""
+        if kind is None:
+            try:
+                dirs = [p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+            except (FileNotFoundError, NotADirectoryError):
+                return []
+        else:
+            dirs = [self.root / kind]
+        host, removed = _host_tag(), list(remove_stale_temp_files(self.root))
+        for d in dirs:
+            removed += remove_stale_temp_files(d)
+            try:
+                entries = list(os.scandir(d))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for entry in entries:
+                m = _WORK_RE.match(entry.name)
+                if m is None or m["host"] != host or _pid_alive(int(m["pid"])):
+                    continue
+                if not entry.is_dir(follow_symlinks=False):
+                    continue
+                final = d / m["key"]
+                if m["what"] == "old" and not final.exists() and (Path(entry.path) / MANIFEST).is_file():
+                    try:  # killed between its two renames: the replaced entry is still whole, put it back
+                        os.rename(entry.path, final)
+                        log.warning("cache: restored %s (its rebuild was killed)", final)
+                        continue
+                    except OSError:
+                        pass
+                shutil.rmtree(entry.path, ignore_errors=True)
+                if not os.path.exists(entry.path):
+                    removed.append(Path(entry.path))
+        for path in removed:
+            log.warning("cache: removed %s (left by a build that was killed)", path)
+        return sorted(removed)
+
     def get_or_build(self, kind: str, material: dict, builder: Callable[[Path], dict | None],
                      rebuild: bool | None = None) -> Artifact:
         """Return the artifact for (kind, material), building it with ``builder(tmp_dir)`` if absent.
@@ -81,7 +139,8 @@ class ArtifactCache:
         ``builder`` writes its files into the folder it is given and may return a dict kept in
         the manifest under "result". The folder is renamed into place atomically after the
         builder returns; on any exception (or interrupt) it is deleted. ``rebuild`` (default:
-        the cache's own flag) forces a new build that replaces the old entry."""
+        the cache's own flag) forces a new build that replaces the old entry. Before building,
+        the leftovers of killed builders of this kind are removed (:meth:`remove_stale`)."""
         key = self.key(kind, material)
         rebuild = self.rebuild if rebuild is None else rebuild
         if not rebuild:
@@ -91,7 +150,8 @@ class ArtifactCache:
                 return found
         final = self.path(kind, key)
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.parent / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
+        self.remove_stale(kind)
+        tmp = _work_dir(final, "tmp")
         tmp.mkdir()
         try:
             t0 = time.perf_counter()
@@ -110,7 +170,7 @@ class ArtifactCache:
     def _install(tmp: Path, final: Path) -> None:
         old = None
         if final.exists():
-            old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
+            old = _work_dir(final, "old")
             os.rename(final, old)
         try:
             os.rename(tmp, final)
