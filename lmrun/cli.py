@@ -344,6 +344,7 @@ def _task(cfg):
 
     from lmrun.launch import sweep as sweeps
     from lmrun.launch.preemption import Preempted
+    from lmrun.tracking.files import json_dumps
     from lmrun.tracking.run import end_run, start_run
 
     hc = HydraConfig.get()
@@ -413,7 +414,7 @@ def _task(cfg):
         raise
     run.finish(summary)
     end_run()
-    log.info("summary: %s", json.dumps(summary, default=str))
+    log.info("summary: %s", json_dumps(summary))
     result = sweeps.job_result(summary, objective)
     if objective and result is None:  # the run completed, but the search cannot use it
         numeric = [k for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]

@@ -47,24 +47,23 @@ def small_train(tmp_path) -> Path:
 @pytest.mark.slow
 def test_identical_commands_in_the_same_second_get_their_own_run_directories(small_train, isolated_workspace):
     """Before: each process saw the directory free, then all of them wrote into it (or crashed on
-    the other's run.json). Three real processes, the clock stopped so the names collide."""
-    args = ["stage=tokenizer", "data=text_files", f"data.train={small_train}", *FAST]
-    assert cli.main(args) == 0  # build the cached tokenizer once, so the three only race for the directory
+    the other's run.json). Three real `lmrun stage=encode` processes, the clock stopped so that
+    their directory names collide."""
+    args = ["stage=encode", "data=text_files", f"data.train={small_train}", *FAST]
+    assert cli.main(args) == 0  # build the cached tokenizer and arrays once: the three race only for the directory
     procs = [subprocess.Popen([sys.executable, "-c", _frozen_code(), *args], env=_env(), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(3)]
-    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
-    for p in procs:
-        p.stdout.close()
-        p.stderr.close()
-    assert [rc for rc, _ in results] == [0, 0, 0], [err[-2000:] for _, err in results]
-    frozen = sorted(d.name for d in (isolated_workspace / "runs" / "tokenizer").iterdir()
-                    if d.name.startswith("2026-01-01_00-00-00"))
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err[-2000:] for _, err in results]
+    runs = isolated_workspace / "runs" / "encode"
+    frozen = sorted(d.name for d in runs.iterdir() if d.name.startswith("2026-01-01_00-00-00"))
     base = frozen[0]
     assert frozen == [base, f"{base}-1", f"{base}-2"]
     for name in frozen:
-        info = json.loads((isolated_workspace / "runs" / "tokenizer" / name / "run.json").read_text())
-        assert info["status"] == "completed" and "restarts" not in info
-        assert info["run_dir"].endswith(name)
+        info = json.loads((runs / name / "run.json").read_text())
+        assert info["status"] == "completed" and "restarts" not in info and info["run_dir"].endswith(name)
+        assert json.loads((runs / name / "summary.json").read_text())["cached"] is True
+        assert (runs / name / ".hydra" / "config.yaml").is_file()
 
 
 @pytest.mark.slow
