@@ -827,7 +827,23 @@ static PyObject *mod_pretokenize(PyObject *Py_UNUSED(self), PyObject *args) {
     return out;
 }
 
+static PyObject *mod_scan(PyObject *Py_UNUSED(self), PyObject *args) {
+    /* the pre-tokenizer alone (for profiles): number of pre-tokens of a str */
+    PyObject *text;
+    if (!PyArg_ParseTuple(args, "U:scan", &text)) return NULL;
+    Py_ssize_t n;
+    const char *u = PyUnicode_AsUTF8AndSize(text, &n);
+    if (!u) return NULL;
+    Py_ssize_t i = 0, count = 0;
+    while (i < n) {
+        i = piece_end((const uint8_t *)u, n, i);
+        count++;
+    }
+    return PyLong_FromSsize_t(count);
+}
+
 static PyMethodDef module_methods[] = {
+    {"scan", mod_scan, METH_VARARGS, "scan(text) -> int: number of GPT-2 pre-tokens (the pre-tokenizer alone, for profiles)."},
     {"pretokenize", mod_pretokenize, METH_VARARGS,
      "pretokenize(text) -> list[str]: GPT-2 pre-tokens of text (as PRETOKEN_RE.findall, tiktoken's classes)."},
     {NULL, NULL, 0, NULL},

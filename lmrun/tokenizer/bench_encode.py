@@ -1,28 +1,38 @@
-"""Encoding throughput: lmrun's pure-Python ``Tokenizer.encode`` against tiktoken, one thread.
+"""Encoding throughput: lmrun's ``Tokenizer.encode`` against tiktoken and HF ``tokenizers``, one thread.
 
-Both encode the same text with the same vocabulary and merges (tiktoken's encoding is built by
-``Tokenizer.to_tiktoken``, so the comparison holds the algorithm's inputs fixed), and the ids are
-checked to be equal. Reported in MB/s of UTF-8 input (1 MB = 10^6 bytes):
+All encode the same text with the same vocabulary and merges (tiktoken's encoding is built by
+``Tokenizer.to_tiktoken``, HF's from the ``tokenizer.json`` of ``Tokenizer.to_hf``, so the
+comparison holds the algorithm's inputs fixed), and all ids are checked to be equal in the same
+run. Reported in MB/s of UTF-8 input (1 MB = 10^6 bytes):
 
-- ``ours_cold``: a fresh tokenizer, empty pre-token cache (what one pass over new text costs);
-- ``ours_warm``: the same text again with the cache filled (the steady state on a large corpus);
 - ``tiktoken``: ``Encoding.encode(text, allowed_special="all")``, single call, one thread;
-- ``ratio_cold`` / ``ratio_warm``: ours / tiktoken.
+- ``hf``: ``tokenizers.Tokenizer.encode(text)`` (``TOKENIZERS_PARALLELISM=false``);
+- ``ours_cold``: ``Tokenizer.encode`` (the C core when built) with an empty pre-token cache (what
+  one pass over new text costs); ``ours_warm``: the same text again, cache filled;
+- ``python_cold`` / ``python_warm``: the pure-Python encoder (the fallback without a compiler);
+- ``ratio_*``: ours / tiktoken, the median of the per-round ratios.
 
 With ``--bulk``, also the bulk path of ``lmrun stage=encode`` (:func:`lmrun.tokenizer.bulk.encode_file`:
-the file cut at document boundaries, chunks encoded in worker processes) for both backends
-with 1 and 2 processes, and the speed-up from processes (MB/s with N / MB/s with 1).
+the file cut at document boundaries, chunks encoded in worker processes) for both backends with
+1 and 2 processes: MB/s, the speed-up from processes (MB/s with N / MB/s with 1, median of
+per-round ratios) and the ratio to tiktoken's single thread of the first part.
 
-The three are timed in turn in each of ``--repeats`` rounds; each figure is the median over
+With ``--profile``, where the time of one encode goes: for the C core, the pre-tokenizer scan
+alone, + cache lookups (ids into a buffer, warm), + the list of Python ints (warm), + BPE of
+cache misses (cold); for pure Python, the regex pre-tokenization and the rest.
+
+All encoders are timed in turn in each of ``--repeats`` rounds; each figure is the median over
 rounds, each ratio the median of the per-round ratios (robust to load from other processes).
 Usage::
 
     python -m lmrun.tokenizer.bench_encode                       # GPT-2 files + real corpora
+    python -m lmrun.tokenizer.bench_encode --bpe-corpus --bulk   # the 14.7 MB BPE benchmark corpus
     python -m lmrun.tokenizer.bench_encode --text a.txt --text b.txt --json out.json
 
 Defaults: the GPT-2 tokenizer and tinyshakespeare + WikiText-2 valid/test (about 3.5 MB) from
 the developers' shared data folder (``$LMRUN_SHARED_DATA``, else ``../shared/data`` beside the
-repository).
+repository); ``--bpe-corpus``: the corpus of ``lmrun.tokenizer.bench_train`` (needs Debian's
+``python3.11-doc``).
 """
 from __future__ import annotations
 
@@ -31,6 +41,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -48,88 +59,176 @@ def _shared_data() -> Path:
     return Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
+def _clear(tok: Tokenizer) -> None:
+    tok._cache.clear()
+    if tok._native is not None:
+        tok._native.clear_cache()
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def _first_diff(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def _hf_encoder(tok: Tokenizer, tmp: Path):
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        import tokenizers
+    except ImportError:
+        return None
+    path = tmp / "tokenizer.json"
+    tok.to_hf(path)
+    return tokenizers.Tokenizer.from_file(str(path))
+
+
 def run_benchmark(vocab_path: Path, merges_path: Path, texts: list[Path], special_tokens: list[str],
-                  repeats: int = 3) -> dict:
-    """Time both encoders on the concatenation of ``texts``; returns the result dict (MB/s,
-    seconds, ratios, token count). Raises LmrunError if the two encoders disagree."""
+                  repeats: int = 3, *, python: bool = True, hf: bool = True) -> dict:
+    """Time the encoders on the concatenation of ``texts``; returns the result dict (MB/s,
+    seconds, ratios, token count). Raises LmrunError if any two encoders disagree."""
     text = "".join(Path(p).read_text(encoding="utf-8") for p in texts)
     nbytes = len(text.encode("utf-8"))
     t0 = time.perf_counter()
     tok = Tokenizer.from_files(vocab_path, merges_path, special_tokens)
     load_s = time.perf_counter() - t0
+    native = tok._native is not None
+    py = Tokenizer(tok.vocab, tok.merges, special_tokens)
+    py._native = None  # the pure-Python encoder
     enc = tok.to_tiktoken()
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_tok = _hf_encoder(tok, Path(tmp)) if hf else None
 
     ref = enc.encode(text, allowed_special="all")
-    ours = tok.encode(text)
-    if ours != ref:
-        first = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), min(len(ours), len(ref)))
-        raise LmrunError(f"lmrun and tiktoken disagree at token {first} of {len(ref)}")
+    checks = {"lmrun": tok.encode(text)}
+    if python and native:
+        checks["lmrun pure Python"] = py.encode(text)
+    if hf_tok is not None:
+        checks["HF tokenizers"] = hf_tok.encode(text).ids
+    for name, ids in checks.items():
+        if ids != ref:
+            raise LmrunError(f"{name} and tiktoken disagree at token {_first_diff(ids, ref)} of {len(ref)}")
+    del checks
 
-    # interleaved, so that load from other processes hits both sides alike; ratios per round
-    tt, cold, warm = [], [], []
+    # interleaved, so that load from other processes hits all alike; ratios per round
+    times: dict[str, list[float]] = {k: [] for k in ("tiktoken", "ours_cold", "ours_warm", "hf", "python_cold",
+                                                       "python_warm")}
     for _ in range(repeats):
-        t = time.perf_counter()
-        enc.encode(text, allowed_special="all")
-        tt.append(time.perf_counter() - t)
-        tok._cache.clear()
-        t = time.perf_counter()
-        tok.encode(text)
-        cold.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        tok.encode(text)
-        warm.append(time.perf_counter() - t)
-    tiktoken_s, cold_s, warm_s = (statistics.median(x) for x in (tt, cold, warm))
+        times["tiktoken"].append(_timed(lambda: enc.encode(text, allowed_special="all")))
+        _clear(tok)
+        times["ours_cold"].append(_timed(lambda: tok.encode(text)))
+        times["ours_warm"].append(_timed(lambda: tok.encode(text)))
+        if hf_tok is not None:
+            times["hf"].append(_timed(lambda: hf_tok.encode(text)))
+        if python and native:
+            _clear(py)
+            times["python_cold"].append(_timed(lambda: py.encode(text)))
+            times["python_warm"].append(_timed(lambda: py.encode(text)))
     mb = nbytes / 1e6
-    return {
+    tt = times["tiktoken"]
+    r = {
         "text": [str(p) for p in texts],
         "bytes": nbytes,
         "tokens": len(ref),
         "vocab": str(vocab_path),
         "vocab_size": tok.vocab_size,
         "repeats": repeats,
+        "native": native,
+        "ids_identical": sorted(["tiktoken", *(["HF tokenizers"] if hf_tok is not None else []), "lmrun",
+                                 *(["lmrun pure Python"] if python and native else [])]),
         "load_s": round(load_s, 4),
-        "tiktoken_s": round(tiktoken_s, 4),
-        "ours_cold_s": round(cold_s, 4),
-        "ours_warm_s": round(warm_s, 4),
-        "tiktoken_mb_s": round(mb / tiktoken_s, 3),
-        "ours_cold_mb_s": round(mb / cold_s, 3),
-        "ours_warm_mb_s": round(mb / warm_s, 3),
-        "ratio_cold": round(statistics.median(a / b for a, b in zip(tt, cold)), 3),
-        "ratio_warm": round(statistics.median(a / b for a, b in zip(tt, warm)), 3),
-        "python": platform.python_version(),
-        "machine": f"{platform.machine()} {os.cpu_count()} cpus",
     }
+    for k, v in times.items():
+        if v:
+            r[f"{k}_s"] = round(statistics.median(v), 4)
+            r[f"{k}_mb_s"] = round(mb / statistics.median(v), 3)
+            if k != "tiktoken":
+                r[f"ratio_{k.removeprefix('ours_')}"] = round(statistics.median(a / b for a, b in zip(tt, v)), 3)
+    r["python"] = platform.python_version()
+    r["machine"] = f"{platform.machine()} {os.cpu_count()} cpus"
+    return r
+
+
+def profile(vocab_path: Path, merges_path: Path, texts: list[Path], special_tokens: list[str],
+            repeats: int = 3) -> dict:
+    """Seconds per part of one encode of the concatenated ``texts`` (medians over ``repeats``).
+
+    C core: ``scan`` (the pre-tokenizer alone), ``lookup`` (+ pre-token cache lookups and the
+    special-token split: ids into a buffer, warm cache), ``pyints`` (+ the list of Python ints,
+    warm), ``bpe`` (+ BPE of the cache misses: cold - warm). Pure Python: ``regex`` (GPT-2 regex
+    pre-tokenization) and ``rest`` (cache lookups, BPE of misses, list building; cold)."""
+    import numpy as np
+
+    from lmrun.tokenizer import native
+    from lmrun.tokenizer.pretokenize import pretokenize
+
+    text = "".join(Path(p).read_text(encoding="utf-8") for p in texts)
+    tok = Tokenizer.from_files(vocab_path, merges_path, special_tokens)
+    py = Tokenizer(tok.vocab, tok.merges, special_tokens)
+    py._native = None
+    pieces = tok._special_re.split(text) if tok._special_re is not None else [text]
+    t: dict[str, list[float]] = {k: [] for k in ("scan", "buffer_warm", "list_warm", "list_cold", "py_regex",
+                                                  "py_cold")}
+    for _ in range(repeats):
+        if tok._native is not None:
+            from lmrun.tokenizer import _encode
+
+            t["scan"].append(_timed(lambda: [_encode.scan(p) for p in pieces]))
+            _clear(tok)
+            t["list_cold"].append(_timed(lambda: tok.encode(text)))
+            t["buffer_warm"].append(_timed(lambda: native.encode_to_numpy(tok, tok._native, text, np.uint32)))
+            t["list_warm"].append(_timed(lambda: tok.encode(text)))
+        t["py_regex"].append(_timed(lambda: [pretokenize(p) for p in pieces]))
+        _clear(py)
+        t["py_cold"].append(_timed(lambda: py.encode(text)))
+    m = {k: statistics.median(v) for k, v in t.items() if v}
+    out = {"bytes": len(text.encode("utf-8")), "python": {"regex": m["py_regex"], "rest": m["py_cold"] - m["py_regex"],
+                                                           "total": m["py_cold"]}}
+    if "scan" in m:
+        out["native"] = {"scan": m["scan"], "lookup": m["buffer_warm"] - m["scan"],
+                         "pyints": m["list_warm"] - m["buffer_warm"], "bpe": m["list_cold"] - m["list_warm"],
+                         "total": m["list_cold"]}
+    return {k: ({kk: round(vv, 4) for kk, vv in v.items()} if isinstance(v, dict) else v) for k, v in out.items()}
 
 
 def run_bulk_benchmark(vocab_path: Path, merges_path: Path, texts: list[Path], special_tokens: list[str],
-                       workers: tuple[int, ...] = (1, 2), chunk_bytes: int = 1 << 20) -> dict:
+                       workers: tuple[int, ...] = (1, 2), chunk_bytes: int = 1 << 20, repeats: int = 3) -> dict:
     """MB/s of ``encode_file`` per backend and process count on the concatenation of ``texts``
-    (documents joined by the first special token); checks every run writes identical ids."""
-    import tempfile
-
+    (documents joined by the first special token), alternating in each of ``repeats`` rounds;
+    checks every run writes identical ids. ``speedup``: MB/s with N processes / with 1 (median
+    of per-round ratios); ``vs_tiktoken_1``: MB/s / tiktoken backend's with 1 process."""
     from lmrun.tokenizer.bulk import encode_file
 
     tok = Tokenizer.from_files(vocab_path, merges_path, special_tokens)
     sep = special_tokens[0] if special_tokens else ""
-    out: dict = {"chunk_bytes": chunk_bytes, "runs": []}
+    out: dict = {"chunk_bytes": chunk_bytes, "repeats": repeats, "runs": []}
+    configs = [(b, n) for b in ("native", "tiktoken") for n in workers]
+    mbs: dict[tuple[str, int], list[float]] = {c: [] for c in configs}
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "corpus.txt"
         src.write_text(sep.join(Path(p).read_text(encoding="utf-8") for p in texts), encoding="utf-8")
         reference = None
-        for backend in ("native", "tiktoken"):
-            base = None
-            for n in workers:
+        for _ in range(repeats):
+            for backend, n in configs:
                 dst = Path(tmp) / f"{backend}-{n}.bin"
                 stats = encode_file(src, tok, dst, backend=backend, num_workers=n, chunk_bytes=chunk_bytes)
                 data = dst.read_bytes()
+                dst.unlink()
                 if reference is None:
                     reference = data
                 elif data != reference:
                     raise LmrunError(f"bulk encoding with backend={backend}, {n} processes differs from the first run")
-                base = base or stats["mb_per_s"]
-                out["runs"].append({"backend": backend, "processes": n, "mb_per_s": stats["mb_per_s"],
-                                    "speedup": round(stats["mb_per_s"] / base, 3), "tokens": stats["tokens"]})
+                mbs[(backend, n)].append(stats["bytes"] / 1e6 / max(stats["seconds"], 1e-9))
         out["bytes"] = src.stat().st_size
+    tt1 = mbs[("tiktoken", workers[0])]
+    for backend, n in configs:
+        v, base = mbs[(backend, n)], mbs[(backend, workers[0])]
+        out["runs"].append({"backend": backend, "processes": n, "mb_per_s": round(statistics.median(v), 3),
+                            "speedup": round(statistics.median(a / b for a, b in zip(v, base)), 3),
+                            "vs_tiktoken_1": round(statistics.median(a / b for a, b in zip(v, tt1)), 3)})
     return out
 
 
@@ -139,31 +238,60 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vocab", type=Path, default=shared / "tokenizers/gpt2_vocab.json", help="GPT-2 format vocab.json")
     ap.add_argument("--merges", type=Path, default=shared / "tokenizers/gpt2_merges.txt", help="GPT-2 format merges.txt")
     ap.add_argument("--text", type=Path, action="append", help="UTF-8 text file (repeatable); default: real corpora")
+    ap.add_argument("--bpe-corpus", action="store_true", help="the BPE training benchmark's corpus (bench_train)")
     ap.add_argument("--special", action="append", default=None, help="special token (repeatable); default <|endoftext|>")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-python", action="store_true", help="skip the pure-Python encoder")
+    ap.add_argument("--no-hf", action="store_true", help="skip HF tokenizers")
     ap.add_argument("--json", type=Path, default=None, help="also write the result here")
     ap.add_argument("--bulk", action="store_true", help="also time stage=encode's parallel bulk path (1 and 2 processes)")
+    ap.add_argument("--profile", action="store_true", help="also print where the time of one encode goes")
     args = ap.parse_args(argv)
     texts = args.text or [shared / p for p in DEFAULT_TEXTS]
+    if args.bpe_corpus:
+        from lmrun.tokenizer.bench_train import build_corpus, default_data_dir
+
+        try:
+            texts = [build_corpus(default_data_dir())]
+        except LmrunError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     missing = [str(p) for p in [args.vocab, args.merges, *texts] if not Path(p).is_file()]
     if missing:
         print(f"error: file not found: {', '.join(missing)} (pass --vocab/--merges/--text or set LMRUN_SHARED_DATA)",
               file=sys.stderr)
         return 2
+    specials = args.special or ["<|endoftext|>"]
+    repeats = max(1, args.repeats)
     try:
-        r = run_benchmark(args.vocab, args.merges, texts, args.special or ["<|endoftext|>"], max(1, args.repeats))
+        r = run_benchmark(args.vocab, args.merges, texts, specials, repeats, python=not args.no_python,
+                          hf=not args.no_hf)
     except LmrunError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"text: {r['bytes'] / 1e6:.2f} MB, {r['tokens']} tokens ({', '.join(Path(p).name for p in r['text'])})")
-    print(f"vocab: {r['vocab_size']} ids; median of {r['repeats']} runs; one thread")
-    print(f"tiktoken          {r['tiktoken_mb_s']:8.2f} MB/s")
-    print(f"lmrun (cold cache) {r['ours_cold_mb_s']:7.2f} MB/s   ratio {r['ratio_cold']:.2f}")
-    print(f"lmrun (warm cache) {r['ours_warm_mb_s']:7.2f} MB/s   ratio {r['ratio_warm']:.2f}")
+    print(f"vocab: {r['vocab_size']} ids; {r['repeats']} alternating rounds, medians; one thread; "
+          f"ids identical: {', '.join(r['ids_identical'])}")
+    core = "C core" if r["native"] else "pure Python: C extension not built"
+    print(f"tiktoken                  {r['tiktoken_mb_s']:8.2f} MB/s")
+    if "hf_mb_s" in r:
+        print(f"HF tokenizers             {r['hf_mb_s']:8.2f} MB/s   ratio {r['ratio_hf']:.2f}")
+    print(f"lmrun ({core}), cold cache {r['ours_cold_mb_s']:8.2f} MB/s   ratio {r['ratio_cold']:.2f}")
+    print(f"lmrun ({core}), warm cache {r['ours_warm_mb_s']:8.2f} MB/s   ratio {r['ratio_warm']:.2f}")
+    if "python_cold_mb_s" in r:
+        print(f"lmrun pure Python, cold cache {r['python_cold_mb_s']:6.2f} MB/s   ratio {r['ratio_python_cold']:.2f}")
+        print(f"lmrun pure Python, warm cache {r['python_warm_mb_s']:6.2f} MB/s   ratio {r['ratio_python_warm']:.2f}")
+    if args.profile:
+        r["profile"] = p = profile(args.vocab, args.merges, texts, specials, repeats)
+        if "native" in p:
+            n = p["native"]
+            print("profile, C core (s): " + ", ".join(f"{k} {v:.3f}" for k, v in n.items()))
+        print("profile, pure Python (s): " + ", ".join(f"{k} {v:.3f}" for k, v in p["python"].items()))
     if args.bulk:
-        r["bulk"] = run_bulk_benchmark(args.vocab, args.merges, texts, args.special or ["<|endoftext|>"])
+        r["bulk"] = run_bulk_benchmark(args.vocab, args.merges, texts, specials, repeats=repeats)
         for b in r["bulk"]["runs"]:
-            print(f"bulk {b['backend']:9s} {b['processes']} process(es) {b['mb_per_s']:7.2f} MB/s   x{b['speedup']:.2f}")
+            print(f"bulk {b['backend']:9s} {b['processes']} process(es) {b['mb_per_s']:7.2f} MB/s   "
+                  f"x{b['speedup']:.2f} vs 1 process, x{b['vs_tiktoken_1']:.2f} vs tiktoken 1 process")
     if args.json:
         atomic_write_json(args.json, r)
         print(f"wrote {args.json}")

@@ -58,7 +58,10 @@ def tiktoken_encoder(tok: Tokenizer):
 
 
 def _init_worker(vocab, merges, special_tokens, backend: str) -> None:
-    tok = Tokenizer(vocab, merges, special_tokens)
+    _setup_worker(Tokenizer(vocab, merges, special_tokens), backend)
+
+
+def _setup_worker(tok: Tokenizer, backend: str) -> None:
     _worker["tok"] = tok
     dtype = token_dtype(max(tok.vocab) + 1)
     if backend == "tiktoken":
@@ -122,12 +125,12 @@ def encode_file(path: str | os.PathLike, tokenizer: Tokenizer, out_path: str | o
                     bar.update(nbytes)
 
             if workers == 1:
-                _init_worker(*init_args)
+                _setup_worker(tokenizer, backend)
                 for task in tasks:
                     append(_encode_range(task))
             else:
-                if mp_context().get_start_method() == "fork":  # build the encoder once; forked workers inherit it
-                    _init_worker(*init_args)
+                if mp_context().get_start_method() == "fork":  # forked workers inherit the encoder
+                    _setup_worker(tokenizer, backend)
                     pool_args = {}
                 else:
                     pool_args = {"initializer": _init_worker, "initargs": init_args}
