@@ -4,8 +4,13 @@ Before handing over to ``@hydra.main`` (which creates the run directory, configu
 and runs multirun sweeps and launchers), the CLI composes every job's config itself and
 validates it — schema (unknown keys, wrong types), values and combinations, and the inputs the
 stage will read — so that a user's mistake is one line on stderr, exit code 2, and nothing is
-written. ``dry_run=true`` stops after printing each job's plan. For a single run the CLI fixes
-the run directory to ``<runs_dir>/<stage>/<timestamp>-<config hash>`` (never reused).
+written. ``dry_run=true`` stops after printing each job's plan. For a single run the CLI
+creates the run directory, ``<runs_dir>/<stage>/<timestamp>-<config hash>`` (claimed with
+``os.mkdir``: never shared, even by identical commands started in the same second); a directory
+given as ``hydra.run.dir=`` is checked before Hydra writes into it (only a resumable stage may
+resume its own run there, and a completed run only with the same config). A multirun holds the
+sweep directory's lock while it launches (one launch per sweep at a time). Ctrl-C ends with one
+line and exit code 130.
 """
 from __future__ import annotations
 

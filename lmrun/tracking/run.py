@@ -256,10 +256,19 @@ class Run:
         (``status`` other than "completed"): an existing ``summary.json`` (an earlier attempt's) is
         kept, not replaced; and if the restarted run had completed, run.json stays that completed
         record, with this attempt (start, end, status, error, config hash, overrides) appended to
-        its ``failed_restarts`` list (and counted in ``restarts``)."""
+        its ``failed_restarts`` list (and counted in ``restarts``). A restart of a completed run
+        that completes again (e.g. resumed from the final checkpoint) updates the summary's keys
+        and keeps those it did not report."""
         if not self.writes:
             return
         summary = dict(summary or {})
+        if status == "completed" and self._restarts_completed():  # what the restart did not report stays
+            try:
+                earlier = json.loads((self.dir / "summary.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                earlier = None
+            if isinstance(earlier, dict):
+                summary = earlier | summary
         keep_summary = status != "completed" and (self.dir / "summary.json").exists()
         if not keep_summary:
             atomic_write_json(self.dir / "summary.json", summary)

@@ -159,7 +159,7 @@ def test_run_records_of_a_completed_run_survive_restarts(tmp_path):
 
     cfg = OmegaConf.create({"seed": 0, "stage": {"name": "pretrain"}, "logger": {"name": "none"}})
     first = Run(cfg, tmp_path / "r", resumable=True).start()
-    first.finish({"val_loss": 3.0})
+    first.finish({"val_loss": 3.0, "tokens_per_s": 100.0})
     completed = json.loads((tmp_path / "r" / "run.json").read_text())
     again = Run(cfg, tmp_path / "r", resumable=True).start()
     during = json.loads((tmp_path / "r" / "run.json").read_text())  # a kill now loses nothing
@@ -169,12 +169,13 @@ def test_run_records_of_a_completed_run_survive_restarts(tmp_path):
     assert {k: v for k, v in after.items() if k not in ("failed_restarts", "restarts")} == completed
     assert after["restarts"] == 1
     assert [a["status"] for a in after["failed_restarts"]] == ["interrupted"]
-    assert json.loads((tmp_path / "r" / "summary.json").read_text()) == {"val_loss": 3.0}
+    assert json.loads((tmp_path / "r" / "summary.json").read_text()) == {"val_loss": 3.0, "tokens_per_s": 100.0}
     third = Run(cfg, tmp_path / "r", resumable=True).start()
-    third.finish({"val_loss": 2.5})  # a restart that completes records its own result
+    third.finish({"val_loss": 2.5, "resumed": True})  # a restart that completes records its own result
     final = json.loads((tmp_path / "r" / "run.json").read_text())
     assert final["status"] == "completed" and final["restarts"] == 2 and len(final["failed_restarts"]) == 1
-    assert json.loads((tmp_path / "r" / "summary.json").read_text()) == {"val_loss": 2.5}
+    assert json.loads((tmp_path / "r" / "summary.json").read_text()) == {  # what it did not report is kept
+        "val_loss": 2.5, "tokens_per_s": 100.0, "resumed": True}
     # a failed run restarted and failing again keeps the first attempt's summary
     failed = Run(cfg, tmp_path / "f", resumable=True).start()
     failed.finish({"steps": 7}, status="failed", error="x")
