@@ -143,9 +143,12 @@ class Run:
             self.info.update(first_started=previous.get("first_started", previous.get("started")),
                              restarts=int(previous.get("restarts", 0)) + 1,
                              wandb_run_id=previous.get("wandb_run_id"))
-            for key in ("failed_restarts",):
-                if key in previous:
-                    self.info[key] = previous[key]
+            failed = list(previous.get("failed_restarts") or [])
+            if isinstance(previous.get("restarting"), dict):  # an attempt killed while it restarted a completed run
+                failed.append(previous.pop("restarting") | {"status": "lost", "error": "ended without a record "
+                                                            "(killed, or its node failed)"})
+            if failed:
+                self.info["failed_restarts"] = previous["failed_restarts"] = failed
             self._previous = previous
         self._metrics = open(self.dir / "metrics.jsonl", "a", encoding="utf-8")
         if self._metrics.tell() > 0 and not _ends_with_newline(self.dir / "metrics.jsonl"):
@@ -296,7 +299,8 @@ class Run:
         """Write run.json. While a completed run is restarted it keeps saying "completed" (a kill
         in the middle loses nothing); the attempt in progress is its ``restarting`` entry."""
         if self._restarts_completed() and self.info.get("status") == "running":
-            atomic_write_json(self.dir / "run.json", self._previous | {"restarting": self._attempt()})
+            atomic_write_json(self.dir / "run.json", self._previous | {"restarting": self._attempt(),
+                                                                        "restarts": self.info.get("restarts")})
             return
         atomic_write_json(self.dir / "run.json", self.info)
 

@@ -170,10 +170,12 @@ def test_run_records_of_a_completed_run_survive_restarts(tmp_path):
     assert after["restarts"] == 1
     assert [a["status"] for a in after["failed_restarts"]] == ["interrupted"]
     assert json.loads((tmp_path / "r" / "summary.json").read_text()) == {"val_loss": 3.0, "tokens_per_s": 100.0}
+    Run(cfg, tmp_path / "r", resumable=True).start()  # killed (never finishes): the next start records it
     third = Run(cfg, tmp_path / "r", resumable=True).start()
     third.finish({"val_loss": 2.5, "resumed": True})  # a restart that completes records its own result
     final = json.loads((tmp_path / "r" / "run.json").read_text())
-    assert final["status"] == "completed" and final["restarts"] == 2 and len(final["failed_restarts"]) == 1
+    assert final["status"] == "completed" and final["restarts"] == 3 and "restarting" not in final
+    assert [a["status"] for a in final["failed_restarts"]] == ["interrupted", "lost"]
     assert json.loads((tmp_path / "r" / "summary.json").read_text()) == {  # what it did not report is kept
         "val_loss": 2.5, "tokens_per_s": 100.0, "resumed": True}
     # a failed run restarted and failing again keeps the first attempt's summary
