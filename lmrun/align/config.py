@@ -65,11 +65,16 @@ class AlignConfig:
 
 @dataclass
 class SFTConfig:
-    """packing: concatenate examples into full context-length rows. normalize_constant: the SFT
-    loss divides each sequence's summed NLL by this (null: by its number of response tokens,
-    i.e. the mean NLL per token)."""
+    """packing: join the examples (each ending with EOS) into one stream cut into windows of
+    ``context_length`` input ids whose labels are the next ``context_length`` ids (consecutive
+    windows overlap by one token; CS336 assignment 5's packed SFT dataset). shuffle: with
+    packing, shuffle the examples before joining them (seeded by ``seed``; ignored without
+    packing, whose batches are drawn in random order anyway). normalize_constant: the SFT loss
+    divides each sequence's summed NLL by this (null: by its number of response tokens, i.e.
+    the mean NLL per token)."""
 
     packing: bool = False
+    shuffle: bool = False
     normalize_constant: float | None = None
 
 

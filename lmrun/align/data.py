@@ -117,9 +117,10 @@ def count_jsonl(path: str | Path, keys: tuple[str, ...], what: str) -> int:
 
 @dataclass
 class SFTSequences:
-    """Tokenised SFT data: ``pairs`` of (prompt ids, response ids) — or, packed, fixed-length
-    ``(n, context_length + 1)`` ``tokens`` with their ``mask`` (1 where a token is a response
-    token; loss is taken where the *label* is a response token)."""
+    """Tokenised SFT data: ``pairs`` of (prompt ids, response ids) — or, packed, ``tokens``
+    ``(n, context_length + 1)`` windows of the packed stream (consecutive windows share one
+    token: row ``i`` is ``ids[i·L : (i+1)·L + 1]``) with their ``mask`` (1 where a token is a
+    response token; loss is taken where the *label* is a response token)."""
 
     pairs: list[tuple[list[int], list[int]]] | None = None
     tokens: torch.Tensor | None = None
@@ -130,12 +131,14 @@ class SFTSequences:
 
     @property
     def response_tokens(self) -> int:
+        """Response tokens the loss is taken on (packed: labels that are response tokens)."""
         if self.pairs is not None:
             return sum(len(o) for _, o in self.pairs)
-        return int(self.mask.sum())
+        return int(self.mask[:, 1:].sum())
 
     def batch(self, index: list[int], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
-        """The shifted batch (see ``tokenize_prompt_and_output``) of the rows in ``index``."""
+        """The shifted batch (see ``tokenize_prompt_and_output``) of the rows in ``index``;
+        packed: ``input_ids = ids[i·L:(i+1)·L]``, ``labels = ids[i·L+1:(i+1)·L+1]``."""
         if self.pairs is not None:
             return collate_pairs([self.pairs[i] for i in index], pad_token_id)
         t, m = self.tokens[index], self.mask[index]
@@ -143,20 +146,24 @@ class SFTSequences:
 
 
 def build_sft_sequences(prompts: list[str], responses: list[str], tokenizer, eos_token_id: int | None,
-                        context_length: int, packing: bool = False, prefix_ids: list[int] | None = None
-                        ) -> tuple[SFTSequences, int]:
+                        context_length: int, packing: bool = False, prefix_ids: list[int] | None = None,
+                        shuffle: bool = False, seed: int = 0) -> tuple[SFTSequences, int]:
     """Tokenise prompt/response pairs (the response gets ``eos_token_id`` appended when not
     None; every prompt gets ``prefix_ids`` — e.g. a BOS token — in front) for a model of
     ``context_length`` tokens.
 
     Unpacked: one sequence per example; an example longer than ``context_length + 1`` tokens is
     cut at the end (its response keeps what fits; an example whose prompt fills the context is
-    dropped). Packed: examples are concatenated in order
-    into rows of exactly ``context_length + 1`` tokens, long examples spanning rows (the last
-    partial row is dropped;
-    attention crosses example boundaries, as in the CS336 packed SFT dataset). Returns
-    ``(sequences, number of examples truncated)``. ValueError when no example has a response
-    token that fits."""
+    dropped). Packed (the packed SFT dataset of CS336 assignment 5): the examples — in order,
+    or shuffled with ``random.Random(seed)`` when ``shuffle`` — are joined into one stream of
+    ids (each ends with its EOS) and cut into ``n = (len(ids) - 1) // L`` windows of ``L =
+    context_length`` inputs: window ``i`` has ``input_ids = ids[i·L:(i+1)·L]`` and ``labels =
+    ids[i·L+1:(i+1)·L+1]``, so consecutive windows overlap by one token and every token but the
+    first is a label exactly once (the tail after the last full window is dropped; long
+    examples span windows; attention crosses example boundaries). ``shuffle`` is ignored
+    unpacked (batches are drawn in random order anyway). Returns ``(sequences, number of
+    examples truncated)``. ValueError when no example has a response token that fits, or
+    packed, when the stream is shorter than ``L + 1`` tokens."""
     limit = context_length + 1
     pairs, truncated = [], 0
     for p, r in zip(prompts, responses):
@@ -171,13 +178,19 @@ def build_sft_sequences(prompts: list[str], responses: list[str], tokenizer, eos
         raise ValueError(f"no example has a response that fits in context_length={context_length}")
     if not packing:
         return SFTSequences(pairs=pairs), truncated
+    if shuffle:
+        import random
+
+        random.Random(seed).shuffle(pairs)
     flat = [t for p, r in pairs for t in p + r]
     flags = [f for p, r in pairs for f in [False] * len(p) + [True] * len(r)]
-    rows = len(flat) // limit
+    rows = (len(flat) - 1) // context_length
     if rows == 0:
-        raise ValueError(f"packing: {len(flat)} tokens make no full row of {limit}")
-    tokens = torch.tensor(flat[:rows * limit], dtype=torch.long).view(rows, limit)
-    mask = torch.tensor(flags[:rows * limit], dtype=torch.bool).view(rows, limit)
+        raise ValueError(f"packing: {len(flat)} tokens make no window of {context_length} inputs and their labels")
+    used = rows * context_length + 1
+    # (rows, L + 1) views of the stream, step L: row i is ids[i*L : (i+1)*L + 1]
+    tokens = torch.tensor(flat[:used], dtype=torch.long).unfold(0, limit, context_length)
+    mask = torch.tensor(flags[:used], dtype=torch.bool).unfold(0, limit, context_length)
     return SFTSequences(tokens=tokens, mask=mask), truncated
 
 

@@ -4,8 +4,9 @@
 [align.val_data=val.jsonl]`` (JSONL records ``{"prompt": ..., "response": ...}``; the prompt is
 put into ``align.prompt_template``), or ``align.task.name=arithmetic`` to fine-tune on a
 verifiable task's solutions (and report held-out task accuracy while training).
-``sft.packing=true`` packs examples into full context rows. Every response gets the
-end-of-text token appended, so the model learns to stop.
+``sft.packing=true`` packs the examples into one stream cut into context-length windows
+(CS336's packed SFT dataset; ``sft.shuffle=true`` shuffles the examples first, seeded by
+``seed``). Every response gets the end-of-text token appended, so the model learns to stop.
 
 Writes ``checkpoints/ckpt_<step>.pt`` (an lmrun checkpoint: ``align.model`` of the next stage),
 ``metrics.jsonl``, ``eval_samples.jsonl`` (final held-out responses, with a task),
@@ -49,6 +50,7 @@ def plan(cfg) -> dict:
             "data": a.train_data or f"task {a.task.name} ({a.train_examples} generated train examples)", "val": a.val_data or (f"task {a.task.name} test split" if a.task.name else None),
             "template": a.prompt_template, "steps": a.steps, "batch_size": a.batch_size,
             "gradient_accumulation": a.batch_size // a.microbatch_size, "packing": cfg.sft.packing,
+            "shuffle": bool(cfg.sft.shuffle and cfg.sft.packing),
             "inputs": [a.model] + [x for x in (a.train_data, a.val_data) if x],
             "outputs": ["checkpoints/", "metrics.jsonl", "curves.png", "summary.json"]}
 
@@ -70,7 +72,8 @@ def run(cfg) -> dict:
     prompts, responses = _examples(cfg, prompter, task, "train")
     log.info("SFT: tokenizing %d training examples", len(prompts))
     seqs, truncated = build_sft_sequences(prompts, responses, lm.tokenizer, lm.eos_token_id, lm.context_length,
-                                          packing=bool(cfg.sft.packing), prefix_ids=lm.prefix_ids)
+                                          packing=bool(cfg.sft.packing), prefix_ids=lm.prefix_ids,
+                                          shuffle=bool(cfg.sft.shuffle), seed=int(cfg.seed))
     if truncated:
         log.warning("%d of %d training examples were longer than the context (%d tokens) and were cut", truncated,
                     len(prompts), lm.context_length)

@@ -160,3 +160,12 @@ def test_binary_data_from_the_console_script_is_one_line(ckpt, isolated_workspac
     assert p.returncode == 2, p.stderr
     assert p.stderr.strip().splitlines() == [p.stderr.strip()] and "not UTF-8 text at byte" in p.stderr
     assert list(isolated_workspace.iterdir()) == []
+
+
+def test_sft_shuffle_is_a_config_key(ckpt, isolated_workspace, tmp_path, capsys):
+    data = _write(tmp_path / "ok.jsonl", SFT_OK * 3)
+    base = ["stage=sft", *COMMON, f"align.model={ckpt}", f"align.train_data={data}", "dry_run=true"]
+    assert cli.main(base + ["sft.packing=true", "sft.shuffle=true"]) == 0
+    assert "shuffle: true" in capsys.readouterr().out
+    assert cli.main(base + ["sft.shuffle=true"]) == 0  # without packing it changes nothing: shown as false
+    assert "shuffle: false" in capsys.readouterr().out

@@ -46,12 +46,68 @@ def test_sft_sequences_truncation_and_packing():
         build_sft_sequences(["abcdefgh"], ["x"], tok, eos_token_id=0, context_length=5)
     seqs, _ = build_sft_sequences(["ab", "c", "d"], ["xy", "z", "w"], tok, eos_token_id=0, context_length=3,
                                   packing=True)
-    # stream: a b x y 0 c z 0 d w 0 -> rows of 4 tokens: [a b x y] [0 c z 0]; the rest is dropped
-    assert seqs.tokens.tolist() == [[97, 98, 120, 121], [0, 99, 122, 0]]
-    assert seqs.mask.tolist() == [[False, False, True, True], [True, False, True, True]]
+    # stream: a b x y 0 c z 0 d w 0 -> (11 - 1) // 3 = 3 windows of 3 inputs + the next label, each starting
+    # where the previous one's inputs end: [a b x | y] [y 0 c | z] [z 0 d | w]; the final 0 is dropped
+    assert seqs.tokens.tolist() == [[97, 98, 120, 121], [121, 0, 99, 122], [122, 0, 100, 119]]
+    assert seqs.mask.tolist() == [[False, False, True, True], [True, True, False, True], [True, True, False, True]]
     batch = seqs.batch([1])
-    assert batch["labels"].tolist() == [[99, 122, 0]] and batch["response_mask"].tolist() == [[False, True, True]]
-    assert seqs.response_tokens == 5
+    assert batch["input_ids"].tolist() == [[121, 0, 99]] and batch["labels"].tolist() == [[0, 99, 122]]
+    assert batch["response_mask"].tolist() == [[True, False, True]]
+    assert seqs.response_tokens == 2 + 2 + 2  # labels x y | 0 z | 0 w: each response token once
+
+
+def test_packing_matches_the_cs336_definition():
+    """input_ids = ids[i*L:(i+1)*L], labels = ids[i*L+1:(i+1)*L+1] over the stream of examples
+    joined with EOS (CS336 assignment 5, packed SFT dataset); every token but the first is a
+    label exactly once until the tail."""
+    import random
+
+    tok = CharTokenizer()
+    rng = random.Random(0)
+    prompts = ["".join(rng.choice("abcdefg") for _ in range(rng.randint(1, 9))) for _ in range(40)]
+    responses = ["".join(rng.choice("uvwxyz") for _ in range(rng.randint(1, 9))) for _ in range(40)]
+    ids = [t for p, r in zip(prompts, responses) for t in tok.encode(p) + tok.encode(r) + [0]]
+    for L in (1, 4, 7, 16):
+        seqs, _ = build_sft_sequences(prompts, responses, tok, eos_token_id=0, context_length=L, packing=True)
+        n = (len(ids) - 1) // L
+        assert len(seqs) == n
+        b = seqs.batch(list(range(n)))
+        for i in range(n):
+            assert b["input_ids"][i].tolist() == ids[i * L:(i + 1) * L]
+            assert b["labels"][i].tolist() == ids[i * L + 1:(i + 1) * L + 1]
+        labels = [t for row in b["labels"].tolist() for t in row]
+        assert labels == ids[1:n * L + 1]
+
+
+def test_packing_shuffle_is_seeded_and_keeps_every_example():
+    tok = CharTokenizer()
+    prompts, responses = [f"q{i}" for i in range(9)], [chr(ord("a") + i) for i in range(9)]
+    # 9 examples of 4 tokens: a stream of 36, (36 - 1) / 5 = 7 windows that use every token
+    build = lambda **kw: build_sft_sequences(prompts, responses, tok, eos_token_id=0, context_length=5,  # noqa: E731
+                                             packing=True, **kw)[0]
+    plain = build()
+    same, other = build(shuffle=True, seed=1), build(shuffle=True, seed=1)
+    assert same.tokens.tolist() == other.tokens.tolist()
+    assert same.tokens.tolist() != plain.tokens.tolist()
+    assert build(shuffle=True, seed=2).tokens.tolist() != same.tokens.tolist()
+
+    def stream(seqs):
+        return [seqs.tokens[0, 0].item()] + [t for row in seqs.tokens[:, 1:].tolist() for t in row]
+
+    def examples(flat):  # the stream cut at EOS (0) back into examples, as text
+        out, cur = [], []
+        for t in flat:
+            if t == 0:
+                out.append("".join(map(chr, cur)))
+                cur = []
+            else:
+                cur.append(t)
+        return out
+
+    assert len(same) == len(plain) and examples(stream(plain)) == [p + r for p, r in zip(prompts, responses)]
+    assert sorted(examples(stream(same))) == sorted(p + r for p, r in zip(prompts, responses))
+    unpacked = build_sft_sequences(prompts, responses, tok, eos_token_id=0, context_length=3, shuffle=True)[0]
+    assert [p for p, _ in unpacked.pairs] == [tok.encode(p) for p in prompts]  # shuffle applies to packing only
 
 
 def test_iterate_batches_covers_each_epoch():
