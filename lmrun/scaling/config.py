@@ -12,8 +12,10 @@ class ScalingConfig:
     final_loss and tokens or compute_budget (e.g. ../shared/data/scaling/isoflops_curves.json).
     approach: "1", "2", "3" or "all" (Hoffmann et al. 2022). predict: target budgets in FLOPs.
     n_boot: bootstrap resamples for the intervals; confidence: their level; seed: the
-    resampling seed. params_key: which parameter count of our runs is N (params_non_embedding or
-    params).
+    resampling seed. boot_starts: L-BFGS starts per approach-3 resample (the full data's optima,
+    then random points of the initialisation grid; each run to convergence); null: the whole grid
+    fit for every resample (as slow as n_boot full fits). params_key: which parameter count of
+    our runs is N (params_non_embedding or params).
 
     mode: "fit" (fit scaling.input) or "plan" (the budgeted planner, lmrun.scaling.planner):
     spend at most exploration_budget training FLOPs on IsoFLOP rounds starting at first_budget,
@@ -27,6 +29,7 @@ class ScalingConfig:
     n_boot: int = 200
     confidence: float = 0.95
     seed: int = 0
+    boot_starts: int | None = 4
     params_key: str = "params_non_embedding"
     mode: str = "fit"
     exploration_budget: float = 1.0e13
@@ -53,5 +56,7 @@ def validate_scaling(cfg: ScalingConfig, stage: str) -> None:
     check_choice("scaling.approach", str(cfg.approach), ["1", "2", "3", "all"])
     check("scaling.predict", list(cfg.predict), all(c > 0 for c in cfg.predict), "a list of positive FLOP budgets")
     check("scaling.n_boot", cfg.n_boot, cfg.n_boot >= 20, "an integer >= 20")
+    check("scaling.boot_starts", cfg.boot_starts, cfg.boot_starts is None or cfg.boot_starts >= 1,
+          "an integer >= 1, or null (the whole grid per resample)")
     check("scaling.confidence", cfg.confidence, 0 < cfg.confidence < 1, "a level in (0, 1)")
     check_choice("scaling.params_key", cfg.params_key, ["params_non_embedding", "params"])

@@ -7,20 +7,21 @@ Models", section 3) with bootstrap confidence intervals.
 * Approach 2 — IsoFLOP profiles: per budget, a parabola of loss against log N; its vertex is
   N_opt(C); the same power laws.
 * Approach 3 — the parametric loss L(N, D) = E + A/N^α + B/D^β fitted by minimising the Huber
-  loss (δ = 1e-3) between log L̂ (a log-sum-exp of the three terms) and log L with L-BFGS from a
-  grid of initialisations; the compute-optimal allocation under C = 6·N·D follows in closed
-  form: N_opt = G·(C/6)^{β/(α+β)}, D_opt = G⁻¹·(C/6)^{α/(α+β)}, G = (αA/(βB))^{1/(α+β)}.
+  loss (δ = 1e-3) between log L̂ (a log-sum-exp of the three terms) and log L with L-BFGS-B from
+  a grid of initialisations, run to convergence; the compute-optimal allocation under C = 6·N·D
+  follows in closed form: N_opt = G·(C/6)^{β/(α+β)}, D_opt = G⁻¹·(C/6)^{α/(α+β)}, G = (αA/(βB))^{1/(α+β)}.
 
 For approaches 1 and 2 the predicted loss at a target budget comes from the best loss per
 budget fitted as L*(C) = E_L + k_L·C^γ (on log loss; a plain power law below four budgets); for
 approach 3 it is L(N_opt, D_opt).
-Confidence intervals: percentile bootstrap over runs (approach 3) or over budgets (approaches 1
-and 2, which fit one point per budget), ``n_boot`` resamples.
+Confidence intervals: percentile bootstrap over runs (approach 3, each resample refitted from
+several starts to convergence) or over budgets (approaches 1 and 2, which fit one point per
+budget), ``n_boot`` resamples.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -187,6 +188,7 @@ class ParametricFit:
     alpha: float
     beta: float
     objective: float
+    optima: list = field(default_factory=list, repr=False)  # distinct optima [log A, log B, log E, α, β], best first
 
     def loss(self, n, d):
         return self.E + self.A / np.asarray(n, float) ** self.alpha + self.B / np.asarray(d, float) ** self.beta
@@ -203,57 +205,142 @@ class ParametricFit:
                 "a": self.beta / (self.alpha + self.beta), "b": self.alpha / (self.alpha + self.beta)}
 
 
-def _huber(r: np.ndarray, delta: float) -> np.ndarray:
-    a = np.abs(r)
-    return np.where(a <= delta, 0.5 * r * r, delta * (a - 0.5 * delta))
-
-
 def _objective(theta, log_n, log_d, log_l, delta):
+    """Huber loss of log L̂ - log L summed over runs, and its gradient in theta = [log A, log B,
+    log E, α, β] (log L̂ = logsumexp(log A - α log N, log B - β log D, log E))."""
     a, b, e, alpha, beta = theta
-    terms = np.stack([a - alpha * log_n, b - beta * log_d, np.full_like(log_n, e)])
-    m = terms.max(axis=0)
-    pred = m + np.log(np.exp(terms - m).sum(axis=0))
-    r = pred - log_l
-    w = np.exp(terms - pred)  # softmax weights: d pred / d term
-    g_r = np.clip(r, -delta, delta)  # Huber derivative
-    grad = np.array([(g_r * w[0]).sum(), (g_r * w[1]).sum(), (g_r * w[2]).sum(),
-                     (g_r * w[0] * -log_n).sum(), (g_r * w[1] * -log_d).sum()])
-    return float(_huber(r, delta).sum()), grad
+    t1, t2 = a - alpha * log_n, b - beta * log_d
+    m = np.maximum(np.maximum(t1, t2), e)
+    e1, e2, e3 = np.exp(t1 - m), np.exp(t2 - m), np.exp(e - m)
+    total = e1 + e2 + e3
+    r = m + np.log(total) - log_l
+    abs_r = np.abs(r)
+    c = np.minimum(abs_r, delta)
+    g = np.copysign(c, r) / total  # Huber derivative times d log L̂ / d term, per term's softmax weight
+    g1, g2 = g * e1, g * e2
+    grad = np.array([g1.sum(), g2.sum(), g @ e3, -(g1 @ log_n), -(g2 @ log_d)])
+    return float(c @ (abs_r - 0.5 * c)), grad
 
 
 #: Hoffmann et al.'s initialisation grid (Appendix D.2), thinned: 4 x 4 x 3 x 3 x 3 = 432 starts
 INIT_GRID = {"a": [0.0, 5.0, 10.0, 20.0], "b": [0.0, 5.0, 10.0, 20.0], "e": [-1.0, 0.0, 1.0],
              "alpha": [0.0, 0.5, 1.5], "beta": [0.0, 0.5, 1.5]}
 
+#: how many of the grid's best distinct end points are polished to full convergence
+N_POLISH = 8
+
+#: L-BFGS-B to convergence, on the objective divided by delta. With scipy's defaults on the raw
+#: Huber sum (~1e-3) the stopping rules (ftol is relative to max(|f|, 1); gtol 1e-5) end the run
+#: along the shallow A-alpha / B-beta ridges long before the optimum: a bootstrap refit from the
+#: full-data optimum then barely moves and the intervals collapse (issue 26).
+_TIGHT = {"maxiter": 5000, "ftol": 1e-15, "gtol": 1e-10}
+
+
+def _grid_starts(grid: dict) -> list[np.ndarray]:
+    return [np.array([a, b, e, al, be]) for a in grid["a"] for b in grid["b"] for e in grid["e"]
+            for al in grid["alpha"] for be in grid["beta"]]
+
+
+def _scaled_objective(theta, log_n, log_d, log_l, delta):
+    f, g = _objective(theta, log_n, log_d, log_l, delta)
+    return f / delta, g / delta
+
+
+def _lbfgs(x0, args, tight: bool):
+    """One L-BFGS-B run: ``tight`` to convergence (the objective scaled by 1/delta, ``_TIGHT``);
+    otherwise the quick screening run of the grid (scipy's defaults on the raw objective, which
+    stop early). Returns (x, raw objective) or None when the end point is not finite."""
+    from scipy.optimize import minimize
+
+    if tight:
+        res = minimize(_scaled_objective, x0, args=args, jac=True, method="L-BFGS-B", options=_TIGHT)
+        fun = res.fun * args[3]
+    else:
+        res = minimize(_objective, x0, args=args, jac=True, method="L-BFGS-B", options={"maxiter": 1000})
+        fun = res.fun
+    if not (np.all(np.isfinite(res.x)) and np.isfinite(fun)):
+        return None
+    return res.x, float(fun)
+
+
+def _distinct(points: list, tol: float = 1e-3) -> list:
+    """``[(x, fun)]`` sorted by fun with near-duplicates of x (max abs difference < tol) dropped."""
+    out = []
+    for x, fun in sorted(points, key=lambda p: p[1]):
+        if all(np.max(np.abs(x - y)) >= tol for y, _ in out):
+            out.append((x, fun))
+    return out
+
+
+def fit_parametric(log_n, log_d, log_l, delta: float = 1e-3, starts: list | None = None, screen: bool = True,
+                   n_polish: int = N_POLISH, progress=None, single_thread: bool = True) -> list:
+    """Minimise the Huber loss of log L̂ against ``log_l`` (arrays of log N, log D, log L, shape
+    (n,)) from every start ``[log A, log B, log E, α, β]``; returns the distinct optima
+    ``[(x, objective)]``, best first. screen: run every start with the quick settings first and
+    polish only the ``n_polish`` best distinct end points to convergence (the grid fit);
+    otherwise every start runs to convergence (a few starts). single_thread: limit the BLAS pools
+    to one thread meanwhile (``_single_thread``; False where the caller already did). ValueError
+    when no start ends at a finite point."""
+    if single_thread:
+        with _single_thread():
+            return fit_parametric(log_n, log_d, log_l, delta, starts, screen, n_polish, progress, False)
+    args = (np.asarray(log_n, float), np.asarray(log_d, float), np.asarray(log_l, float), float(delta))
+    ends = []
+    for x0 in starts:
+        r = _lbfgs(np.asarray(x0, float), args, tight=not screen)
+        if r is not None:
+            ends.append(r)
+        if progress is not None:
+            progress.update(1, best_objective=min(f for _, f in ends) if ends else math.nan)
+    if screen:
+        ends = [r for r in (_lbfgs(x, args, tight=True) for x, _ in _distinct(ends)[:n_polish]) if r is not None]
+    if not ends:
+        raise ValueError("approach 3: no start of the fit ended at a finite point")
+    return _distinct(ends)
+
 
 def approach3(runs: list[ScalingRun], delta: float = 1e-3, init_grid: dict | None = None,
               starts: list | None = None, progress: bool = False, bar: bool = False) -> ParametricFit:
-    """Fit L(N, D) = E + A/N^α + B/D^β (Huber loss on log L, L-BFGS from a grid of starts; the
-    best optimum is kept). DataError with fewer than 5 runs. progress: log ``approach 3 fit:
-    done/total starts, elapsed, ETA`` (``lmrun.tracking.progress.Progress``; ``bar``: also a bar
-    on a terminal)."""
-    from scipy.optimize import minimize
-
+    """Fit L(N, D) = E + A/N^α + B/D^β: Huber loss (``delta``) on log L, L-BFGS-B from every start of
+    a grid (``INIT_GRID``, Hoffmann et al. Appendix D.2, as Besiroglu et al. 2024 replicate it),
+    the ``N_POLISH`` best distinct end points run on to convergence, the best optimum kept;
+    ``starts`` (``[log A, log B, log E, α, β]`` each) replace the grid and each runs to
+    convergence. The fit's ``optima`` holds every distinct optimum, best first (the bootstrap's
+    starts). DataError with fewer than 5 runs. progress: log ``approach 3 fit: done/total
+    starts, elapsed, ETA`` (``lmrun.tracking.progress.Progress``; ``bar``: also a bar on a
+    terminal)."""
     if len(runs) < 5:
         raise DataError(f"approach 3 needs at least 5 runs (got {len(runs)})")
     log_n = np.log([r.parameters for r in runs])
     log_d = np.log([r.tokens for r in runs])
     log_l = np.log([r.loss for r in runs])
-    if starts is None:
-        g = init_grid or INIT_GRID
-        starts = [np.array([a, b, e, al, be]) for a in g["a"] for b in g["b"] for e in g["e"]
-                  for al in g["alpha"] for be in g["beta"]]
-    best = None
-    with _progress(progress, len(starts), "approach 3 fit", "start", bar) as p:
-        for x0 in starts:
-            res = minimize(_objective, x0, args=(log_n, log_d, log_l, delta), jac=True, method="L-BFGS-B",
-                           options={"maxiter": 1000})
-            if np.all(np.isfinite(res.x)) and (best is None or res.fun < best.fun):
-                best = res
-            p.update(1, best_objective=float(best.fun) if best is not None else math.nan)
-    a, b, e, alpha, beta = best.x
+    screen = starts is None
+    if screen:
+        starts = _grid_starts(init_grid or INIT_GRID)
+    with _single_thread(), _progress(progress, len(starts), "approach 3 fit", "start", bar) as p:
+        optima = fit_parametric(log_n, log_d, log_l, delta, starts, screen=screen, progress=p, single_thread=False)
+    return _parametric(optima)
+
+
+def _parametric(optima: list) -> ParametricFit:
+    (a, b, e, alpha, beta), fun = optima[0]
     return ParametricFit(float(math.exp(e)), float(math.exp(a)), float(math.exp(b)), float(alpha), float(beta),
-                         float(best.fun))
+                         float(fun), optima=[x for x, _ in optima])
+
+
+def _single_thread():
+    """One BLAS/OpenMP thread while fitting: the arrays are tiny, and on a loaded machine a pool
+    of spinning BLAS threads made the approach-3 fit ~20x slower (issue 26: 48.8 s against 2.5 s
+    with OPENBLAS_NUM_THREADS=1)."""
+    import scipy.optimize  # noqa: F401 - load SciPy's own OpenBLAS first, so that the limit covers it too
+
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - a declared dependency
+        import contextlib
+
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1)
 
 
 # --- bootstrap ---------------------------------------------------------------------------------------
@@ -277,13 +364,21 @@ def _progress(enabled: bool, total: int, desc: str, unit: str, bar: bool):
     return Progress(total, desc, unit=unit, bar=bar, log_start=True)
 
 
+#: starts per approach-3 bootstrap refit (``bootstrap(boot_starts=)``, ``scaling.boot_starts``)
+BOOT_STARTS = 4
+
+
 def bootstrap(runs: list[ScalingRun], approach: str, targets: list[float], n_boot: int = 200, seed: int = 0,
-              confidence: float = 0.95, progress: bool = False, bar: bool = False) -> dict:
+              confidence: float = 0.95, progress: bool = False, bar: bool = False,
+              boot_starts: int | None = BOOT_STARTS, init_grid: dict | None = None) -> dict:
     """Fit ``approach`` ("1", "2" or "3") on the data and on ``n_boot`` resamples; returns
     ``{"fit": the full-data fit, "coefficients": {name: (value, low, high)}, "predictions":
     [{compute, n_opt: (value, low, high), d_opt: ..., loss: ...}]}`` with percentile intervals.
-    Approaches 1 and 2 resample budgets (whole IsoFLOP profiles); approach 3 resamples runs and
-    restarts L-BFGS from the full-data optimum. Resamples whose fit fails are skipped; with fewer
+    Approaches 1 and 2 resample budgets (whole IsoFLOP profiles); approach 3 resamples runs
+    (Besiroglu et al. 2024, "Chinchilla Scaling: A replication attempt") and fits each resample
+    as well as the data: L-BFGS-B to convergence from ``boot_starts`` starts — the full data's
+    distinct optima, best first, then points of the grid (``init_grid``, default ``INIT_GRID``)
+    drawn at random (seeded) — or, with ``boot_starts=None``, the whole grid fit. Resamples whose fit fails are skipped; with fewer
     than three units to resample the intervals are NaN (no honest interval exists).
     progress: log the approach-3 grid fit's and the resamples' progress (``approach 2 bootstrap:
     40/200 resamples (20%), elapsed …, ETA …``); bar: also bars on a terminal."""
@@ -292,13 +387,21 @@ def bootstrap(runs: list[ScalingRun], approach: str, targets: list[float], n_boo
     rng = np.random.default_rng(seed)
     if progress:
         logging.getLogger(__name__).info("approach %s: fitting %d runs", approach, len(runs))
-    fit = approach3(runs, progress=progress, bar=bar) if approach == "3" else {"1": approach1,
-                                                                               "2": approach2}[approach](runs)
+    fit = (approach3(runs, init_grid=init_grid, progress=progress, bar=bar) if approach == "3"
+           else {"1": approach1, "2": approach2}[approach](runs))
     if approach == "3":
-        x_best = [np.array([math.log(fit.A), math.log(fit.B), math.log(fit.E), fit.alpha, fit.beta])]
+        grid = _grid_starts(init_grid or INIT_GRID)
+        start_rng = np.random.default_rng([seed, 3])
 
         def refit(sample):
-            return approach3(sample, starts=x_best)
+            logs = [np.log([getattr(r, k) for r in sample]) for k in ("parameters", "tokens", "loss")]
+            if boot_starts is None:
+                return _parametric(fit_parametric(*logs, starts=grid, screen=True, single_thread=False))
+            starts = list(fit.optima[:boot_starts])
+            if len(starts) < boot_starts:
+                pick = start_rng.choice(len(grid), min(boot_starts - len(starts), len(grid)), replace=False)
+                starts += [grid[i] for i in pick]
+            return _parametric(fit_parametric(*logs, starts=starts, screen=False, single_thread=False))
         units = [[r] for r in runs]
     else:
         refit = {"1": approach1, "2": approach2}[approach]
@@ -307,7 +410,8 @@ def bootstrap(runs: list[ScalingRun], approach: str, targets: list[float], n_boo
     coefs, preds = [], []
     if len(units) < 3:  # resampling two units gives back the data or a degenerate sample: no interval
         n_boot = 0
-    with _progress(progress and n_boot > 0, n_boot, f"approach {approach} bootstrap", "resample", bar) as p:
+    with _single_thread(), _progress(progress and n_boot > 0, n_boot, f"approach {approach} bootstrap", "resample",
+                                     bar) as p:
         for i_boot in range(n_boot):
             idx = rng.integers(0, len(units), len(units))
             sample = [r for i in idx for r in units[i]]

@@ -37,6 +37,7 @@ def plan(cfg) -> dict:
     return {"stage": "scaling", "inputs": {"runs": str(cfg.scaling.input)}, "n_runs": len(runs),
             "budgets": [f"{c:.3g}" for c, _ in budgets(runs)], "approaches": _approaches(cfg),
             "predict": [f"{c:.3g}" for c in cfg.scaling.predict], "bootstrap": int(cfg.scaling.n_boot),
+            "boot_starts": cfg.scaling.boot_starts,
             "outputs": ["scaling.json", "scaling.md", "isoflop_profiles.png", "n_opt.png", "d_opt.png",
                         "loss_vs_compute.png"]}
 
@@ -139,7 +140,8 @@ def run(cfg) -> dict:
     for name in _approaches(cfg):
         try:
             b = bootstrap(runs, name, targets + grid, int(sc.n_boot), int(sc.seed), float(sc.confidence),
-                          progress=True, bar=bool(cfg.progress))
+                          progress=True, bar=bool(cfg.progress),
+                          boot_starts=None if sc.boot_starts is None else int(sc.boot_starts))
         except DataError as e:
             if str(sc.approach) != "all":
                 raise
@@ -153,7 +155,10 @@ def run(cfg) -> dict:
 
     level = f"{int(round(float(sc.confidence) * 100))}%"
     lines = [f"# Scaling laws: {len(runs)} runs from {sc.input}", "",
-             f"Intervals: {level} percentile bootstrap. N = {sc.params_key} for lmrun runs.", ""]
+             f"Intervals: {level} percentile bootstrap. N = {sc.params_key} for lmrun runs."
+             + ("" if "3" not in results else " Approach 3 refits each resample from "
+                + ("the whole start grid" if sc.boot_starts is None else f"{int(sc.boot_starts)} starts")
+                + " (L-BFGS-B to convergence)."), ""]
     for name, r in results.items():
         lines += [f"## Approach {name}", "", "| coefficient | value [" + level + " CI] |", "|---|---|"]
         lines += [f"| {k} | {_fmt(v)} |" for k, v in r["coefficients"].items()]
