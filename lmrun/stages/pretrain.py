@@ -3,8 +3,13 @@
 Run directory: ``run.json``, ``metrics.jsonl`` (loss, lr, grad norm, tokens/s, MFU, memory per
 log step; validation loss, perplexity, bits per byte per evaluation), ``summary.json``,
 ``checkpoints/ckpt_<step>.pt`` (model, optimizer, data position, RNG states, tokenizer
-identity; the run resumes from the latest when restarted in the same directory),
-``loss_curve.png`` and ``samples.txt``.
+identity, a checksum), ``loss_curve.png`` and ``samples.txt``.
+
+Restarted in the same directory (``hydra.run.dir=<run>``), the run resumes from its newest intact
+checkpoint — a corrupt newer one is reported and moved aside to ``<name>.corrupt`` — after removing
+the temporary files of checkpoint writes that a kill interrupted; the metrics the earlier attempt
+logged after that checkpoint are dropped, so every step is in metrics.jsonl once. Ctrl-C saves a
+checkpoint after the current step and stops (a second Ctrl-C stops at once).
 """
 from __future__ import annotations
 
