@@ -34,7 +34,8 @@ def open_checkpoint(path: Path, key: str, value: str) -> dict:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         reason = reason if len(reason) <= 160 else reason[:157] + "..."
         raise FormatError(f"{where}: not a readable checkpoint (truncated or corrupt?): {reason}") from None
-    missing = [k for k in ("model", "iteration", "model_config", "tokenizer") if not isinstance(obj, dict) or k not in obj]
+    missing = [k for k in ("model", "iteration", "model_config", "tokenizer")
+               if not isinstance(obj, dict) or k not in obj]
     if missing:
         raise FormatError(f"{where}: not an lmrun checkpoint (lacks {', '.join(missing)})")
     return obj

@@ -161,7 +161,8 @@ def warc_tail_problem(path: Path, last_pos: int | None) -> tuple[int, str] | Non
             while not d.eof:
                 chunk = f.read(1 << 20)
                 if not chunk:
-                    return size, f"truncated at byte {size}: the record at byte {start} is cut off inside its gzip member"
+                    return size, (f"truncated at byte {size}: the record at byte {start} is cut off inside its "
+                                  "gzip member")
                 try:
                     out += d.decompress(chunk)
                 except zlib.error as e:

@@ -47,7 +47,8 @@ def plan(cfg) -> dict:
     a = cfg.align
     checked = check_align_inputs(cfg, "sft", SFT_KEYS)
     return {"stage": "sft", "model": checked["model"], "records": checked["records"],
-            "data": a.train_data or f"task {a.task.name} ({a.train_examples} generated train examples)", "val": a.val_data or (f"task {a.task.name} test split" if a.task.name else None),
+            "data": a.train_data or f"task {a.task.name} ({a.train_examples} generated train examples)",
+            "val": a.val_data or (f"task {a.task.name} test split" if a.task.name else None),
             "template": a.prompt_template, "steps": a.steps, "batch_size": a.batch_size,
             "gradient_accumulation": a.batch_size // a.microbatch_size, "packing": cfg.sft.packing,
             "shuffle": bool(cfg.sft.shuffle and cfg.sft.packing),

@@ -56,7 +56,8 @@ def test_scan_jsonl_names_file_and_line(tmp_path, case):
 
 
 def test_scan_jsonl_reports_the_byte_of_bad_utf8(tmp_path):
-    path = _write(tmp_path / "latin1.jsonl", SFT_OK.encode() + '{"prompt": "café", "response": "x"}\n'.encode("latin-1"))
+    bad_line = '{"prompt": "café", "response": "x"}\n'.encode("latin-1")
+    path = _write(tmp_path / "latin1.jsonl", SFT_OK.encode() + bad_line)
     with pytest.raises(DataError, match=rf"not UTF-8 text at byte {len(SFT_OK) + 15} \(line 2\)"):
         count_jsonl(path, ("prompt", "response"), "k")
 
