@@ -62,7 +62,8 @@ def _quality_model_path(cfg) -> str | None:
 def plan(cfg) -> dict:
     c = cfg.curate
     out = _output_dir(cfg, None)
-    plan = {"stage": "curate", "steps": [s for s in c.steps], "phase": c.phase}
+    plan = {"stage": "curate", "steps": [s for s in c.steps], "phase": c.phase,
+            "damaged_inputs": "fail the run (curate.strict=true)" if c.strict else "warn and count in report.json"}
     if c.phase != "dedup":
         files, shards = _shards(cfg)
         todo = [c.shard_index] if c.shard_index is not None else list(range(c.num_shards))

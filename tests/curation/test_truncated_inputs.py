@@ -113,3 +113,8 @@ def test_whole_file_has_no_read_errors(tmp_path):
                  "curate.strict=true"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["truncated_files"] == 0 and report["read_errors"] == [] and report["read"]["docs"] == 16
+
+
+def test_dry_run_states_the_policy(capsys):
+    assert main(["stage=curate", f"curate.inputs=[{IANA}]", "dry_run=true", "curate.strict=true"]) == 0
+    assert "damaged_inputs: fail the run (curate.strict=true)" in capsys.readouterr().out
