@@ -154,7 +154,7 @@ def run_benchmark(vocab_path: Path, merges_path: Path, texts: list[Path], specia
 
 def profile(vocab_path: Path, merges_path: Path, texts: list[Path], special_tokens: list[str],
             repeats: int = 3) -> dict:
-    """Seconds per part of one encode of the concatenated ``texts`` (medians over ``repeats``).
+    """Seconds per part of one encode of the concatenated ``texts`` (fastest of ``repeats``).
 
     C core: ``scan`` (the pre-tokenizer alone), ``lookup`` (+ pre-token cache lookups and the
     special-token split: ids into a buffer, warm cache), ``pyints`` (+ the list of Python ints,
@@ -184,7 +184,7 @@ def profile(vocab_path: Path, merges_path: Path, texts: list[Path], special_toke
         t["py_regex"].append(_timed(lambda: [pretokenize(p) for p in pieces]))
         _clear(py)
         t["py_cold"].append(_timed(lambda: py.encode(text)))
-    m = {k: statistics.median(v) for k, v in t.items() if v}
+    m = {k: min(v) for k, v in t.items() if v}  # the least disturbed by other processes
     out = {"bytes": len(text.encode("utf-8")), "python": {"regex": m["py_regex"], "rest": m["py_cold"] - m["py_regex"],
                                                            "total": m["py_cold"]}}
     if "scan" in m:
@@ -194,27 +194,45 @@ def profile(vocab_path: Path, merges_path: Path, texts: list[Path], special_toke
     return {k: ({kk: round(vv, 4) for kk, vv in v.items()} if isinstance(v, dict) else v) for k, v in out.items()}
 
 
-def run_bulk_benchmark(vocab_path: Path, merges_path: Path, texts: list[Path], special_tokens: list[str],
-                       workers: tuple[int, ...] = (1, 2), chunk_bytes: int = 1 << 20, repeats: int = 3) -> dict:
-    """MB/s of ``encode_file`` per backend and process count on the concatenation of ``texts``
-    (documents joined by the first special token), alternating in each of ``repeats`` rounds;
-    checks every run writes identical ids. ``speedup``: MB/s with N processes / with 1 (median
-    of per-round ratios); ``vs_tiktoken_1``: MB/s / tiktoken backend's with 1 process."""
-    from lmrun.tokenizer.bulk import encode_file
+def _cpu() -> tuple[float, float]:
+    import resource
 
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
+
+
+def run_bulk_benchmark(vocab_path: Path, merges_path: Path, texts: list[Path], special_tokens: list[str],
+                       workers: tuple[int, ...] = (1, 2), chunk_bytes: int | None = None, repeats: int = 3,
+                       copies: int = 1) -> dict:
+    """MB/s of ``encode_file`` per backend and process count on ``copies`` copies of the
+    concatenation of ``texts`` (documents joined by the first special token), alternating in each
+    of ``repeats`` rounds; checks every run writes identical ids. Per configuration (medians):
+    ``speedup``: MB/s with N processes / with 1 (per-round ratios); ``vs_tiktoken_1``: MB/s /
+    the tiktoken backend's with 1 process; ``cpu_parent_s`` / ``cpu_workers_s``: CPU seconds of
+    this process and of the worker processes; ``cpu_speedup``: the speed-up N processes would
+    give on N idle cores, CPU seconds with 1 process / (parent's + workers' / N) (a bound for a
+    loaded machine, where the wall-clock speed-up also measures the other processes' load)."""
+    from lmrun.tokenizer.bulk import encode_file
+    from lmrun.tokenizer.pretokenize import DEFAULT_CHUNK_BYTES
+
+    chunk_bytes = chunk_bytes or DEFAULT_CHUNK_BYTES  # stage=encode's
     tok = Tokenizer.from_files(vocab_path, merges_path, special_tokens)
     sep = special_tokens[0] if special_tokens else ""
     out: dict = {"chunk_bytes": chunk_bytes, "repeats": repeats, "runs": []}
     configs = [(b, n) for b in ("native", "tiktoken") for n in workers]
     mbs: dict[tuple[str, int], list[float]] = {c: [] for c in configs}
+    cpus: dict[tuple[str, int], list[tuple[float, float]]] = {c: [] for c in configs}
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "corpus.txt"
-        src.write_text(sep.join(Path(p).read_text(encoding="utf-8") for p in texts), encoding="utf-8")
+        src.write_text(sep.join(Path(p).read_text(encoding="utf-8") for p in texts * max(1, copies)), encoding="utf-8")
         reference = None
         for _ in range(repeats):
             for backend, n in configs:
                 dst = Path(tmp) / f"{backend}-{n}.bin"
+                c0 = _cpu()
                 stats = encode_file(src, tok, dst, backend=backend, num_workers=n, chunk_bytes=chunk_bytes)
+                c1 = _cpu()
+                cpus[(backend, n)].append((c1[0] - c0[0], c1[1] - c0[1]))
                 data = dst.read_bytes()
                 dst.unlink()
                 if reference is None:
@@ -226,9 +244,14 @@ def run_bulk_benchmark(vocab_path: Path, merges_path: Path, texts: list[Path], s
     tt1 = mbs[("tiktoken", workers[0])]
     for backend, n in configs:
         v, base = mbs[(backend, n)], mbs[(backend, workers[0])]
+        parent = statistics.median(c[0] for c in cpus[(backend, n)])
+        kids = statistics.median(c[1] for c in cpus[(backend, n)])
+        one = statistics.median(sum(c) for c in cpus[(backend, workers[0])])
         out["runs"].append({"backend": backend, "processes": n, "mb_per_s": round(statistics.median(v), 3),
                             "speedup": round(statistics.median(a / b for a, b in zip(v, base)), 3),
-                            "vs_tiktoken_1": round(statistics.median(a / b for a, b in zip(v, tt1)), 3)})
+                            "vs_tiktoken_1": round(statistics.median(a / b for a, b in zip(v, tt1)), 3),
+                            "cpu_parent_s": round(parent, 3), "cpu_workers_s": round(kids, 3),
+                            "cpu_speedup": round(one / max(parent + kids / n, 1e-9), 3)})
     return out
 
 
@@ -245,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-hf", action="store_true", help="skip HF tokenizers")
     ap.add_argument("--json", type=Path, default=None, help="also write the result here")
     ap.add_argument("--bulk", action="store_true", help="also time stage=encode's parallel bulk path (1 and 2 processes)")
+    ap.add_argument("--bulk-copies", type=int, default=1, help="--bulk encodes this many copies of the text (default 1)")
     ap.add_argument("--profile", action="store_true", help="also print where the time of one encode goes")
     args = ap.parse_args(argv)
     texts = args.text or [shared / p for p in DEFAULT_TEXTS]
@@ -288,10 +312,14 @@ def main(argv: list[str] | None = None) -> int:
             print("profile, C core (s): " + ", ".join(f"{k} {v:.3f}" for k, v in n.items()))
         print("profile, pure Python (s): " + ", ".join(f"{k} {v:.3f}" for k, v in p["python"].items()))
     if args.bulk:
-        r["bulk"] = run_bulk_benchmark(args.vocab, args.merges, texts, specials, repeats=repeats)
+        r["bulk"] = run_bulk_benchmark(args.vocab, args.merges, texts, specials, repeats=repeats,
+                                       copies=args.bulk_copies)
+        print(f"bulk (stage=encode's path), {r['bulk']['bytes'] / 1e6:.1f} MB file:")
         for b in r["bulk"]["runs"]:
-            print(f"bulk {b['backend']:9s} {b['processes']} process(es) {b['mb_per_s']:7.2f} MB/s   "
-                  f"x{b['speedup']:.2f} vs 1 process, x{b['vs_tiktoken_1']:.2f} vs tiktoken 1 process")
+            print(f"  {b['backend']:9s} {b['processes']} process(es) {b['mb_per_s']:7.2f} MB/s   "
+                  f"x{b['speedup']:.2f} vs 1 process (CPU-time bound x{b['cpu_speedup']:.2f}), "
+                  f"x{b['vs_tiktoken_1']:.2f} vs tiktoken 1 process; CPU s: parent {b['cpu_parent_s']:.2f}, "
+                  f"workers {b['cpu_workers_s']:.2f}")
     if args.json:
         atomic_write_json(args.json, r)
         print(f"wrote {args.json}")

@@ -2,9 +2,11 @@
 
 The file is cut into chunks at document boundaries (the start of a special token, else a
 newline between two ASCII letters or digits; see ``find_chunk_boundaries``), so encoding the
-chunks separately gives exactly the ids of encoding the whole file. Each worker reads its own
-byte range, encodes it and writes a part file; the parent appends the parts in order to the
-output. Memory is bounded by a few chunks, not by the file's size.
+chunks separately gives exactly the ids of encoding the whole file. Cuts are found while the
+workers run; each worker reads its own byte range, encodes it and writes a part file; the
+parent appends the parts in order to the output (``copy_file_range``: in the kernel, so the
+parent stays off the CPU the workers need). Memory is bounded by a few chunks, not by the
+file's size.
 
 With the native encoder's C core (``lmrun.tokenizer._encode``) a worker's ids go from C into a
 numpy array without a Python int per token (:func:`lmrun.tokenizer.native.encode_to_numpy`).
@@ -14,13 +16,14 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from lmrun.tokenizer import native
-from lmrun.tokenizer.pretokenize import (DEFAULT_CHUNK_BYTES, find_chunk_boundaries, mp_context, read_text_range,
-                                         worker_pool)
+from lmrun.tokenizer.pretokenize import (_MAX_WINDOW_BYTES, DEFAULT_CHUNK_BYTES, _file_size, _find_cut, mp_context,
+                                         read_text_range, worker_pool)
 from lmrun.tokenizer.tokenizer import Tokenizer
 from lmrun.tracking.progress import byte_progress
 
@@ -73,11 +76,52 @@ def _setup_worker(tok: Tokenizer, backend: str) -> None:
     _worker["dtype"] = dtype
 
 
-def _encode_range(task: tuple[str, int, int, int, str]) -> tuple[int, int, int, bool]:
-    path, index, start, end, part = task
+def _encode_range(task: tuple[str, int, int, str]) -> tuple[str, int, int, bool]:
+    """Worker: encode bytes [start, end) of the file into the part file ``part`` (raw ``dtype``
+    ids). Returns (part, number of ids, bytes read, whether tiktoken fell back)."""
+    path, start, end, part = task
     ids, fell_back = _worker["encode"](read_text_range(path, start, end))
-    np.asarray(ids, dtype=_worker["dtype"]).tofile(part)
-    return index, len(ids), end - start, fell_back
+    ids = np.asarray(ids, dtype=_worker["dtype"])
+    ids.tofile(part)
+    return part, len(ids), end - start, fell_back
+
+
+def _append_file(out, part: str) -> None:
+    """Append the file ``part`` to the open file ``out`` (in the kernel where it can) and delete it."""
+    with open(part, "rb") as src:
+        n = os.fstat(src.fileno()).st_size
+        out.flush()
+        try:
+            while n > 0:
+                done = os.copy_file_range(src.fileno(), out.fileno(), n)
+                if done <= 0:
+                    raise OSError("copy_file_range copied nothing")
+                n -= done
+        except (AttributeError, OSError):  # no copy_file_range here (or across file systems)
+            src.seek(os.fstat(src.fileno()).st_size - n)
+            out.seek(0, os.SEEK_END)
+            while block := src.read(1 << 24):
+                out.write(block)
+    os.unlink(part)
+
+
+def _chunk_ranges(path: Path, chunk_bytes: int, specials: list[bytes]) -> Iterator[tuple[int, int]]:
+    """The (start, end) byte ranges of ``find_chunk_boundaries(path, chunk_bytes, specials)``,
+    found one at a time, so that workers encode the first chunks while later cuts are sought."""
+    size = _file_size(path)
+    tokens = sorted({t for t in specials if t}, key=len, reverse=True)
+    maxlen = max((len(t) for t in tokens), default=1)
+    window = min(chunk_bytes, _MAX_WINDOW_BYTES)
+    start, nominal = 0, chunk_bytes
+    with open(path, "rb") as f:
+        while nominal < size:
+            p = _find_cut(f, nominal, min(nominal + window, size), size, tokens, maxlen)
+            if p is None:
+                nominal += chunk_bytes  # merge this chunk into the next
+                continue
+            yield start, p
+            start, nominal = p, p + chunk_bytes
+    yield start, size
 
 
 def encode_file(path: str | os.PathLike, tokenizer: Tokenizer, out_path: str | os.PathLike, *,
@@ -97,36 +141,42 @@ def encode_file(path: str | os.PathLike, tokenizer: Tokenizer, out_path: str | o
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     path, out_path = Path(path), Path(out_path)
     specials = [s.encode("utf-8") for s in tokenizer.special_tokens]
+    size = _file_size(path)  # DataError if missing
     workers = max(1, num_workers or os.cpu_count() or 1)
-    if workers > 1 and path.is_file():  # enough chunks to keep every process busy to the end
-        per_chunk = -(-path.stat().st_size // (_CHUNKS_PER_WORKER * workers))
+    if workers > 1:  # enough chunks to keep every process busy to the end
+        per_chunk = -(-size // (_CHUNKS_PER_WORKER * workers))
         chunk_bytes = max(1, min(chunk_bytes, max(per_chunk, _MIN_CHUNK_BYTES)))
-    bounds = find_chunk_boundaries(path, chunk_bytes, specials)
-    tasks = [(str(path), i, a, b, f"{out_path}.part{i:06d}") for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
-    workers = max(1, min(workers, len(tasks)))
+    if chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
+    if size <= chunk_bytes:
+        workers = 1
+    parts: list[str] = []
+
+    def tasks() -> Iterator[tuple[str, int, int, str]]:
+        for a, b in _chunk_ranges(path, chunk_bytes, specials):
+            parts.append(f"{out_path}.part{len(parts):06d}")
+            yield str(path), a, b, parts[-1]
+
     init_args = (tokenizer.vocab, tokenizer.merges, tokenizer.special_tokens, backend)
     dtype = token_dtype(max(tokenizer.vocab) + 1)
-    bar = byte_progress(bounds[-1], f"encoding {path.name}", progress)
+    bar = byte_progress(size, f"encoding {path.name}", progress)
     t0 = time.perf_counter()
-    n_tokens, fallbacks = 0, 0
+    n_tokens, n_chunks, fallbacks = 0, 0, 0
     try:
         with open(out_path, "wb") as out:
-            def append(result: tuple[int, int, int, bool]) -> None:
-                nonlocal n_tokens, fallbacks
-                index, count, nbytes, fell_back = result
-                fallbacks += fell_back
-                part = Path(tasks[index][4])
-                with open(part, "rb") as p:
-                    while block := p.read(1 << 24):
-                        out.write(block)
-                part.unlink()
+            def append(result: tuple[str, int, int, bool]) -> None:
+                nonlocal n_tokens, n_chunks, fallbacks
+                part, count, nbytes, fell_back = result
+                _append_file(out, part)
                 n_tokens += count
+                n_chunks += 1
+                fallbacks += fell_back
                 if bar is not None:
                     bar.update(nbytes)
 
             if workers == 1:
                 _setup_worker(tokenizer, backend)
-                for task in tasks:
+                for task in tasks():
                     append(_encode_range(task))
             else:
                 if mp_context().get_start_method() == "fork":  # forked workers inherit the encoder
@@ -135,21 +185,21 @@ def encode_file(path: str | os.PathLike, tokenizer: Tokenizer, out_path: str | o
                 else:
                     pool_args = {"initializer": _init_worker, "initargs": init_args}
                 with worker_pool(workers, **pool_args) as pool:
-                    for result in pool.imap(_encode_range, tasks):  # in order: appended as they come
+                    for result in pool.imap(_encode_range, tasks()):  # in order: appended as they come
                         append(result)
     except BaseException:
-        for task in tasks:
-            Path(task[4]).unlink(missing_ok=True)
+        for part in parts:
+            Path(part).unlink(missing_ok=True)
         out_path.unlink(missing_ok=True)
         raise
     finally:
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - t0
-    stats = {"tokens": n_tokens, "bytes": bounds[-1], "seconds": round(seconds, 3),
-             "mb_per_s": round(bounds[-1] / 1e6 / max(seconds, 1e-9), 3), "dtype": dtype.name, "chunks": len(tasks)}
+    stats = {"tokens": n_tokens, "bytes": size, "seconds": round(seconds, 3),
+             "mb_per_s": round(size / 1e6 / max(seconds, 1e-9), 3), "dtype": dtype.name, "chunks": n_chunks}
     if fallbacks:
         log.info("%s: %d of %d chunk(s) encoded natively (tiktoken's regex cannot match them; same ids)", path.name,
-                 fallbacks, len(tasks))
+                 fallbacks, n_chunks)
         stats["native_fallback_chunks"] = fallbacks
     return stats
