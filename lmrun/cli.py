@@ -306,12 +306,13 @@ def _check_run_dir(cfg, value: str, overrides: list[str]) -> None:
     resumable stage (one that declares ``RESUMABLE = True``, e.g. pretrain) to resume that same
     stage's run, and a completed run only with the same resolved config (its config hash);
     resuming a failed, preempted or interrupted run with another config is allowed (the stage
-    checks what it loads). ``overrides`` (the command line's) name what changed in the message.
+    checks what it loads), and not while another process writes it (its lock). ``overrides`` (the
+    command line's) name what changed in the message.
     A path with an interpolation (``${now:...}``) is not checked.
     ConfigError (one line, nothing written) otherwise, or if run.json is unreadable."""
     if "${" in value:
         return
-    from lmrun.tracking.run import config_hash
+    from lmrun.tracking.run import RUN_LOCK, config_hash, lock_run_dir
 
     run_dir = Path(value).expanduser()
     info_path = run_dir / "run.json"
@@ -330,6 +331,11 @@ def _check_run_dir(cfg, value: str, overrides: list[str]) -> None:
                           f"overwritten and stage {cfg.stage.name} does not resume: choose a new directory")
     if stage != cfg.stage.name:
         raise ConfigError(f"{key}: holds a {stage} run, not a {cfg.stage.name} run; choose a new directory")
+    if (run_dir / RUN_LOCK).exists():  # a resume of this run already running? (the run's own lock is the guard)
+        try:
+            lock_run_dir(run_dir).release()
+        except LmrunError as e:
+            raise ConfigError(f"{key}: {e}") from None
     if status == "completed" and info.get("config_hash") != config_hash(cfg):
         was = set(info.get("overrides") or [])
         now = {o for o in overrides if not o.lstrip("+~").startswith("hydra.")}
@@ -350,7 +356,7 @@ def _task(cfg):
     from lmrun.launch import sweep as sweeps
     from lmrun.launch.preemption import Preempted
     from lmrun.tracking.files import json_dumps
-    from lmrun.tracking.run import end_run, start_run
+    from lmrun.tracking.run import end_run, lock_run_dir, start_run
 
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
@@ -370,21 +376,29 @@ def _task(cfg):
             return stage.run(cfg)
         finally:
             end_run()
-    if multirun and (out_dir / "run.json").exists():  # a sweep run again: this job ran before
-        info = sweeps.read_json(out_dir / "run.json") or {}
-        if sweeps.job_identity(info.get("overrides", [])) != sweeps.job_identity(overrides):
-            raise ConfigError(f"{out_dir} holds a different job ({' '.join(info.get('overrides', []))}); "
-                              "choose a new sweep.dir")
-        status = info.get("status")
-        if status == "completed" and bool(cfg.sweep.skip_done):
-            log.info("job %d already completed in %s: skipped (sweep.skip_done=true)", num, out_dir)
-            sweeps.record_outcome(num, overrides, "skipped", str(out_dir))
-            return sweeps.job_result(sweeps.read_json(out_dir / "summary.json"), objective)
-        if status == "completed" or not resumable:
-            log.info("job %d: earlier attempt (%s) moved to %s", num, status, sweeps.archive_attempt(out_dir))
+    lock = None
     try:
-        run = start_run(cfg, out_dir, overrides, resumable=resumable)
-    except LmrunError as e:  # e.g. a run directory already used: nothing of that run was touched
+        if multirun and (out_dir / "run.json").exists():  # a sweep run again: this job ran before
+            lock = lock_run_dir(out_dir)  # before looking: an earlier launch's job may still be running
+            info = sweeps.read_json(out_dir / "run.json") or {}
+            if sweeps.job_identity(info.get("overrides", [])) != sweeps.job_identity(overrides):
+                lock.release()
+                raise ConfigError(f"{out_dir} holds a different job ({' '.join(info.get('overrides', []))}); "
+                                  "choose a new sweep.dir")
+            status = info.get("status")
+            if status == "completed" and bool(cfg.sweep.skip_done):
+                lock.release()
+                log.info("job %d already completed in %s: skipped (sweep.skip_done=true)", num, out_dir)
+                sweeps.record_outcome(num, overrides, "skipped", str(out_dir))
+                return sweeps.job_result(sweeps.read_json(out_dir / "summary.json"), objective)
+            if status == "completed" or not resumable:
+                log.info("job %d: earlier attempt (%s) moved to %s", num, status, sweeps.archive_attempt(out_dir))
+        run = start_run(cfg, out_dir, overrides, resumable=resumable, lock=lock)
+    except ConfigError:
+        raise
+    except LmrunError as e:  # the directory is in use or already used: nothing of that run was touched
+        if lock is not None:
+            lock.release()
         log.error("%s", e)
         if multirun:
             sweeps.record_outcome(num, overrides, "failed", str(out_dir), str(e))

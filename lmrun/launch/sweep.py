@@ -10,16 +10,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from lmrun.errors import ConfigError, FormatError
-from lmrun.tracking.files import atomic_write_json
+from lmrun.tracking.files import FileLock, LockHeld, atomic_write_json
 
 MANIFEST = "sweep.json"
 #: held (flock) by the lmrun process that launches or submits a sweep, for the whole launch
@@ -89,55 +87,27 @@ def open_manifest(sweep_dir: Path, executor: str, new_command: bool = True) -> d
     return manifest
 
 
-def _lock_holder(fd: int) -> str:
-    """'pid N on host H' from a lock file's record (it is written just after the lock is taken:
-    wait up to a second for it)."""
-    for _ in range(20):
-        try:
-            holder = json.loads(os.pread(fd, 4096, 0).decode("utf-8"))
-            return f"pid {holder['pid']} on host {holder['host']}"
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-            time.sleep(0.05)
-    return "another process"
-
-
 @contextlib.contextmanager
 def sweep_lock(sweep_dir: Path):
-    """Hold the sweep directory's lock (``<sweep_dir>/.lock``, ``fcntl.flock``) while launching:
-    two identical commands started at once must not both submit the sweep's jobs into one
-    directory. The directory is created if new. The lock file records the holder (pid, host,
-    Slurm job id if any, command, start time); the kernel releases the lock when the holder
-    exits, however it ends, so a killed launch never blocks the next one.
+    """Hold the sweep directory's lock (``<sweep_dir>/.lock``, a :class:`FileLock`) while
+    launching: two identical commands started at once must not both submit the sweep's jobs into
+    one directory. The directory is created if new. The lock file records the holder (pid, host,
+    Slurm job id if any, command, start time); a killed launch never blocks the next one.
 
     ConfigError "sweep <dir> is already being submitted by pid N on host H" (nothing written or
     submitted) if another process holds it; DataError if the lock file cannot be created."""
-    import fcntl
-
     from lmrun.errors import DataError
 
     sweep_dir = Path(sweep_dir)
     try:
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(sweep_dir / LOCK, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        lock = FileLock.acquire(sweep_dir / LOCK, command=" ".join(["lmrun", *sys.argv[1:]]))
+    except LockHeld as e:
+        raise ConfigError(f"sweep {sweep_dir} is already being submitted by {e.holder}; "
+                          "run the command again once it is done (finished jobs are skipped)") from None
     except OSError as e:
         raise DataError(f"sweep {sweep_dir}: cannot create its lock file ({e.strerror or e})") from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ConfigError(f"sweep {sweep_dir} is already being submitted by {_lock_holder(fd)}; "
-                              "run the command again once it is done (finished jobs are skipped)") from None
-        holder = {"pid": os.getpid(), "host": socket.gethostname(), "job": os.environ.get("SLURM_JOB_ID"),
-                  "command": " ".join(["lmrun", *sys.argv[1:]]), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(holder) + "\n").encode("utf-8"), 0)
-        try:
-            yield
-        finally:
-            os.ftruncate(fd, 0)  # released: the record no longer names a holder
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
+    with lock:
+        yield
 
 
 def check_same_job(manifest: dict, sweep_dir: Path, num: int, overrides: list[str]) -> None:
@@ -164,7 +134,7 @@ def job_result(summary: dict | None, objective: str | None):
 
 
 def archive_attempt(run_dir: Path) -> Path:
-    """Move everything in ``run_dir`` except earlier attempts and submitit's files into
+    """Move everything in ``run_dir`` except earlier attempts, submitit's files and the lock into
     ``run_dir/attempts/<k>/`` (a rerun of a job that failed starts clean and loses nothing)."""
     run_dir = Path(run_dir)
     k = 0
@@ -173,7 +143,7 @@ def archive_attempt(run_dir: Path) -> Path:
     dest = run_dir / "attempts" / str(k)
     dest.mkdir(parents=True)
     for p in run_dir.iterdir():
-        if p.name not in ("attempts", ".submitit"):
+        if p.name not in ("attempts", ".submitit", ".lock"):
             shutil.move(str(p), dest / p.name)
     return dest
 

@@ -1,5 +1,5 @@
-"""Small file utilities shared by every stage: atomic writes, strict JSON, content digests, and
-the clean-up of temporary files left by dead writers."""
+"""Small file utilities shared by every stage: atomic writes, strict JSON, content digests, file
+locks, and the clean-up of temporary files left by dead writers."""
 from __future__ import annotations
 
 import hashlib
@@ -92,6 +92,88 @@ def remove_stale_temp_files(directory: str | os.PathLike) -> list[Path]:
             continue
         removed.append(Path(entry.path))
     return sorted(removed)
+
+
+# --- locks -------------------------------------------------------------------------------------
+class LockHeld(Exception):
+    """Another process holds a :class:`FileLock`; ``holder`` names it ("pid N on host H")."""
+
+    def __init__(self, path: Path, holder: str):
+        super().__init__(f"{path} is held by {holder}")
+        self.path, self.holder = path, holder
+
+
+class FileLock:
+    """An exclusive lock on a file (``fcntl.flock``, never waits) that records its holder in it.
+
+    Use :meth:`acquire`, then :meth:`release` (or ``with``). The kernel releases the lock when
+    the holder's process ends, however it ends (kill -9 included), so a dead holder never blocks
+    the next one; on a shared filesystem (NFS) the lock is seen across hosts where the
+    filesystem supports flock. The file stays (empty once released): removing it would let two
+    processes lock two different files of the same name."""
+
+    def __init__(self, path: Path, fd: int):
+        self.path, self._fd = path, fd
+
+    @classmethod
+    def acquire(cls, path: str | os.PathLike, **record) -> "FileLock":
+        """Lock ``path`` (created with its folder if missing) and write a JSON record of this
+        holder into it: pid, host, Slurm job id if any, time, and ``record``. LockHeld if another
+        process (or another open of the file in this one) holds it; OSError if it cannot be created."""
+        import fcntl
+        import time
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            raise LockHeld(path, holder) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+                "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **record}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info, default=str) + "\n").encode("utf-8"), 0)
+        return cls(path, fd)
+
+    def release(self) -> None:
+        """Empty the record and unlock (a second call does nothing)."""
+        import fcntl
+
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    def __enter__(self) -> "FileLock":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.release()
+        return False
+
+
+def _lock_holder(fd: int) -> str:
+    """'pid N on host H' from a lock file's record (written just after the lock is taken: wait
+    up to a second for it)."""
+    import time
+
+    for _ in range(20):
+        try:
+            holder = json.loads(os.pread(fd, 4096, 0).decode("utf-8"))
+            return f"pid {holder['pid']} on host {holder['host']}"
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            time.sleep(0.05)
+    return "another process"
 
 
 # --- atomic writes -----------------------------------------------------------------------------

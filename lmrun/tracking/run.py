@@ -22,7 +22,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lmrun.errors import LmrunError
-from lmrun.tracking.files import atomic_write, atomic_write_json, config_digest, json_dumps
+from lmrun.tracking.files import FileLock, LockHeld, atomic_write, atomic_write_json, config_digest, json_dumps
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,9 @@ SLURM_VARS = ["SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLUR
               "SLURM_RESTART_COUNT", "SLURM_PROCID"]
 
 _ACTIVE: "Run | None" = None
+
+#: held by the process writing a run directory, from :meth:`Run.start` to :meth:`Run.finish`
+RUN_LOCK = ".lock"
 
 
 def resolved_config(cfg: DictConfig) -> dict:
@@ -84,14 +87,30 @@ def seed_everything(seed: int) -> None:
         sys.modules["torch"].manual_seed(seed)
 
 
+def lock_run_dir(run_dir: str | os.PathLike) -> FileLock:
+    """Take ``<run_dir>/.lock`` (the directory is created if new): one process at a time writes
+    a run directory — two resumes of one run started at once would write the same checkpoints
+    and metrics. Released by :meth:`Run.finish`, or by the kernel when the process ends.
+    LmrunError "run directory <dir> is in use by pid N on host H" if another process holds it."""
+    run_dir = Path(run_dir)
+    try:
+        return FileLock.acquire(run_dir / RUN_LOCK, command=" ".join(sys.argv))
+    except LockHeld as e:
+        raise LmrunError(f"run directory {run_dir} is in use by {e.holder}; wait for it to end") from None
+    except OSError as e:
+        raise LmrunError(f"run directory {run_dir}: cannot create its lock file ({e.strerror or e})") from None
+
+
 class Run:
     """One run directory. Use :func:`start_run`; then :meth:`log` per step and :meth:`finish`.
 
     ``writes=False`` (ranks other than 0 of a distributed job): the same directory, but nothing is
-    written — no run.json, metrics, summary or wandb run; rank 0 writes them."""
+    written — no run.json, metrics, summary or wandb run; rank 0 writes them. A writing run holds
+    the directory's lock (:func:`lock_run_dir`; ``lock``: one the caller took already) from
+    :meth:`start` to :meth:`finish`."""
 
     def __init__(self, cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, resumable: bool = False,
-                 writes: bool = True):
+                 writes: bool = True, lock: FileLock | None = None):
         self.cfg = cfg
         self.writes = writes
         self.resumable = resumable
@@ -102,6 +121,7 @@ class Run:
         self._wandb = None
         self._t0 = time.time()
         self._previous: dict | None = None  # run.json of the attempt this one restarts, if any
+        self._lock = lock
 
     # lifecycle -------------------------------------------------------------------------------
     def start(self) -> "Run":
@@ -109,6 +129,20 @@ class Run:
             seed_everything(int(self.cfg.seed))
             return self
         self.dir.mkdir(parents=True, exist_ok=True)
+        if self._lock is None:
+            self._lock = lock_run_dir(self.dir)
+        try:
+            return self._start()
+        except BaseException:
+            self._release()
+            raise
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _start(self) -> "Run":
         previous = None
         if (self.dir / "run.json").exists():
             if not self.resumable:
@@ -261,9 +295,15 @@ class Run:
         record, with this attempt (start, end, status, error, config hash, overrides) appended to
         its ``failed_restarts`` list (and counted in ``restarts``). A restart of a completed run
         that completes again (e.g. resumed from the final checkpoint) updates the summary's keys
-        and keeps those it did not report."""
+        and keeps those it did not report. The directory's lock is released, whatever happens."""
         if not self.writes:
             return
+        try:
+            self._finish(summary, status, error)
+        finally:
+            self._release()
+
+    def _finish(self, summary: dict[str, Any] | None, status: str, error: str | None) -> None:
         summary = dict(summary or {})
         if status == "completed" and self._restarts_completed():  # what the restart did not report stays
             try:
@@ -312,14 +352,16 @@ def _ends_with_newline(path: Path) -> bool:
 
 
 def start_run(cfg: DictConfig, run_dir: str | os.PathLike, overrides: list[str] | None = None,
-              resumable: bool = False, writes: bool = True) -> Run:
+              resumable: bool = False, writes: bool = True, lock: FileLock | None = None) -> Run:
     """Create the run directory's files and make the run active for :func:`active_run`.
 
     An existing run directory is an error unless ``resumable`` (a stage that resumes from its
     checkpoints): then run.json records the restart and metrics.jsonl is appended to.
-    ``writes=False``: a run that writes nothing (ranks > 0 of a distributed job)."""
+    ``writes=False``: a run that writes nothing (ranks > 0 of a distributed job). The run holds
+    the directory's lock until it finishes (``lock``: one taken with :func:`lock_run_dir` before);
+    LmrunError if another process is writing the directory."""
     global _ACTIVE
-    _ACTIVE = Run(cfg, Path(run_dir), overrides, resumable, writes).start()
+    _ACTIVE = Run(cfg, Path(run_dir), overrides, resumable, writes, lock).start()
     return _ACTIVE
 
 

@@ -62,9 +62,25 @@ def test_log_writes_nested_non_finite_values_as_null(tmp_path):
 def test_a_restart_after_a_torn_line_starts_a_new_line(tmp_path):
     run = Run(_cfg(), tmp_path / "r", resumable=True).start()
     run.log({"loss": 1.0}, step=1)
+    run.finish({}, status="interrupted")
     with open(run.dir / "metrics.jsonl", "a") as f:
         f.write('{"step": 2, "lo')  # killed mid-line
     again = Run(_cfg(), tmp_path / "r", resumable=True).start()
     again.log({"loss": 0.5}, step=2)
     lines = (run.dir / "metrics.jsonl").read_text().splitlines()
     assert json.loads(lines[-1])["step"] == 2 and lines[-2] == '{"step": 2, "lo'
+
+
+def test_one_process_at_a_time_writes_a_run_directory(tmp_path):
+    import os
+
+    from lmrun.errors import LmrunError
+
+    first = Run(_cfg(), tmp_path / "r", resumable=True).start()
+    with pytest.raises(LmrunError, match=rf"run directory {tmp_path / 'r'} is in use by pid {os.getpid()} on host"):
+        Run(_cfg(), tmp_path / "r", resumable=True).start()
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["status"] == "running"  # untouched
+    first.finish({"loss": 1.0})
+    again = Run(_cfg(), tmp_path / "r", resumable=True).start()  # released by finish
+    again.finish({"loss": 0.5})
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["restarts"] == 1

@@ -170,7 +170,15 @@ def test_run_records_of_a_completed_run_survive_restarts(tmp_path):
     assert after["restarts"] == 1
     assert [a["status"] for a in after["failed_restarts"]] == ["interrupted"]
     assert json.loads((tmp_path / "r" / "summary.json").read_text()) == {"val_loss": 3.0, "tokens_per_s": 100.0}
-    Run(cfg, tmp_path / "r", resumable=True).start()  # killed (never finishes): the next start records it
+    killed = subprocess.Popen([sys.executable, "-c", (  # a restart killed -9 before its record
+        "import sys, time\nfrom omegaconf import OmegaConf\nfrom lmrun.tracking.run import Run\n"
+        "cfg = OmegaConf.create({'seed': 0, 'stage': {'name': 'pretrain'}, 'logger': {'name': 'none'}})\n"
+        "Run(cfg, sys.argv[1], resumable=True).start()\nprint('started', flush=True)\ntime.sleep(600)\n"),
+        str(tmp_path / "r")], env=_env(), stdout=subprocess.PIPE, text=True)
+    assert killed.stdout.readline().strip() == "started"
+    killed.kill()
+    killed.wait()
+    killed.stdout.close()
     third = Run(cfg, tmp_path / "r", resumable=True).start()
     third.finish({"val_loss": 2.5, "resumed": True})  # a restart that completes records its own result
     final = json.loads((tmp_path / "r" / "run.json").read_text())
@@ -209,3 +217,24 @@ def test_ctrl_c_is_one_line_exit_130_and_recorded(small_train, isolated_workspac
     assert lmrun_lines[0].startswith("lmrun: interrupted (Ctrl-C)") and str(run_dir) in lmrun_lines[0]
     info = json.loads((run_dir / "run.json").read_text())
     assert info["status"] == "interrupted" and info["error"].startswith("interrupted (Ctrl-C)")
+
+
+def test_a_run_directory_being_written_by_another_process_is_refused(isolated_workspace, capsys):
+    """A second resume of a run while the first still runs (a real process holds the run's lock)."""
+    run_dir = isolated_workspace / "busy"
+    _fake_run(run_dir, "pretrain", "interrupted", "0123abcd", [])
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom lmrun.tracking.run import lock_run_dir\n"
+                               "lock = lock_run_dir(sys.argv[1])\nprint('locked', flush=True)\ntime.sleep(600)\n",
+                               str(run_dir)], env=_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = _snapshot(run_dir)
+        assert cli.main([*TINY, f"hydra.run.dir={run_dir}"]) == 2
+        line = _one_error_line(capsys.readouterr().err)
+        assert line.startswith(f"lmrun: error: hydra.run.dir={run_dir}: run directory {run_dir} is in use by "
+                               f"pid {holder.pid} on host")
+        assert _snapshot(run_dir) == before
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
