@@ -707,20 +707,21 @@ def _main(argv: list[str], args) -> int:
         argv.append(f"stage={stage_names()[0]}")  # help lists the groups; composing it needs some stage
     sys.argv = [sys.argv[0] if sys.argv else "lmrun"] + argv
     code = 0
-    lock = contextlib.nullcontext()
-    if not informational and args.multirun:  # one launch per sweep directory at a time (all launchers)
-        from lmrun.launch.sweep import sweep_lock
+    with contextlib.ExitStack() as held:
+        if not informational and args.multirun:  # one launch per sweep directory at a time (all launchers)
+            from lmrun.launch.sweep import sweep_lock
 
-        given = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("hydra.sweep.dir=")), None)
-        lock = sweep_lock(Path(given).absolute() if given else sweep_dir)
-    try:
-        with lock:
+            given = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("hydra.sweep.dir=")), None)
+            if given is None or "${" not in given:  # (a directory named by an interpolation is not known yet)
+                try:
+                    held.enter_context(sweep_lock(Path(given).absolute() if given else sweep_dir))
+                except LmrunError as e:  # launched by another process now: nothing written or submitted
+                    print(f"lmrun: error: {e}", file=sys.stderr)
+                    return 2
+        try:
             _hydra_entry()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except LmrunError as e:  # the sweep is being launched by another process: nothing submitted
-        print(f"lmrun: error: {e}", file=sys.stderr)
-        return 2
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     if args.help and code == 0:
         print(stage_catalogue())
     if not informational and args.multirun:
