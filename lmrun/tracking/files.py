@@ -2,14 +2,17 @@
 locks, and the clean-up of temporary files left by dead writers."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import math
 import numbers
 import os
 import re
 import secrets
 import socket
+import time
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
@@ -109,11 +112,12 @@ class FileLock:
     Use :meth:`acquire`, then :meth:`release` (or ``with``). The kernel releases the lock when
     the holder's process ends, however it ends (kill -9 included), so a dead holder never blocks
     the next one; on a shared filesystem (NFS) the lock is seen across hosts where the
-    filesystem supports flock. The file stays (empty once released): removing it would let two
-    processes lock two different files of the same name."""
+    filesystem supports flock (where it does not, the lock is not taken and a warning is logged).
+    The file stays (empty once released): removing it would let two processes lock two
+    different files of the same name."""
 
-    def __init__(self, path: Path, fd: int):
-        self.path, self._fd = path, fd
+    def __init__(self, path: Path, fd: int, locked: bool = True):
+        self.path, self._fd, self.locked = path, fd, locked
 
     @classmethod
     def acquire(cls, path: str | os.PathLike, **record) -> "FileLock":
@@ -121,7 +125,6 @@ class FileLock:
         holder into it: pid, host, Slurm job id if any, time, and ``record``. LockHeld if another
         process (or another open of the file in this one) holds it; OSError if it cannot be created."""
         import fcntl
-        import time
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -132,14 +135,24 @@ class FileLock:
             holder = _lock_holder(fd)
             os.close(fd)
             raise LockHeld(path, holder) from None
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                os.close(fd)
+                raise
+            locked = False
+            # a filesystem without locks (some Lustre/NFS mounts): go on unguarded rather than not at all
+            logging.getLogger(__name__).warning("%s: this filesystem does not support file locks (%s); "
+                                                "concurrent writers are not detected", path, e.strerror)
         except BaseException:
             os.close(fd)
             raise
+        else:
+            locked = True
         info = {"pid": os.getpid(), "host": socket.gethostname(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
                 "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **record}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(info, default=str) + "\n").encode("utf-8"), 0)
-        return cls(path, fd)
+        return cls(path, fd, locked)
 
     def release(self) -> None:
         """Empty the record and unlock (a second call does nothing)."""
@@ -150,7 +163,8 @@ class FileLock:
         fd, self._fd = self._fd, None
         try:
             os.ftruncate(fd, 0)
-            fcntl.flock(fd, fcntl.LOCK_UN)
+            if self.locked:
+                fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
 
@@ -165,8 +179,6 @@ class FileLock:
 def _lock_holder(fd: int) -> str:
     """'pid N on host H' from a lock file's record (written just after the lock is taken: wait
     up to a second for it)."""
-    import time
-
     for _ in range(20):
         try:
             holder = json.loads(os.pread(fd, 4096, 0).decode("utf-8"))

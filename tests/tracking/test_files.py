@@ -140,3 +140,16 @@ def test_json_dumps_refuses_a_nan_that_slips_past(out):
     with pytest.raises(ValueError):
         files.json.dumps({"x": float("nan")}, allow_nan=False)  # the guard json_dumps relies on
     assert json_dumps({"x": Weird("nan")}) == '{"x": null}'
+
+
+def test_a_filesystem_without_locks_is_not_fatal(out, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with files.FileLock.acquire(out / ".lock") as lock:
+        assert lock.path == out / ".lock"
+    assert "does not support file locks" in caplog.text
