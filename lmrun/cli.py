@@ -640,8 +640,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv, args)
     except KeyboardInterrupt as e:  # Ctrl-C: one line, no traceback; the run recorded "interrupted"
-        where = getattr(e, "lmrun_run_dir", None)
-        print(f"lmrun: {interrupted_message(e)}" + (f" (run directory {where})" if where else ""),
+        message, where = interrupted_message(e), getattr(e, "lmrun_run_dir", None)
+        print(f"lmrun: {message}" + (f" (run directory {where})" if where and where not in message else ""),
               file=sys.stderr, flush=True)
         return 130
     finally:
