@@ -52,6 +52,8 @@ enum { C_OTHER = 0, C_L = 1, C_N = 2, C_WS = 3 };
 #define CACHE_MAX_BYTES 255
 #define NO_RANK INT32_MAX
 #define INTS_MAX (1 << 24) /* Python ints of ids below this are cached */
+#define BUF_KEEP (1 << 20)  /* ids: a larger output buffer is freed after the call */
+#define HEAP_KEEP (1 << 16) /* bytes: larger merge scratch is freed after the call */
 
 static PyObject *MissingByteError;
 
@@ -444,6 +446,10 @@ static int encode_piece(Encoder *E, const uint8_t *p, Py_ssize_t len) {
             i = (i + 1) & E->cmask;
         }
     }
+    if (len >= INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "a pre-token of 2 GiB or more cannot be encoded");
+        return -1;
+    }
     if (buf_reserve(E, (size_t)len) < 0) return -1;
     int32_t *ids = E->buf + E->buf_len;
     for (Py_ssize_t k = 0; k < len; k++) {
@@ -544,6 +550,39 @@ static inline PyObject *int_of(Encoder *E, int32_t id) {
     return PyLong_FromLong(id);
 }
 
+static PyObject *encode_ids_to_list(Encoder *E, const int32_t *ids, size_t n, PyObject *out);
+
+/* the id buffer, now the caller's (capacity in *cap); E gets a new one on its next call */
+static int32_t *take_buf(Encoder *E, size_t *cap) {
+    int32_t *ids = E->buf;
+    *cap = E->buf_cap;
+    E->buf = NULL;
+    E->buf_len = E->buf_cap = 0;
+    return ids;
+}
+
+/* hand a taken buffer back: kept for the next call unless E has made a new one meanwhile or it
+ * is large (memory held between calls stays small); drop large merge scratch too */
+static void give_back_buf(Encoder *E, int32_t *ids, size_t cap) {
+    if (!E->buf && cap <= BUF_KEEP) {
+        E->buf = ids;
+        E->buf_cap = cap;
+        E->buf_len = 0;
+    } else {
+        free(ids);
+    }
+    if (E->hcap > HEAP_KEEP) {
+        free(E->heap);
+        free(E->htok);
+        free(E->hnxt);
+        free(E->hprv);
+        free(E->hbatch);
+        E->heap = NULL;
+        E->htok = E->hnxt = E->hprv = E->hbatch = NULL;
+        E->hcap = 0;
+    }
+}
+
 static PyObject *Encoder_encode(Encoder *E, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"text", "start", "end", "out", NULL};
     PyObject *text, *ostart = NULL, *oend = NULL, *out = NULL;
@@ -558,6 +597,16 @@ static PyObject *Encoder_encode(Encoder *E, PyObject *args, PyObject *kw) {
     E->buf_len = 0;
     if (encode_text(E, text, start, end) < 0) return NULL;
     size_t n = E->buf_len;
+    /* own the ids while Python objects are made: a garbage collection there may run code
+     * that encodes with this Encoder again (another thread, a finalizer) */
+    size_t cap;
+    int32_t *ids = take_buf(E, &cap);
+    PyObject *list = encode_ids_to_list(E, ids, n, out);
+    give_back_buf(E, ids, cap);
+    return list;
+}
+
+static PyObject *encode_ids_to_list(Encoder *E, const int32_t *ids, size_t n, PyObject *out) {
     PyObject *list;
     Py_ssize_t base = 0;
     if (out) {
@@ -566,7 +615,7 @@ static PyObject *Encoder_encode(Encoder *E, PyObject *args, PyObject *kw) {
         PyObject *tail = PyList_New((Py_ssize_t)n);
         if (!tail) return NULL;
         for (size_t k = 0; k < n; k++) {
-            PyObject *v = int_of(E, E->buf[k]);
+            PyObject *v = int_of(E, ids[k]);
             if (!v) {
                 Py_DECREF(tail);
                 return NULL;
@@ -584,7 +633,7 @@ static PyObject *Encoder_encode(Encoder *E, PyObject *args, PyObject *kw) {
     list = PyList_New((Py_ssize_t)n);
     if (!list) return NULL;
     for (size_t k = 0; k < n; k++) {
-        PyObject *v = int_of(E, E->buf[k]);
+        PyObject *v = int_of(E, ids[k]);
         if (!v) {
             Py_DECREF(list);
             return NULL;
@@ -617,16 +666,21 @@ static PyObject *Encoder_encode_to_bytearray(Encoder *E, PyObject *args, PyObjec
     }
     E->buf_len = 0;
     if (encode_text(E, text, start, end) < 0) return NULL;
-    size_t n = E->buf_len;
+    size_t n = E->buf_len, cap;
+    int32_t *ids = take_buf(E, &cap);
     Py_ssize_t old = PyByteArray_GET_SIZE(out);
-    if (PyByteArray_Resize(out, old + (Py_ssize_t)(n * (size_t)itemsize)) < 0) return NULL;
+    if (PyByteArray_Resize(out, old + (Py_ssize_t)(n * (size_t)itemsize)) < 0) {
+        give_back_buf(E, ids, cap);
+        return NULL;
+    }
     char *dst = PyByteArray_AS_STRING(out) + old;
     if (itemsize == 4) {
-        memcpy(dst, E->buf, n * 4);
+        memcpy(dst, ids, n * 4);
     } else {
         uint16_t *d = (uint16_t *)dst;
-        for (size_t k = 0; k < n; k++) d[k] = (uint16_t)E->buf[k];
+        for (size_t k = 0; k < n; k++) d[k] = (uint16_t)ids[k];
     }
+    give_back_buf(E, ids, cap);
     return PyLong_FromSize_t(n);
 }
 

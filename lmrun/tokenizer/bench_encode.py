@@ -14,8 +14,9 @@ run. Reported in MB/s of UTF-8 input (1 MB = 10^6 bytes):
 
 With ``--bulk``, also the bulk path of ``lmrun stage=encode`` (:func:`lmrun.tokenizer.bulk.encode_file`:
 the file cut at document boundaries, chunks encoded in worker processes) for both backends with
-1 and 2 processes: MB/s, the speed-up from processes (MB/s with N / MB/s with 1, median of
-per-round ratios) and the ratio to tiktoken's single thread of the first part.
+1 and 2 processes, each run in a fresh process: MB/s, the speed-up from processes (MB/s with N /
+MB/s with 1, median of per-round ratios), the ratio to the tiktoken backend with 1 process, and
+the CPU seconds of parent and workers (with the speed-up they allow on idle cores).
 
 With ``--profile``, where the time of one encode goes: for the C core, the pre-tokenizer scan
 alone, + cache lookups (ids into a buffer, warm), + the list of Python ints (warm), + BPE of
@@ -194,34 +195,61 @@ def profile(vocab_path: Path, merges_path: Path, texts: list[Path], special_toke
     return {k: ({kk: round(vv, 4) for kk, vv in v.items()} if isinstance(v, dict) else v) for k, v in out.items()}
 
 
-def _cpu() -> tuple[float, float]:
-    import resource
-
+_BULK_RUN = """
+import json, resource, sys
+from lmrun.tokenizer.bulk import encode_file
+from lmrun.tokenizer.tokenizer import Tokenizer
+a = json.loads(sys.argv[1])
+tok = Tokenizer.from_files(a["vocab"], a["merges"], a["specials"])
+def cpu():
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
+c0 = cpu()
+stats = encode_file(a["src"], tok, a["dst"], backend=a["backend"], num_workers=a["n"], chunk_bytes=a["chunk_bytes"])
+c1 = cpu()
+print(json.dumps({**stats, "cpu_parent_s": c1[0] - c0[0], "cpu_workers_s": c1[1] - c0[1]}))
+"""
+
+
+def _bulk_run(**kwargs) -> dict:
+    """One ``encode_file`` in a fresh process (as ``lmrun stage=encode`` runs it: cold caches,
+    a parent of the CLI's size); returns its stats with the CPU seconds of parent and workers."""
+    import json
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-c", _BULK_RUN, json.dumps(kwargs)], capture_output=True, text=True,
+                          env=env)
+    if proc.returncode != 0:
+        raise LmrunError(f"bulk encoding run failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def run_bulk_benchmark(vocab_path: Path, merges_path: Path, texts: list[Path], special_tokens: list[str],
                        workers: tuple[int, ...] = (1, 2), chunk_bytes: int | None = None, repeats: int = 3,
                        copies: int = 1) -> dict:
-    """MB/s of ``encode_file`` per backend and process count on ``copies`` copies of the
-    concatenation of ``texts`` (documents joined by the first special token), alternating in each
-    of ``repeats`` rounds; checks every run writes identical ids. Per configuration (medians):
-    ``speedup``: MB/s with N processes / with 1 (per-round ratios); ``vs_tiktoken_1``: MB/s /
-    the tiktoken backend's with 1 process; ``cpu_parent_s`` / ``cpu_workers_s``: CPU seconds of
-    this process and of the worker processes; ``cpu_speedup``: the speed-up N processes would
-    give on N idle cores, CPU seconds with 1 process / (parent's + workers' / N) (a bound for a
-    loaded machine, where the wall-clock speed-up also measures the other processes' load)."""
-    from lmrun.tokenizer.bulk import encode_file
+    """MB/s of ``encode_file`` (stage=encode's chunk size unless ``chunk_bytes``) per backend and
+    process count on ``copies`` copies of the concatenation of ``texts`` (documents joined by the
+    first special token); each run in a fresh process, alternating in each of ``repeats`` rounds;
+    checks every run writes identical ids. Per configuration (medians):
+
+    - ``speedup``: MB/s with N processes / with 1 (per-round ratios, wall clock);
+    - ``vs_tiktoken_1``: MB/s / the tiktoken backend's with 1 process (per round);
+    - ``cpu_parent_s`` / ``cpu_workers_s``: CPU seconds of the encoding process and its workers;
+    - ``cpu_speedup``: the wall-clock speed-up on N otherwise idle cores that the CPU seconds
+      allow when the parent's work is counted as serial: CPU with 1 process / (parent + workers / N).
+      On a loaded machine the wall-clock ``speedup`` also measures the other processes' load.
+    """
+    import hashlib
+
     from lmrun.tokenizer.pretokenize import DEFAULT_CHUNK_BYTES
 
-    chunk_bytes = chunk_bytes or DEFAULT_CHUNK_BYTES  # stage=encode's
-    tok = Tokenizer.from_files(vocab_path, merges_path, special_tokens)
+    chunk_bytes = chunk_bytes or DEFAULT_CHUNK_BYTES
     sep = special_tokens[0] if special_tokens else ""
     out: dict = {"chunk_bytes": chunk_bytes, "repeats": repeats, "runs": []}
     configs = [(b, n) for b in ("native", "tiktoken") for n in workers]
-    mbs: dict[tuple[str, int], list[float]] = {c: [] for c in configs}
-    cpus: dict[tuple[str, int], list[tuple[float, float]]] = {c: [] for c in configs}
+    runs: dict[tuple[str, int], list[dict]] = {c: [] for c in configs}
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "corpus.txt"
         src.write_text(sep.join(Path(p).read_text(encoding="utf-8") for p in texts * max(1, copies)), encoding="utf-8")
@@ -229,26 +257,27 @@ def run_bulk_benchmark(vocab_path: Path, merges_path: Path, texts: list[Path], s
         for _ in range(repeats):
             for backend, n in configs:
                 dst = Path(tmp) / f"{backend}-{n}.bin"
-                c0 = _cpu()
-                stats = encode_file(src, tok, dst, backend=backend, num_workers=n, chunk_bytes=chunk_bytes)
-                c1 = _cpu()
-                cpus[(backend, n)].append((c1[0] - c0[0], c1[1] - c0[1]))
-                data = dst.read_bytes()
+                stats = _bulk_run(vocab=str(vocab_path), merges=str(merges_path), specials=list(special_tokens),
+                                  src=str(src), dst=str(dst), backend=backend, n=n, chunk_bytes=chunk_bytes)
+                with open(dst, "rb") as f:
+                    digest = hashlib.file_digest(f, "sha256").hexdigest()
                 dst.unlink()
                 if reference is None:
-                    reference = data
-                elif data != reference:
+                    reference = digest
+                elif digest != reference:
                     raise LmrunError(f"bulk encoding with backend={backend}, {n} processes differs from the first run")
-                mbs[(backend, n)].append(stats["bytes"] / 1e6 / max(stats["seconds"], 1e-9))
+                stats["mb_s"] = stats["bytes"] / 1e6 / max(stats["seconds"], 1e-9)
+                runs[(backend, n)].append(stats)
         out["bytes"] = src.stat().st_size
-    tt1 = mbs[("tiktoken", workers[0])]
+    tt1 = [r["mb_s"] for r in runs[("tiktoken", workers[0])]]
     for backend, n in configs:
-        v, base = mbs[(backend, n)], mbs[(backend, workers[0])]
-        parent = statistics.median(c[0] for c in cpus[(backend, n)])
-        kids = statistics.median(c[1] for c in cpus[(backend, n)])
-        one = statistics.median(sum(c) for c in cpus[(backend, workers[0])])
+        rs, base = runs[(backend, n)], runs[(backend, workers[0])]
+        v = [r["mb_s"] for r in rs]
+        parent = statistics.median(r["cpu_parent_s"] for r in rs)
+        kids = statistics.median(r["cpu_workers_s"] for r in rs)
+        one = statistics.median(r["cpu_parent_s"] + r["cpu_workers_s"] for r in base)
         out["runs"].append({"backend": backend, "processes": n, "mb_per_s": round(statistics.median(v), 3),
-                            "speedup": round(statistics.median(a / b for a, b in zip(v, base)), 3),
+                            "speedup": round(statistics.median(a / b["mb_s"] for a, b in zip(v, base)), 3),
                             "vs_tiktoken_1": round(statistics.median(a / b for a, b in zip(v, tt1)), 3),
                             "cpu_parent_s": round(parent, 3), "cpu_workers_s": round(kids, 3),
                             "cpu_speedup": round(one / max(parent + kids / n, 1e-9), 3)})
