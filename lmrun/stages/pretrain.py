@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from lmrun.data.corpora import prepare_corpus
 from lmrun.errors import ConfigError
 from lmrun.model.flops import model_summary, training_flops
-from lmrun.tokenizer.artifacts import get_or_encode_tokens, get_tokenizer, tokens_material
+from lmrun.tokenizer.artifacts import follow_tokenizer_vocab, get_or_encode_tokens, get_tokenizer, tokens_material
 from lmrun.tracking.cache import open_cache
 from lmrun.tracking.files import atomic_write_text
 from lmrun.tracking.run import active_run
@@ -134,6 +134,7 @@ def run(cfg) -> dict:
     files = get_tokenizer(cfg, cache, corpus)
     artifact = get_or_encode_tokens(cfg, cache, corpus, files)
     meta = json.loads((artifact.path / "meta.json").read_text())
+    follow_tokenizer_vocab(cfg, int(meta["vocab_size"]))  # an interpolated model.vocab_size: the real size
     _check_vocab(cfg, int(meta["vocab_size"]))
     train = np.memmap(artifact.path / "train.bin", dtype=meta["dtype"], mode="r")
     val = np.memmap(artifact.path / "val.bin", dtype=meta["dtype"], mode="r")

@@ -92,7 +92,6 @@ def test_model_vocab_follows_the_tokenizer_unless_explicit():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="needs lmrun/stages/pretrain.py to call follow_tokenizer_vocab (issue 25 F8)", strict=False)
 def test_pretrain_builds_the_embedding_of_the_real_vocabulary(small_text, isolated_workspace, capsys):
     from tests.stages.test_pretrain_stage import SMALL
 
