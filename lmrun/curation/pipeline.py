@@ -28,7 +28,7 @@ from pathlib import Path
 from lmrun.curation.config import DEDUP_STEPS, DOC_STEPS
 from lmrun.curation.readers import EOT, read_documents
 from lmrun.errors import DataError
-from lmrun.tracking.files import atomic_write, atomic_write_json, config_digest, save_figure
+from lmrun.tracking.files import atomic_write, atomic_write_json, config_digest, json_dumps, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +283,7 @@ def run_shard(cfg: dict, files: list[tuple[str, str]], shard_dir: str, index: in
                 out = pipe.process(doc)
                 if out is not None:
                     kept[0] += 1
-                    f.write((json.dumps(out, ensure_ascii=False) + "\n").encode("utf-8"))
+                    f.write((json_dumps(out, ensure_ascii=False) + "\n").encode("utf-8"))
                 if report is not None and time.perf_counter() - sent["at"] >= REPORT_EVERY_S:
                     send(0)
             send(1)
@@ -477,7 +477,7 @@ def dedup_shards(cfg: dict, shard_dirs: list[Path], out_dir: Path, bar: bool = F
                 txt.write(EOT)
             txt.write(doc["text"])
             n[0] += 1
-            js.write(json.dumps(doc, ensure_ascii=False) + "\n")
+            js.write(json_dumps(doc, ensure_ascii=False) + "\n")
             written["docs"] += 1
             written["bytes"] += len(doc["text"].encode("utf-8"))
         for i, (txt, js, _) in handles.items():
@@ -588,7 +588,7 @@ def write_report(report: dict, out_dir: Path) -> None:
     slim = json.loads(json.dumps(report))
     for s in slim["steps"]:
         samples = s.pop("samples", {"kept": [], "removed": []})
-        lines = [json.dumps({"which": which, **x}, ensure_ascii=False) for which in ("kept", "removed")
+        lines = [json_dumps({"which": which, **x}, ensure_ascii=False) for which in ("kept", "removed")
                  for x in samples[which]]
         atomic_write(samples_dir / f"{s['step']}.jsonl", lambda f, lines=lines: f.write(
             ("\n".join(lines) + ("\n" if lines else "")).encode("utf-8")))

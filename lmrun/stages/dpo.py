@@ -17,11 +17,10 @@ held-out) and, with a task, held-out greedy task accuracy. Writes checkpoints,
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 
-from lmrun.tracking.files import atomic_write_text
+from lmrun.tracking.files import atomic_write_text, json_dumps
 from lmrun.tracking.run import active_run
 
 log = logging.getLogger(__name__)
@@ -117,13 +116,13 @@ def run(cfg) -> dict:
         train_pairs = verifier_pairs(ref, task, task.examples("train", int(d.pair_prompts), int(cfg.seed)),
                                      prompter, d, a, seed=int(cfg.seed))
         log.info("%d train pairs from %d questions (%.1f s)", len(train_pairs), d.pair_prompts, time.time() - t0)
-        atomic_write_text(run.dir / "pairs_train.jsonl", "".join(json.dumps(p) + "\n" for p in train_pairs))
+        atomic_write_text(run.dir / "pairs_train.jsonl", "".join(json_dumps(p) + "\n" for p in train_pairs))
     if a.val_data:
         val_pairs = read_jsonl(a.val_data, keys, "align.val_data")
     elif task is not None:
         val_pairs = verifier_pairs(ref, task, task.examples("test", int(a.eval_examples), int(cfg.seed)),
                                    prompter, d, a, seed=int(cfg.seed) + 1)
-        atomic_write_text(run.dir / "pairs_val.jsonl", "".join(json.dumps(p) + "\n" for p in val_pairs))
+        atomic_write_text(run.dir / "pairs_val.jsonl", "".join(json_dumps(p) + "\n" for p in val_pairs))
     else:
         val_pairs = []
     train = _encode_pairs(lm, prompter, train_pairs)

@@ -21,7 +21,7 @@ from lmrun.data.corpora import prepare_corpus
 from lmrun.errors import ConfigError, DataError, FormatError
 from lmrun.tokenizer.artifacts import get_or_encode_tokens, tokens_material
 from lmrun.tracking.cache import open_cache
-from lmrun.tracking.files import atomic_write_json, atomic_write_text
+from lmrun.tracking.files import atomic_write_json, atomic_write_text, json_dumps
 from lmrun.tracking.run import active_run
 from lmrun.train.loading import checkpoint_facts as _checkpoint_facts
 from lmrun.train.loading import checkpoint_tokenizer_files as _tokenizer_files
@@ -199,7 +199,6 @@ def _run_task(cfg) -> dict:
     from lmrun.eval.datasets import load_reference_outputs, load_task_data
     from lmrun.eval.models import load_causal_lm
     from lmrun.eval.scoring import GenerationOptions
-    from lmrun.train.loading import load_model
     from lmrun.train.trainer import resolve_device
 
     run = active_run()
@@ -233,7 +232,7 @@ def _run_task(cfg) -> dict:
         result = tasks.evaluate_safety(lm, examples, template, opts)
     seconds = time.perf_counter() - t0
     atomic_write_text(run.dir / f"{e.task}.jsonl",
-                      "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.records))
+                      "".join(json_dumps(r, ensure_ascii=False) + "\n" for r in result.records))
     for fname, obj in result.files.items():
         atomic_write_json(run.dir / fname, obj)
     summary = {**result.metrics, "seconds": seconds}

@@ -11,13 +11,12 @@ held-out greedy accuracy after every round. Writes checkpoints, ``metrics.jsonl`
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
 import time
 
-from lmrun.tracking.files import atomic_write_text
+from lmrun.tracking.files import atomic_write_text, json_dumps
 from lmrun.tracking.run import active_run
 
 log = logging.getLogger(__name__)
@@ -113,7 +112,7 @@ def run(cfg) -> dict:
     rounds.close(log_final=False)  # every round logged its line
     seconds = time.time() - t0
     ckpt = save_policy(lm, run.dir, step, "expert_iteration", source=lm.source, task=a.task.name)
-    atomic_write_text(run.dir / "eval_samples.jsonl", "".join(json.dumps(r) + "\n" for r in last["_records"]))
+    atomic_write_text(run.dir / "eval_samples.jsonl", "".join(json_dumps(r) + "\n" for r in last["_records"]))
     plot_curves(history.series, run.dir / "curves.png", f"Expert iteration on {a.task.name}")
     return {"iterations": int(e.iterations), "sft_steps": step, "seconds": round(seconds, 3),
             "initial_eval_accuracy": first["eval_accuracy"], "eval_accuracy": last["eval_accuracy"],

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from lmrun.errors import ConfigError, DataError, FormatError
 from lmrun.inference.config import fit_new_tokens
-from lmrun.tracking.files import atomic_write_text
+from lmrun.tracking.files import atomic_write_text, json_dumps
 from lmrun.tracking.progress import Progress
 from lmrun.tracking.run import active_run
 from lmrun.train.loading import checkpoint_facts, checkpoint_tokenizer_files, resolve_checkpoint
@@ -182,7 +182,7 @@ def run(cfg) -> dict:
             rec = {"prompt": prompt, "sample": s, "text": c.text, "finish_reason": c.finish_reason,
                    "token_ids": c.token_ids, "logprobs": [round(x, 6) for x in c.logprobs]}
             results.append(rec)
-            lines.append(json.dumps(rec, ensure_ascii=False))
+            lines.append(json_dumps(rec, ensure_ascii=False))
         if progress is not None:
             progress.update(len(chunk), new_tokens=total.new_tokens)
     if progress is not None:

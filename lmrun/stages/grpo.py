@@ -22,7 +22,7 @@ import logging
 import random
 import time
 
-from lmrun.tracking.files import atomic_write_text
+from lmrun.tracking.files import atomic_write_text, json_dumps
 from lmrun.tracking.run import active_run
 
 log = logging.getLogger(__name__)
@@ -47,8 +47,6 @@ def plan(cfg) -> dict:
 
 def _rollout_batch(lm, task, pool, prompter, g, a, rng: random.Random, seed: int):
     """Sample questions, draw a group of responses for each, score them -> the training batch."""
-    import torch
-
     from lmrun.align.data import collate_pairs
     from lmrun.align.loop import sample
     from lmrun.align.losses import compute_group_normalized_rewards
@@ -68,8 +66,6 @@ def _rollout_batch(lm, task, pool, prompter, g, a, rng: random.Random, seed: int
 
 
 def run(cfg) -> dict:
-    import json
-
     import torch
 
     from lmrun.align.loop import (History, OptimizerStep, Prompter, StepProgress, autocast, check_finite,
@@ -170,7 +166,7 @@ def run(cfg) -> dict:
     progress.close()
     seconds = time.time() - t_start
     ckpt = save_policy(lm, run.dir, int(a.steps), "grpo", source=lm.source, task=a.task.name)
-    atomic_write_text(run.dir / "eval_samples.jsonl", "".join(json.dumps(r) + "\n" for r in last["_records"]))
+    atomic_write_text(run.dir / "eval_samples.jsonl", "".join(json_dumps(r) + "\n" for r in last["_records"]))
     plot_curves(history.series, run.dir / "curves.png", f"GRPO on {a.task.name} ({g.loss_type})")
     return {"steps": int(a.steps), "optimizer_steps": opt_step, "seconds": round(seconds, 3),
             "rollout_seconds": round(rollout_s, 3), "train_seconds": round(train_s, 3),

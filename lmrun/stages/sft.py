@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 
-from lmrun.tracking.files import atomic_write_text
+from lmrun.tracking.files import atomic_write_text, json_dumps
 from lmrun.tracking.run import active_run
 
 log = logging.getLogger(__name__)
@@ -57,8 +57,6 @@ def plan(cfg) -> dict:
 
 
 def run(cfg) -> dict:
-    import json
-
     from lmrun.align.data import build_sft_sequences, iterate_batches
     from lmrun.align.loop import (History, OptimizerStep, Prompter, StepProgress, evaluate_task, load_policy,
                                   load_task, plot_curves, save_policy, sft_eval_loss, sft_update)
@@ -125,7 +123,7 @@ def run(cfg) -> dict:
     seconds = time.time() - t0
     ckpt = save_policy(lm, run.dir, int(a.steps), "sft", source=lm.source)
     if "_records" in last:
-        atomic_write_text(run.dir / "eval_samples.jsonl", "".join(json.dumps(r) + "\n" for r in last["_records"]))
+        atomic_write_text(run.dir / "eval_samples.jsonl", "".join(json_dumps(r) + "\n" for r in last["_records"]))
     plot_curves(history.series, run.dir / "curves.png", f"SFT ({a.task.name or a.train_data})")
     summary = {"steps": int(a.steps), "train_seconds": round(seconds, 3), "response_tokens": tokens,
                "final_train_loss": m["loss"], "checkpoint": str(ckpt)}
