@@ -5,6 +5,7 @@ value. A 95% interval that is honest covers it in about 95% of the draws.
 
     python -m lmrun.scaling.synthetic                       # 20 draws of 81 runs, 200 resamples each
     python -m lmrun.scaling.synthetic --reps 40 --noise 0.05
+    python -m lmrun.scaling.synthetic --write noisy_law.json   # one draw, for lmrun stage=scaling
 
 The law defaults to Hoffmann et al. 2022's fit (eq. 10: E = 1.69, A = 406.4, B = 410.7,
 α = 0.34, β = 0.28); the runs are IsoFLOP profiles like their Figure 3 (budgets 6e18–3e21 FLOPs,
@@ -90,7 +91,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--spread", type=float, default=8.0)
     ap.add_argument("--confidence", type=float, default=0.95)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--write", metavar="FILE", help="write one draw (seed --seed) as a runs file (JSON: parameters, "
+                    "tokens, compute_budget, final_loss) for scaling.input, and stop")
     args = ap.parse_args(argv)
+    if args.write:
+        from lmrun.tracking.files import atomic_write_json
+
+        runs = isoflop_runs(noise=args.noise, sizes=args.sizes, spread=args.spread, seed=args.seed)
+        atomic_write_json(args.write, [{"parameters": r.parameters, "tokens": r.tokens, "compute_budget": r.compute,
+                                        "final_loss": r.loss} for r in runs])
+        print(f"{len(runs)} runs -> {args.write}")
+        return 0
     r = coverage(reps=args.reps, n_boot=args.n_boot, boot_starts=args.boot_starts or None, noise=args.noise,
                  sizes=args.sizes, spread=args.spread, confidence=args.confidence, seed=args.seed)
     n = len(BUDGETS) * args.sizes
