@@ -331,3 +331,24 @@ def test_approach3_intervals_cover_the_true_law_at_full_settings():
 
     r = coverage(reps=20, n_boot=200)
     _coverage_ok(r, 18)
+
+
+def test_scaling_stage_approach3_on_a_noisy_draw(tmp_path, capsys):
+    """``python -m lmrun.scaling.synthetic --write`` gives a runs file the stage reads; approach 3's
+    intervals have width and contain the law's exponents; scaling.boot_starts reaches the
+    bootstrap and is validated."""
+    from lmrun.scaling import synthetic
+
+    src = tmp_path / "noisy_law.json"
+    assert synthetic.main(["--write", str(src)]) == 0  # the README's draw: 81 runs, seed 0
+    assert cli.main(["stage=scaling", f"scaling.input={src}", "logger=none", "scaling.n_boot=20",
+                     "scaling.approach=3", "scaling.boot_starts=2", "scaling.predict=[1e23]"]) == 0
+    out = capsys.readouterr().out
+    assert "Approach 3 refits each resample from 2 starts (L-BFGS-B to convergence)." in out
+    (run,) = Path("runs/scaling").iterdir()
+    coefs = json.loads((run / "scaling.json").read_text())["approaches"]["3"]["coefficients"]
+    for k in ("alpha", "beta", "a"):
+        _, lo, hi = coefs[k]
+        assert lo < synthetic.law_fit().coefficients()[k] < hi and hi - lo > 0.01
+    assert cli.main(["stage=scaling", f"scaling.input={src}", "logger=none", "scaling.boot_starts=0"]) == 2
+    assert "scaling.boot_starts=0" in capsys.readouterr().err
