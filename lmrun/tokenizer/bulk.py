@@ -193,6 +193,7 @@ def encode_file(path: str | os.PathLike, tokenizer: Tokenizer, out_path: str | o
         out_path.unlink(missing_ok=True)
         raise
     finally:
+        _worker.clear()  # do not keep the caller's tokenizer (or a tiktoken export) alive
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - t0
