@@ -133,13 +133,16 @@ def test_json_never_holds_nan_or_infinity(out):
     assert json_dumps({"x": math.inf}) == '{"x": null}'
 
 
-def test_json_dumps_refuses_a_nan_that_slips_past(out):
-    class Weird(float):  # a float whose conversion keeps NaN would be written as a bare NaN
-        pass
-
+def test_json_dumps_refuses_a_nan_that_slips_past(out, monkeypatch):
+    """allow_nan=False is the second guard: were the conversion to miss a value, the write fails
+    instead of producing invalid JSON (and atomic_write keeps the old file)."""
+    monkeypatch.setattr(files, "json_safe", lambda obj: obj)
     with pytest.raises(ValueError):
-        files.json.dumps({"x": float("nan")}, allow_nan=False)  # the guard json_dumps relies on
-    assert json_dumps({"x": Weird("nan")}) == '{"x": null}'
+        json_dumps({"x": float("nan")})
+    (out / "summary.json").write_text('{"ok": 1}\n')
+    with pytest.raises(ValueError):
+        atomic_write_json(out / "summary.json", {"x": float("inf")})
+    assert (out / "summary.json").read_text() == '{"ok": 1}\n' and len(list(out.iterdir())) == 1
 
 
 def test_a_filesystem_without_locks_is_not_fatal(out, monkeypatch, caplog):
