@@ -22,6 +22,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lmrun.errors import LmrunError
+from lmrun.launch.threads import apply_threads
 from lmrun.tracking.files import FileLock, LockHeld, atomic_write, atomic_write_json, config_digest, json_dumps
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,9 @@ class Run:
 
     # lifecycle -------------------------------------------------------------------------------
     def start(self) -> "Run":
+        """Set up the process (thread count from ``threads``: :func:`lmrun.launch.threads.apply_threads`;
+        seeds) and, when it writes, the run directory's files."""
+        self.threads = apply_threads(self.cfg.get("threads"))
         if not self.writes:
             seed_everything(int(self.cfg.seed))
             return self
@@ -163,6 +167,7 @@ class Run:
             "run_dir": str(self.dir.absolute()),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "seed": int(self.cfg.seed),
+            "threads": self.threads,
             "git": git_state(Path(__file__).resolve().parent),
             "packages": package_versions(),
             "python": platform.python_version(),

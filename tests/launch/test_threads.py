@@ -1,4 +1,5 @@
 """lmrun.launch.threads: the per-process thread count from affinity, Slurm and local ranks."""
+import json
 import os
 import subprocess
 import sys
@@ -73,3 +74,24 @@ def test_torch_loaded_later_follows_the_choice():
     env = {k: v for k, v in os.environ.items() if k not in threads.THREAD_ENV_VARS}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "1"
+
+
+def test_run_json_records_the_threads_the_stage_ran_with(isolated_workspace, monkeypatch):
+    import torch
+
+    from lmrun import cli
+
+    for name in threads.THREAD_ENV_VARS:  # restored after the test (apply_threads sets them)
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(threads, "_SET", {})
+    before = torch.get_num_threads()
+    try:
+        assert cli.main(["stage=tokenizer", "logger=none", "progress=false", "tokenizer.vocab_size=300",
+                         "threads=1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    (run_json,) = (isolated_workspace / "runs" / "tokenizer").glob("*/run.json")
+    info = json.loads(run_json.read_text())
+    assert info["threads"] == {"threads": 1, "source": "config", "cpus": CPUS, "local_processes": 1}
