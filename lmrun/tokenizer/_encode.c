@@ -12,8 +12,8 @@
  *     byte_ids   sequence of 256 ints: the id of the one-byte token of byte b, or -1 if none.
  *     merges     sequence of (left id, right id, result id) in rank order (rank 0 first). Where
  *                a (left, right) pair occurs twice the first (lowest) rank is used.
- *     cache_size number of distinct pre-tokens (of <= 255 UTF-8 bytes) whose ids are cached;
- *                the cache is cleared when full. 0 disables it.
+ *     cache_size number of distinct pre-tokens (of <= 255 UTF-8 bytes) whose ids are cached
+ *                (at most 2^22); the cache is cleared when full. 0 disables it.
  *
  *   Encoder.encode(text, start=0, end=len(text), out=None) -> list[int]
  *     Ids of text[start:end] (character indices), no special tokens. Appended to `out` (a
@@ -50,6 +50,7 @@ enum { C_OTHER = 0, C_L = 1, C_N = 2, C_WS = 3 };
 
 #define HEAP_MIN_BYTES 64
 #define CACHE_MAX_BYTES 255
+#define CACHE_MAX_ENTRIES (1 << 22) /* a larger cache_size is capped (2 table slots of 24 bytes an entry) */
 #define NO_RANK INT32_MAX
 #define INTS_MAX (1 << 24) /* Python ints of ids below this are cached */
 #define BUF_KEEP (1 << 20)  /* ids: a larger output buffer is freed after the call */
@@ -381,7 +382,7 @@ static Py_ssize_t bpe_heap(Encoder *E, int32_t *ids, Py_ssize_t n) {
 }
 
 static void cache_clear(Encoder *E) {
-    if (E->slots) memset(E->slots, 0, (E->cmask + 1) * sizeof(CacheSlot));
+    if (E->slots && E->centries) memset(E->slots, 0, (E->cmask + 1) * sizeof(CacheSlot));
     E->centries = 0;
     E->ckeys_len = 0;
     E->cids_len = 0;
@@ -811,6 +812,7 @@ static int Encoder_init(Encoder *E, PyObject *args, PyObject *kw) {
     /* made lazily; calloc leaves the untouched pages of a large table unallocated */
     E->ints = max_id < INTS_MAX ? calloc((size_t)max_id + 1, sizeof(PyObject *)) : NULL;
     if (cache_size < 0) cache_size = 0;
+    if (cache_size > CACHE_MAX_ENTRIES) cache_size = CACHE_MAX_ENTRIES;
     E->cmax = cache_size;
     if (cache_size > 0) {
         uint64_t cc = 16;

@@ -175,6 +175,22 @@ def test_real_texts_and_cache_states():
 
 
 @needs_native
+def test_edge_cases_and_ranges():
+    tok = gpt2_tokenizer()
+    enc = tok._native
+    assert tok.encode("") == [] and tok.encode(EOT) == [50256] and tok.encode(EOT * 3) == [50256] * 3
+    for text in ["hello world", "héllo wörld 日本"]:
+        ids = tok.encode(text)
+        assert enc.encode(text) == ids and enc.encode(text, 0, None, [7]) == [7] + ids
+        assert enc.encode(text, 6) == tok.encode(text[6:]) and enc.encode(text, 0, 5) == tok.encode(text[:5])
+        assert enc.encode(text, 5, 2) == [] and enc.encode(text, -3, 10**9) == ids
+    with pytest.raises(TypeError):
+        enc.encode(b"bytes")
+    big = Tokenizer(tok.vocab, tok.merges, [EOT], cache_size=10**12)  # capped, not allocated
+    assert big.encode("hello world") == tok.encode("hello world")
+
+
+@needs_native
 def test_unordered_merges_native_uses_the_loop_semantics():
     vocab = {i: bytes([i]) for i in range(256)}
     vocab.update({256: b"bc", 257: b"abc", 258: b"abca"})
