@@ -29,7 +29,8 @@ from lmrun.tokenizer.tokenizer import Tokenizer
 from tests.tokenizer.test_parity import KINDS, _assigned, _tokenizer, parity_texts, tiktoken_of
 from tests.tokenizer.test_tokenizer import EOT, FIXTURES, TEXT_FILES, fixture_text, gpt2_tokenizer
 
-needs_native = pytest.mark.skipif(not native.available(), reason="lmrun.tokenizer._encode is not built")
+needs_native = pytest.mark.skipif(not native.available(),
+                                  reason="native encoder unavailable (lmrun.tokenizer._encode not built, or LMRUN_NATIVE_ENCODE=0)")
 
 
 def pure(tok: Tokenizer) -> Tokenizer:
