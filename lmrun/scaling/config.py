@@ -12,9 +12,10 @@ class ScalingConfig:
     final_loss and tokens or compute_budget (e.g. ../shared/data/scaling/isoflops_curves.json).
     approach: "1", "2", "3" or "all" (Hoffmann et al. 2022). predict: target budgets in FLOPs.
     n_boot: bootstrap resamples for the intervals; confidence: their level; seed: the
-    resampling seed. boot_starts: L-BFGS starts per approach-3 resample (the full data's optima,
-    then random points of the initialisation grid; each run to convergence); null: the whole grid
-    fit for every resample (as slow as n_boot full fits). params_key: which parameter count of
+    resampling seed. boot_starts: L-BFGS-B starts per approach-3 resample (the full data's optima,
+    each run to convergence, then random points of the initialisation grid, screened, the best
+    run to convergence); null: the whole grid fit for every resample (as slow as n_boot full
+    fits). params_key: which parameter count of
     our runs is N (params_non_embedding or params).
 
     mode: "fit" (fit scaling.input) or "plan" (the budgeted planner, lmrun.scaling.planner):
@@ -29,7 +30,7 @@ class ScalingConfig:
     n_boot: int = 200
     confidence: float = 0.95
     seed: int = 0
-    boot_starts: int | None = 4
+    boot_starts: int | None = 8
     params_key: str = "params_non_embedding"
     mode: str = "fit"
     exploration_budget: float = 1.0e13

@@ -364,8 +364,24 @@ def _progress(enabled: bool, total: int, desc: str, unit: str, bar: bool):
     return Progress(total, desc, unit=unit, bar=bar, log_start=True)
 
 
+def refit_parametric(logs, optima: list, boot_starts: int | None, grid: list, rng: np.random.Generator) -> list:
+    """One approach-3 bootstrap refit of ``logs`` = (log N, log D, log L) of a resample: from the
+    full data's ``optima`` (up to ``boot_starts``, each run to convergence) and, to make up
+    ``boot_starts``, points of ``grid`` drawn with ``rng``, screened with the best end point run to
+    convergence; ``boot_starts=None``: the whole grid fit. Returns the distinct optima, best
+    first. Call it inside ``_single_thread()``."""
+    if boot_starts is None:
+        return fit_parametric(*logs, starts=grid, screen=True, single_thread=False)
+    near = list(optima[:boot_starts])
+    found = fit_parametric(*logs, starts=near, screen=False, single_thread=False)
+    if len(near) < boot_starts:
+        pick = rng.choice(len(grid), min(boot_starts - len(near), len(grid)), replace=False)
+        found += fit_parametric(*logs, starts=[grid[i] for i in pick], screen=True, n_polish=1, single_thread=False)
+    return _distinct(found)
+
+
 #: starts per approach-3 bootstrap refit (``bootstrap(boot_starts=)``, ``scaling.boot_starts``)
-BOOT_STARTS = 4
+BOOT_STARTS = 8
 
 
 def bootstrap(runs: list[ScalingRun], approach: str, targets: list[float], n_boot: int = 200, seed: int = 0,
@@ -376,9 +392,10 @@ def bootstrap(runs: list[ScalingRun], approach: str, targets: list[float], n_boo
     [{compute, n_opt: (value, low, high), d_opt: ..., loss: ...}]}`` with percentile intervals.
     Approaches 1 and 2 resample budgets (whole IsoFLOP profiles); approach 3 resamples runs
     (Besiroglu et al. 2024, "Chinchilla Scaling: A replication attempt") and fits each resample
-    as well as the data: L-BFGS-B to convergence from ``boot_starts`` starts — the full data's
-    distinct optima, best first, then points of the grid (``init_grid``, default ``INIT_GRID``)
-    drawn at random (seeded) — or, with ``boot_starts=None``, the whole grid fit. Resamples whose fit fails are skipped; with fewer
+    as well as the data, from ``boot_starts`` starts: the full data's distinct optima (best first;
+    each run to convergence), then points of the grid (``init_grid``, default ``INIT_GRID``)
+    drawn at random (seeded), screened as in the grid fit with the best end point run to
+    convergence — or, with ``boot_starts=None``, the whole grid fit. Resamples whose fit fails are skipped; with fewer
     than three units to resample the intervals are NaN (no honest interval exists).
     progress: log the approach-3 grid fit's and the resamples' progress (``approach 2 bootstrap:
     40/200 resamples (20%), elapsed …, ETA …``); bar: also bars on a terminal."""
@@ -395,13 +412,7 @@ def bootstrap(runs: list[ScalingRun], approach: str, targets: list[float], n_boo
 
         def refit(sample):
             logs = [np.log([getattr(r, k) for r in sample]) for k in ("parameters", "tokens", "loss")]
-            if boot_starts is None:
-                return _parametric(fit_parametric(*logs, starts=grid, screen=True, single_thread=False))
-            starts = list(fit.optima[:boot_starts])
-            if len(starts) < boot_starts:
-                pick = start_rng.choice(len(grid), min(boot_starts - len(starts), len(grid)), replace=False)
-                starts += [grid[i] for i in pick]
-            return _parametric(fit_parametric(*logs, starts=starts, screen=False, single_thread=False))
+            return _parametric(refit_parametric(logs, fit.optima, boot_starts, grid, start_rng))
         units = [[r] for r in runs]
     else:
         refit = {"1": approach1, "2": approach2}[approach]

@@ -273,8 +273,8 @@ def test_objective_gradient_matches_finite_differences():
 
 
 def test_each_resample_is_fitted_as_well_as_by_the_whole_grid():
-    """The bootstrap's refit (the full data's optimum and grid starts, run to convergence) reaches
-    the same optimum as the whole grid fit on the same resample; the old refit (one start at the
+    """The bootstrap's refit (from the full data's optimum, run to convergence, and screened grid
+    starts) reaches the same optimum as the whole grid fit on the same resample; the old refit (one start at the
     full-data optimum, scipy's default stopping rules on the raw Huber sum) stopped short of it,
     which is why its intervals had almost no width."""
     from lmrun.scaling.synthetic import isoflop_runs
@@ -295,8 +295,7 @@ def _refit_gains(runs, full, grid, rng):
     for _ in range(5):
         idx = rng.integers(0, len(runs), len(runs))
         logs = [np.log([getattr(runs[i], k) for i in idx]) for k in ("parameters", "tokens", "loss")]
-        starts = full.optima[:1] + [grid[i] for i in rng.choice(len(grid), 3, replace=False)]
-        ours = fits.fit_parametric(*logs, starts=starts, screen=False)[0][1]
+        ours = fits.refit_parametric(logs, full.optima, fits.BOOT_STARTS, grid, rng)[0][1]
         whole = fits.fit_parametric(*logs, starts=grid, screen=True)[0][1]
         assert ours <= whole * (1 + 1e-9)
         old = minimize(fits._objective, full.optima[0], args=(*logs, 1e-3), jac=True, method="L-BFGS-B",
