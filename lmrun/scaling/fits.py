@@ -372,11 +372,20 @@ def refit_parametric(logs, optima: list, boot_starts: int | None, grid: list, rn
     first. Call it inside ``_single_thread()``."""
     if boot_starts is None:
         return fit_parametric(*logs, starts=grid, screen=True, single_thread=False)
+
+    def attempt(starts, screen):
+        try:
+            return fit_parametric(*logs, starts=starts, screen=screen, n_polish=1, single_thread=False)
+        except ValueError:  # no finite end point from these starts
+            return []
+
     near = list(optima[:boot_starts])
-    found = fit_parametric(*logs, starts=near, screen=False, single_thread=False)
+    found = attempt(near, False)
     if len(near) < boot_starts:
         pick = rng.choice(len(grid), min(boot_starts - len(near), len(grid)), replace=False)
-        found += fit_parametric(*logs, starts=[grid[i] for i in pick], screen=True, n_polish=1, single_thread=False)
+        found += attempt([grid[i] for i in pick], True)
+    if not found:
+        raise ValueError("approach 3: no start of the refit ended at a finite point")
     return _distinct(found)
 
 
