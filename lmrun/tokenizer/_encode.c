@@ -421,6 +421,14 @@ static int cache_put(Encoder *E, uint64_t h, const uint8_t *key, Py_ssize_t klen
     return 0;
 }
 
+/* a == b for n bytes; pre-tokens are short, so no call to memcmp for them */
+static inline int same_bytes(const uint8_t *a, const uint8_t *b, size_t n) {
+    if (n > 16) return memcmp(a, b, n) == 0;
+    for (size_t k = 0; k < n; k++)
+        if (a[k] != b[k]) return 0;
+    return 1;
+}
+
 /* append the ids of the pre-token p[0..len) to E->buf */
 static int encode_piece(Encoder *E, const uint8_t *p, Py_ssize_t len) {
     if (len == 1) {
@@ -438,7 +446,7 @@ static int encode_piece(Encoder *E, const uint8_t *p, Py_ssize_t len) {
         for (;;) {
             const CacheSlot *s = &E->slots[i];
             if (!s->key_len) break;
-            if (s->hash == h && s->key_len == len && memcmp(E->ckeys + s->key_off, p, (size_t)len) == 0) {
+            if (s->hash == h && s->key_len == len && same_bytes(E->ckeys + s->key_off, p, (size_t)len)) {
                 if (buf_reserve(E, s->nids) < 0) return -1;
                 memcpy(E->buf + E->buf_len, E->cids + s->ids_off, s->nids * sizeof(int32_t));
                 E->buf_len += s->nids;

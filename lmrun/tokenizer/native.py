@@ -63,20 +63,22 @@ def encode(tok: Tokenizer, enc, text: str, out: list[int] | None = None) -> list
 
     Raises UnicodeEncodeError for lone surrogates (``Tokenizer.encode`` replaces them and
     retries), DataError for a byte without a one-byte token."""
-    ids = [] if out is None else out
     try:
         if tok._special_re is None:
-            return enc.encode(text, 0, None, ids)
+            return enc.encode(text, 0, None, out)
         special_ids = tok.special_ids
-        pos = 0
-        for m in tok._special_re.finditer(text):
-            start = m.start()
-            if start > pos:
-                enc.encode(text, pos, start, ids)
+        matches = tok._special_re.finditer(text)
+        m = next(matches, None)
+        # the text up to the first special token: a new list (no copy) unless `out` is given
+        ids = enc.encode(text, 0, len(text) if m is None else m.start(), out)
+        pos = len(text)
+        while m is not None:
             ids.append(special_ids[m.group()])
             pos = m.end()
-        if pos < len(text):
-            enc.encode(text, pos, None, ids)
+            m = next(matches, None)
+            end = len(text) if m is None else m.start()
+            if end > pos:
+                enc.encode(text, pos, end, ids)
         return ids
     except _encode.MissingByteError as e:
         raise DataError(f"cannot encode the text: {e}") from None
