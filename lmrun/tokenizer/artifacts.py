@@ -197,7 +197,9 @@ def get_tokenizer(cfg, cache: ArtifactCache, corpus: Corpus, dry_run: bool = Fal
 
 
 def tokens_material(corpus, tok_identity: dict) -> dict:
-    """Cache-key material of the token arrays: the tokenizer's identity and the corpus content."""
+    """Cache-key material of the token arrays: the tokenizer's identity and the corpus content
+    (every input file's digest; for streamed formats and mixtures also the corpus key material:
+    formats, fields, weights, seed, separator, bad-record policy)."""
     return {"tokenizer": tok_identity, "train": corpus.train_identity,
             "sources": [{"role": s["role"], "digest": s["digest"]} for s in corpus.sources],
             "version": TOKENS_FORMAT_VERSION}
@@ -228,15 +230,87 @@ def get_or_encode_tokens(cfg, cache, corpus, files, special_tokens: list[str] | 
                 "tokenizer": {"vocab": str(files.vocab), "merges": str(files.merges), **files.identity},
                 "backend": cfg.tokenizer.backend, "sources": corpus.sources,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "splits": {}}
-        for split in SPLITS:
+        if corpus.info:
+            meta["data"] = corpus.info
+        encode = dict(backend=cfg.tokenizer.backend, num_workers=cfg.tokenizer.num_workers, progress=bool(cfg.progress))
+        if corpus.mixture:
+            meta["mixture"] = _encode_mixture(cfg, corpus, tok, out, encode)
+            meta["splits"] = {split: meta["mixture"].pop(split) for split in SPLITS}
+        for split in SPLITS if not corpus.mixture else ():
             src = corpus.train if split == "train" else corpus.val
-            stats = encode_file(src, tok, out / f"{split}.bin", backend=cfg.tokenizer.backend,
-                                num_workers=cfg.tokenizer.num_workers, progress=bool(cfg.progress))
+            stats = encode_file(src, tok, out / f"{split}.bin", **encode)
             stats["bytes_per_token"] = round(stats["bytes"] / max(stats["tokens"], 1), 4)
             meta["splits"][split] = stats
             log.info("%s: %d tokens from %.1f MB (%.3f bytes/token) at %.2f MB/s", split, stats["tokens"],
                      stats["bytes"] / 1e6, stats["bytes_per_token"], stats["mb_per_s"])
+        meta.update(peak_rss_mb())
         atomic_write_json(out / "meta.json", meta)
         return {"splits": meta["splits"]}
 
     return cache.get_or_build("tokens", tokens_material(corpus, files.identity), build)
+
+
+def document_ends(path: Path, dtype: str, eot_id: int, block: int = 1 << 24) -> np.ndarray:
+    """End offsets (exclusive, int64) of the documents in a token array file: the positions just
+    after each ``eot_id``, plus the array's end when it does not end with one. Read in blocks of
+    ``block`` tokens (memory O(block + documents))."""
+    import numpy as np
+
+    arr = np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype=dtype)
+    parts = [np.flatnonzero(arr[a:a + block] == eot_id) + (a + 1) for a in range(0, len(arr), block)]
+    ends = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
+    if len(arr) and (len(ends) == 0 or ends[-1] != len(arr)):
+        ends = np.append(ends, len(arr))
+    return ends
+
+
+def _encode_mixture(cfg, corpus, tok, out: Path, encode: dict) -> dict:
+    """Encode each mixture source's splits, then write ``train.bin`` / ``val.bin`` mixed by tokens
+    (lmrun.data.mixture: weights are shares of the train split's tokens; the validation split is
+    mixed without repetition). Returns per split the totals and, per source, the requested and
+    realised token shares, tokens, documents and passes (repeats)."""
+    import numpy as np
+
+    from lmrun.data.mixture import write_mixture
+    from lmrun.tokenizer.bulk import encode_file
+
+    sep = cfg.data.document_separator
+    if sep not in tok.special_ids:
+        raise DataError(f"data.mixture: the document separator {sep!r} is not a special token of the tokenizer "
+                        f"({', '.join(tok.special_tokens) or 'none'}): documents cannot be found in the token arrays; "
+                        "add it to tokenizer.special_tokens")
+    eot = tok.special_ids[sep]
+    weights = [s["weight"] for s in corpus.mixture]
+    result = {}
+    for split in SPLITS:
+        t0 = time.perf_counter()
+        parts, ends, per_source = [], [], []
+        for s in corpus.mixture:
+            part = out / f"{split}.{s['name']}.part.bin"
+            stats = encode_file(s[split], tok, part, **encode)
+            parts.append(part)
+            dtype = stats["dtype"]
+            ends.append(document_ends(part, dtype, eot))
+            per_source.append(stats)
+        arrays = [np.memmap(p, dtype=dtype, mode="r") for p in parts]
+        with open(out / f"{split}.bin", "wb") as fo:
+            total = None if split == "train" else min(int(e[-1]) / w for e, w in zip(ends, weights))
+            mix = write_mixture(ends, lambda i, a, b: arrays[i][a:b],
+                                lambda chunks: np.concatenate(chunks).tofile(fo), weights, int(cfg.data.seed), total)
+        del arrays
+        for p in parts:
+            p.unlink()
+        seconds = time.perf_counter() - t0
+        nbytes = sum(st["bytes"] for st in per_source)
+        result[split] = {"tokens": mix["total"], "bytes": nbytes, "seconds": round(seconds, 3),
+                         "mb_per_s": round(nbytes / 1e6 / max(seconds, 1e-9), 3), "dtype": dtype,
+                         "bytes_per_token": round(sum(st["bytes"] for st in per_source)
+                                                  / max(sum(st["tokens"] for st in per_source), 1), 4)}
+        result.setdefault("sources", [{"name": s["name"], "weight": round(s["weight"], 6)} for s in corpus.mixture])
+        for row, st, m in zip(result["sources"], per_source, mix["sources"]):
+            row[split] = {"source_tokens": st["tokens"], "tokens": m["units"], "share": m["share"],
+                          "documents": m["documents"], "passes": m["passes"]}
+        log.info("%s mixture: %d tokens; shares %s (asked %s)", split, mix["total"],
+                 ", ".join(f"{r['name']} {r[split]['share']:.3f}" for r in result["sources"]),
+                 ", ".join(f"{r['name']} {r['weight']:.3f}" for r in result["sources"]))
+    return result

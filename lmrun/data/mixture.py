@@ -1,0 +1,89 @@
+"""Data mixtures: several sources weighted by size (``data.mixture``), realised by choosing documents.
+
+Definition (used for token arrays, where sizes are tokens, and for the tokenizer's training
+text, where sizes are UTF-8 bytes): with normalised weights ``w_i`` and source sizes ``n_i``
+(the whole split of source i, in documents of sizes ``s_ij``), the mixture has
+``total = sum_i n_i`` units (or an explicit total) and source i gets the budget
+``b_i = w_i * total``. Source i contributes ``floor(b_i / n_i)`` whole passes over its
+documents (in order) plus, for the remainder, the shortest prefix of a seeded random permutation
+of its documents whose size is closest to the remainder — so a source larger than its budget is
+truncated to a random subset of its documents and a smaller one is repeated. Documents are never
+cut: each source's realised share is within half its largest document of its budget. The chosen
+documents of all sources are then written in one seeded random order (documents interleaved).
+The seed is ``data.seed`` (per source: ``[seed, i]``), so a mixture is the same across runs.
+
+Validation splits are mixed without repetition: ``total = min_i n_i / w_i`` (the largest total
+that no source has to repeat for).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+
+def select_documents(sizes: Sequence[np.ndarray], weights: Sequence[float], seed: int,
+                     total: float | None = None) -> list[np.ndarray]:
+    """Per source, the indices of its chosen documents (with repeats), as defined in the module
+    docstring. ``sizes[i]``: the document sizes of source i (tokens or bytes, each > 0);
+    ``weights``: normalised (sum 1); ``total``: units in the mixture (default: all sources' sum).
+    Raises ValueError for a source without documents."""
+    sizes = [np.asarray(s, dtype=np.int64) for s in sizes]
+    if total is None:
+        total = float(sum(int(s.sum()) for s in sizes))
+    picks = []
+    for i, (s, w) in enumerate(zip(sizes, weights)):
+        n = int(s.sum())
+        if len(s) == 0 or n <= 0:
+            raise ValueError(f"source {i} has no documents")
+        budget = w * total
+        full = int(budget // n)
+        rest = budget - full * n
+        perm = np.random.default_rng([seed, i]).permutation(len(s))
+        cum = np.cumsum(s[perm])
+        k = int(np.searchsorted(cum, rest))  # cum[k-1] < rest <= cum[k]
+        if k < len(s):
+            below = cum[k - 1] if k > 0 else 0
+            k = k if rest - below <= cum[k] - rest else k + 1
+        picks.append(np.concatenate([np.tile(np.arange(len(s)), full), perm[:k]]).astype(np.int64))
+    return picks
+
+
+def interleave(picks: list[np.ndarray], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(source index, document index) arrays of all picks in one seeded random order."""
+    src = np.concatenate([np.full(len(p), i, dtype=np.int32) for i, p in enumerate(picks)])
+    doc = np.concatenate(picks)
+    order = np.random.default_rng([seed, 1 << 20]).permutation(len(doc))
+    return src[order], doc[order]
+
+
+def write_mixture(ends: Sequence[np.ndarray], read: Callable[[int, int, int], np.ndarray | bytes], write: Callable,
+                  weights: Sequence[float], seed: int, total: float | None = None,
+                  flush_units: int = 1 << 22) -> dict:
+    """Choose (``select_documents``) and write a mixture. ``ends[i]``: source i's document end
+    offsets (cumulative, units); ``read(i, start, end)``: those units of source i (bytes or a
+    numpy array); ``write(list_of_chunks)``: appends them to the output. Returns per source
+    ``{"documents", "units", "passes"}`` and the realised ``shares``."""
+    sizes = [np.diff(np.concatenate([[0], e])) for e in ends]
+    picks = select_documents(sizes, weights, seed, total)
+    src, doc = interleave(picks, seed)
+    starts = [np.concatenate([[0], e[:-1]]) for e in ends]
+    units = np.zeros(len(ends), dtype=np.int64)
+    buf, pending = [], 0
+    for s, d in zip(src.tolist(), doc.tolist()):
+        a, b = int(starts[s][d]), int(ends[s][d])
+        buf.append(read(s, a, b))
+        units[s] += b - a
+        pending += b - a
+        if pending >= flush_units:
+            write(buf)
+            buf, pending = [], 0
+    if buf:
+        write(buf)
+    got = int(units.sum())
+    return {"total": got, "sources": [
+        {"documents": int(len(p)), "units": int(u), "passes": round(float(u) / max(int(e[-1]), 1), 4),
+         "share": round(float(u) / max(got, 1), 6)} for p, u, e in zip(picks, units, ends)]}
+
+
+__all__ = ["select_documents", "interleave", "write_mixture"]
