@@ -20,6 +20,7 @@ from lmrun.launch.config import (ClusterConfig, CollectConfig, LaunchConfig, Res
                                  validate_launch)
 from lmrun.kernels.config import BenchmarkConfig, validate_benchmark
 from lmrun.model.config import ModelConfig, validate_model
+from lmrun.model.hf import ExportConfig, validate_export
 from lmrun.scaling.config import ScalingConfig, validate_scaling
 from lmrun.optim.config import OptimizerConfig, ScheduleConfig, validate_optimizer, validate_schedule
 from lmrun.tokenizer.config import TokenizerConfig, validate_tokenizer
@@ -66,6 +67,7 @@ class LmrunConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     curate: CurateConfig = field(default_factory=CurateConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
@@ -151,6 +153,7 @@ def validate(cfg) -> None:
     validate_distributed(cfg.distributed, cfg.optimizer.name)
     validate_evaluate(cfg.evaluate, cfg.stage.name)
     validate_generate(cfg.generate, cfg.stage.name)
+    validate_export(cfg.export, cfg.stage.name)
     validate_benchmark(cfg.benchmark)
     validate_curate(cfg.curate, cfg.stage.name)
     validate_align(cfg, cfg.stage.name)
