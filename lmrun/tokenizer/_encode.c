@@ -21,6 +21,10 @@
  *   Encoder.encode_to_bytearray(text, start, end, out, itemsize) -> int
  *     The same ids appended to the bytearray `out` as native-endian unsigned integers of
  *     `itemsize` (2 or 4) bytes each; returns the number of ids appended.
+ *   Encoder.encode_stable(text, start, end, out) -> int
+ *     For streaming: appends to the list `out` the ids of the pre-tokens of text[start:end] but
+ *     the last two (pre-tokenized in the context of the whole range: final whatever text
+ *     follows); returns the character index where they end (start if there are fewer than 3).
  *   Encoder.clear_cache(); Encoder.cache_len (number of cached pre-tokens).
  *
  *   Errors: UnicodeEncodeError for a str holding lone surrogates (the caller replaces them,
@@ -488,16 +492,20 @@ missing:
     return -1;
 }
 
-/* encode text[start:end] (character indices) into E->buf (not cleared) */
-static int encode_text(Encoder *E, PyObject *text, Py_ssize_t start, Py_ssize_t end) {
+/* encode text[start:end] (character indices) into E->buf (not cleared). With `cut`: only the
+ * pre-tokens before the last two (pre-tokenized in the context of the whole range), and *cut is
+ * set to the character index where the encoded part ends (start if fewer than three). */
+static int encode_text(Encoder *E, PyObject *text, Py_ssize_t start, Py_ssize_t end, Py_ssize_t *cut) {
     Py_ssize_t tlen = PyUnicode_GET_LENGTH(text);
     if (start < 0) start = 0;
     if (end > tlen) end = tlen;
+    if (cut) *cut = start < tlen ? start : tlen;
     if (start >= end) return 0;
+    int ascii = PyUnicode_IS_ASCII(text);
     PyObject *sub = NULL;
     const uint8_t *s;
     Py_ssize_t n;
-    if (PyUnicode_IS_ASCII(text)) {
+    if (ascii) {
         s = (const uint8_t *)PyUnicode_DATA(text) + start;
         n = end - start;
     } else {
@@ -513,9 +521,26 @@ static int encode_text(Encoder *E, PyObject *text, Py_ssize_t start, Py_ssize_t 
         }
         s = (const uint8_t *)u;
     }
+    Py_ssize_t limit = n; /* encode the pre-tokens that start before this byte */
+    if (cut) {
+        Py_ssize_t i = 0, prev = 0, last = 0, count = 0;
+        while (i < n) {
+            prev = last;
+            last = i;
+            i = piece_end(s, n, i);
+            count++;
+        }
+        limit = count > 2 ? prev : 0;
+        Py_ssize_t chars = limit;
+        if (!ascii) {
+            chars = 0;
+            for (Py_ssize_t k = 0; k < limit; k++) chars += (s[k] & 0xC0) != 0x80;
+        }
+        *cut = start + chars;
+    }
     Py_ssize_t i = 0;
     int rc = 0;
-    while (i < n) {
+    while (i < limit) {
         Py_ssize_t j = piece_end(s, n, i);
         if (encode_piece(E, s + i, j - i) < 0) {
             rc = -1;
@@ -604,7 +629,7 @@ static PyObject *Encoder_encode(Encoder *E, PyObject *args, PyObject *kw) {
         return NULL;
     }
     E->buf_len = 0;
-    if (encode_text(E, text, start, end) < 0) return NULL;
+    if (encode_text(E, text, start, end, NULL) < 0) return NULL;
     size_t n = E->buf_len;
     /* own the ids while Python objects are made: a garbage collection there may run code
      * that encodes with this Encoder again (another thread, a finalizer) */
@@ -674,7 +699,7 @@ static PyObject *Encoder_encode_to_bytearray(Encoder *E, PyObject *args, PyObjec
         return NULL;
     }
     E->buf_len = 0;
-    if (encode_text(E, text, start, end) < 0) return NULL;
+    if (encode_text(E, text, start, end, NULL) < 0) return NULL;
     size_t n = E->buf_len, cap;
     int32_t *ids = take_buf(E, &cap);
     Py_ssize_t old = PyByteArray_GET_SIZE(out);
@@ -691,6 +716,26 @@ static PyObject *Encoder_encode_to_bytearray(Encoder *E, PyObject *args, PyObjec
     }
     give_back_buf(E, ids, cap);
     return PyLong_FromSize_t(n);
+}
+
+static PyObject *Encoder_encode_stable(Encoder *E, PyObject *args) {
+    PyObject *text, *ostart, *oend, *out;
+    if (!PyArg_ParseTuple(args, "OOOO:encode_stable", &text, &ostart, &oend, &out)) return NULL;
+    Py_ssize_t start, end, cut;
+    if (parse_range(text, ostart, oend, &start, &end) < 0) return NULL;
+    if (!PyList_Check(out)) {
+        PyErr_SetString(PyExc_TypeError, "out must be a list");
+        return NULL;
+    }
+    E->buf_len = 0;
+    if (encode_text(E, text, start, end, &cut) < 0) return NULL;
+    size_t n = E->buf_len, cap;
+    int32_t *ids = take_buf(E, &cap);
+    PyObject *list = encode_ids_to_list(E, ids, n, out);
+    give_back_buf(E, ids, cap);
+    if (!list) return NULL;
+    Py_DECREF(list); /* == out */
+    return PyLong_FromSsize_t(cut);
 }
 
 static PyObject *Encoder_clear_cache(Encoder *E, PyObject *Py_UNUSED(ignored)) {
@@ -844,6 +889,10 @@ static PyMethodDef Encoder_methods[] = {
      "encode_to_bytearray(text, start, end, out, itemsize) -> int\n\n"
      "The ids of text[start:end] appended to the bytearray `out` as native unsigned ints of itemsize\n"
      "(2 or 4) bytes; returns how many were appended."},
+    {"encode_stable", (PyCFunction)Encoder_encode_stable, METH_VARARGS,
+     "encode_stable(text, start, end, out) -> int\n\n"
+     "For streaming: append to the list `out` the ids of the pre-tokens of text[start:end] but the\n"
+     "last two (final whatever text follows); returns where they end (a character index)."},
     {"clear_cache", (PyCFunction)Encoder_clear_cache, METH_NOARGS, "Empty the pre-token cache."},
     {"__reduce__", (PyCFunction)Encoder_reduce, METH_NOARGS, "Pickle support: rebuilt from its arguments."},
     {NULL, NULL, 0, NULL},

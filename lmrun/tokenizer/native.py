@@ -84,6 +84,35 @@ def encode(tok: Tokenizer, enc, text: str, out: list[int] | None = None) -> list
         raise DataError(f"cannot encode the text: {e}") from None
 
 
+def encode_stable_prefix(tok: Tokenizer, enc, buf: str) -> tuple[list[int], int]:
+    """``Tokenizer._encode_stable_prefix`` with the native encoder: (ids of ``buf[:keep]``, keep),
+    where ``buf[:keep]`` ends before a possible unfinished special token and before the last
+    two pre-tokens of the text (the only ones that text appended later can change).
+    Errors as :func:`encode`."""
+    ids: list[int] = []
+    pos, end = 0, len(buf)
+    try:
+        if tok._special_re is not None:
+            # starts of suffixes that may still grow into a (longer) special token, ascending
+            n = len(buf)
+            prefixes = tok._special_prefixes
+            partial = [n - k for k in range(min(tok._special_maxlen - 1, n), 0, -1) if buf[n - k:] in prefixes]
+            special_ids = tok.special_ids
+            for m in tok._special_re.finditer(buf):
+                # a match is final unless a possible longer special starts at or before it
+                end = next((j for j in partial if j >= pos), n)
+                if m.start() >= end:
+                    break
+                if m.start() > pos:
+                    enc.encode(buf, pos, m.start(), ids)
+                ids.append(special_ids[m.group()])
+                pos = m.end()
+            end = next((j for j in partial if j >= pos), n)
+        return ids, enc.encode_stable(buf, pos, end, ids)
+    except _encode.MissingByteError as e:
+        raise DataError(f"cannot encode the text: {e}") from None
+
+
 def encode_to_numpy(tok: Tokenizer, enc, text: str, dtype) -> np.ndarray:
     """Ids of ``text`` (special tokens included) as a 1-D numpy array of ``dtype`` (uint16 or
     uint32), built without a Python int per token. Errors as :func:`encode`."""

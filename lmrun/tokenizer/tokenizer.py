@@ -373,6 +373,8 @@ class Tokenizer:
         text before it (GPT-2's regex looks at most one character past a match, and its
         contraction alternative three characters from a match's start, so every pre-token
         but the last two is final)."""
+        if self._native is not None:
+            return _native.encode_stable_prefix(self, self._native, buf)
         ids: list[int] = []
         pos = 0
         end = len(buf)

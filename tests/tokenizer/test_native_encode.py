@@ -246,6 +246,45 @@ def test_disabled_by_environment(monkeypatch):
     assert tok.encode("hello world") == gpt2_tokenizer().encode("hello world")
 
 
+@needs_native
+@pytest.mark.parametrize("kind", ["gpt2", "shuffled"])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text=parity_texts, cuts=st.lists(st.integers(0, 200), max_size=8))
+def test_encode_iterable_native_equals_python(kind, text, cuts):
+    """Streaming (``encode_iterable``, native stable-prefix cut) == pure Python == encode, for
+    any cut of the text into chunks (specials and pre-tokens cut across chunks)."""
+    bounds = sorted({min(c, len(text)) for c in cuts} | {0, len(text)})
+    chunks = [text[a:b] for a, b in zip(bounds, bounds[1:])]
+    tok = _tokenizer(kind)
+    want = tok.encode(text)
+    assert list(tok.encode_iterable(chunks)) == want
+    assert list(pure_of(kind).encode_iterable(chunks)) == want
+
+
+@needs_native
+def test_encode_iterable_native_on_adversarial_lines():
+    tok = gpt2_tokenizer()
+    # not the surrogate pair: cut between chunks, its halves are two lone surrogates (U+FFFD
+    # each) to any streaming encoder, pure Python included, not the character they encode
+    text = "\n".join(t for t in _adversarial() if "\ud83d" not in t)
+    want = tok.encode(text)
+    for size in (1, 7, 100, 4096):
+        chunks = [text[i:i + size] for i in range(0, len(text), size)]
+        assert list(tok.encode_iterable(chunks)) == want
+    assert list(tok.encode_iterable(text.splitlines(keepends=True))) == want
+
+
+@needs_native
+def test_encode_stable():
+    enc = gpt2_tokenizer()._native
+    out = []
+    assert enc.encode_stable("hello big world", 0, None, out) == 5 and out == enc.encode("hello")
+    assert enc.encode_stable("a b", 0, None, out) == 0 and enc.encode_stable("", 0, None, out) == 0
+    assert enc.encode_stable("xx héllo wörld now", 3, None, []) == 8  # character indices
+    out = []
+    assert enc.encode_stable("\n\n0:", 0, None, out) == 2 and out == [198, 198]  # "\n", "\n": not "\n\n"
+
+
 # ----------------------------------------------------------------------------- bulk
 
 def _corpus(path: Path, copies: int) -> str:
