@@ -124,12 +124,12 @@ def _jsonl_pieces(path: Path, field: str, hasher) -> Iterator[tuple[bytes, bool]
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(line.rstrip(b"\r\n"))
             except UnicodeDecodeError as e:
                 yield BadRecord(path, "line", number, f"not valid UTF-8 (byte {e.start} of the line)")
                 continue
             except json.JSONDecodeError as e:
-                yield BadRecord(path, "line", number, f"not JSON ({e.msg} at column {e.colno})")
+                yield BadRecord(path, "line", number, f"not JSON ({e.msg}: column {e.colno})")
                 continue
             if not isinstance(obj, dict):
                 yield BadRecord(path, "line", number, f"a JSON {type(obj).__name__}, not an object with a {field!r} field")
@@ -167,6 +167,9 @@ def _parquet_pieces(path: Path, column: str, hasher) -> Iterator[tuple[bytes, bo
     names = pf.schema_arrow.names
     if column not in names:
         yield BadRecord(path, "file", 0, f"no column {column!r} (columns: {', '.join(names[:8])}); set data.column")
+        return
+    if pf.metadata.num_rows == 0:
+        yield BadRecord(path, "file", 0, "empty shard: no rows")
         return
     kind = pf.schema_arrow.field(column).type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind)
