@@ -27,6 +27,9 @@
  *     follows); returns the character index where they end (start if there are fewer than 3).
  *   Encoder.clear_cache(); Encoder.cache_len (number of cached pre-tokens).
  *
+ *   pretokenize(text) -> list[str], scan(text) -> int (module functions, for tests and
+ *     profiles): the GPT-2 pre-tokens of text, and their number.
+ *
  *   Errors: UnicodeEncodeError for a str holding lone surrogates (the caller replaces them,
  *   as tiktoken does), MissingByteError (a ValueError) for a byte without a one-byte token,
  *   OverflowError for an id that does not fit `itemsize`, MemoryError.

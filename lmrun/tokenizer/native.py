@@ -1,4 +1,5 @@
-"""The native (C) encoder behind :meth:`lmrun.tokenizer.tokenizer.Tokenizer.encode`.
+"""The native (C) encoder behind :meth:`lmrun.tokenizer.tokenizer.Tokenizer.encode` and
+``encode_iterable``, and the bulk encoding of ``stage=encode``.
 
 ``lmrun.tokenizer._encode`` (``_encode.c``, built at install time like the C merge loop of
 training) runs the same algorithm as the pure-Python encoder: GPT-2 pre-tokenization (a
