@@ -15,6 +15,12 @@ downloaded. ``lmrun.eval.models.load_causal_lm`` calls it for any directory hold
 - ``encode`` adds no special tokens (so prompt + response ids concatenate); ``prefix_ids`` holds
   what the tokenizer puts in front of a text (a BOS token for Llama-style tokenizers), which
   ``generate`` and ``lmrun.eval.scoring`` prepend.
+
+Folders whose architecture ``lmrun.model.hf`` maps (Llama, Qwen2, Qwen3, Mixtral, GPT-2 with an
+exact activation) are converted to lmrun's own ``TransformerLM`` (``ConvertedHFCausalLM``): the
+trainer, the KV-cache ``InferenceEngine`` and the evaluations then run lmrun's code on them, and
+``save`` writes a Hugging Face folder again (``lmrun.model.hf.export_hf_model``). Other
+architectures stay transformers models (``HFCausalLM``, the fallback).
 """
 from __future__ import annotations
 
@@ -207,18 +213,104 @@ def _context_length(config, tokenizer) -> int:
                       "or n_positions")
 
 
-def load_hf_causal_lm(path: str | Path, device: str | torch.device = "cpu", key: str = "model") -> HFCausalLM:
+def hf_model_type(path: str | Path) -> str | None:
+    """The ``model_type`` of a Hugging Face folder's config.json (None: unreadable or absent)."""
+    try:
+        return json.loads((Path(path).expanduser() / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def lmrun_model_config(path: str | Path, key: str = "model"):
+    """The lmrun ``ModelConfig`` a Hugging Face folder converts to (``lmrun.model.hf.from_hf_config``),
+    or None when lmrun has no equivalent (the folder then loads as a transformers model). Reads
+    config.json only. DataError when transformers is missing."""
+    from lmrun.model.hf import IMPORTABLE, from_hf_config
+
+    if hf_model_type(path) not in IMPORTABLE:
+        return None
+    tf = _transformers(key)
+    try:
+        return from_hf_config(tf.AutoConfig.from_pretrained(str(Path(path).expanduser()), local_files_only=True), key)
+    except (FormatError, OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+class _PrefixedEngine:
+    """lmrun's ``InferenceEngine`` with the tokenizer's prefix ids (BOS) put in front of every
+    prompt, as ``HFEngine`` does; ``last_stats`` is the engine's."""
+
+    def __init__(self, engine, prefix_ids: list[int]):
+        self.engine, self.prefix_ids = engine, list(prefix_ids)
+
+    @property
+    def last_stats(self):
+        return self.engine.last_stats
+
+    def generate(self, prompts, params=None, on_token=None) -> list:
+        ids = []
+        for p in prompts:
+            p = self.engine.tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p]
+            ids.append(p if not self.prefix_ids or p[:len(self.prefix_ids)] == self.prefix_ids else self.prefix_ids + p)
+        return self.engine.generate(ids, params, on_token)
+
+
+@dataclass
+class ConvertedHFCausalLM(HFCausalLM):
+    """A Hugging Face folder converted to lmrun's ``TransformerLM`` (``model``), with the folder's
+    tokenizer (``HFTokenizer``). ``kind`` stays ``hf`` (alignment stages save it as a model
+    folder); ``facts["model_config"]`` is the lmrun model config. ``engine()`` is lmrun's
+    ``InferenceEngine`` (KV cache) with the prefix ids in front of each prompt; ``save`` writes a
+    Hugging Face folder through ``lmrun.model.hf.export_hf_model`` (Qwen2 comes back as a Llama
+    with zero o_proj / MLP biases: the same function)."""
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.vocab_size)
+
+    def engine(self) -> _PrefixedEngine:
+        from lmrun.inference.engine import InferenceEngine
+
+        return _PrefixedEngine(InferenceEngine(self.model, self.tokenizer), self.prefix_ids)
+
+    def save(self, path: str | Path, iteration: int = 0, optimizer=None, **extra) -> Path:
+        from lmrun.model.hf import export_hf_model
+        from lmrun.tracking.files import atomic_write_json
+
+        p = Path(path)
+        p.mkdir(parents=True, exist_ok=True)
+        hf = self.facts.get("hf_config", {})
+        export_hf_model(self.model, self.facts["model_config"], p, bos_token_id=_one(hf.get("bos_token_id")),
+                        eos_token_id=self.eos_token_id, pad_token_id=self.pad_id)
+        self.tokenizer.hf.save_pretrained(p)
+        meta = {"iteration": int(iteration)}
+        meta.update({k: v for k, v in extra.items() if _jsonable(v)})
+        atomic_write_json(p / "lmrun.json", meta)
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), p / "optimizer.pt")
+        return p
+
+
+def _one(value):
+    return value[0] if isinstance(value, (list, tuple)) and value else value
+
+
+def load_hf_causal_lm(path: str | Path, device: str | torch.device = "cpu", key: str = "model",
+                      convert: bool = True) -> HFCausalLM:
     """A Hugging Face causal LM and its tokenizer from a local directory (never downloads).
 
     path: a directory with ``config.json``, weights and tokenizer files; device: where the
-    weights go (float32 on a CPU; the config's dtype on a GPU); key: the config key named in
-    errors. Raises DataError (no such directory, transformers not installed) or FormatError
-    (the directory cannot be loaded as a causal LM with a tokenizer)."""
+    weights go (float32 on a CPU; the config's dtype on a GPU, float32 when converted); key: the
+    config key named in errors; convert: load an architecture lmrun maps (``lmrun_model_config``)
+    as lmrun's ``TransformerLM`` (``ConvertedHFCausalLM``), else as a transformers model. Raises
+    DataError (no such directory, transformers not installed) or FormatError (the directory cannot
+    be loaded as a causal LM with a tokenizer)."""
     p = Path(path).expanduser()
     if not is_hf_model_dir(p):
         raise DataError(f"{key}={path}: not a Hugging Face model directory (no config.json)")
     tf = _transformers(key)
     device = torch.device(device)
+    mc = lmrun_model_config(p, key) if convert else None
     try:
         try:
             hf_tok = tf.AutoTokenizer.from_pretrained(str(p), local_files_only=True)
@@ -226,20 +318,32 @@ def load_hf_causal_lm(path: str | Path, device: str | torch.device = "cpu", key:
             if not (p / "tokenizer.json").is_file():
                 raise
             hf_tok = tf.PreTrainedTokenizerFast(tokenizer_file=str(p / "tokenizer.json"))
-        dtype = torch.float32 if device.type == "cpu" else "auto"
-        model = tf.AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, dtype=dtype)
+        if mc is None:
+            dtype = torch.float32 if device.type == "cpu" else "auto"
+            model = tf.AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, dtype=dtype)
+            config = model.config
+        else:
+            config = tf.AutoConfig.from_pretrained(str(p), local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
         raise FormatError(f"{key}={path}: cannot load it as a Hugging Face causal LM "
                           f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    model.to(device).eval()
     tok = HFTokenizer(hf_tok)
     eos = hf_tok.eos_token_id
     if eos is None:
-        eos = getattr(model.config, "eos_token_id", None)
-        eos = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
+        eos = _one(getattr(config, "eos_token_id", None))
     if eos is None:
         eos = hf_tok.convert_tokens_to_ids(EOS_TOKEN) if EOS_TOKEN in hf_tok.get_vocab() else None
     pad = hf_tok.pad_token_id if hf_tok.pad_token_id is not None else (eos if eos is not None else 0)
-    return HFCausalLM(model=model, tokenizer=tok, eos_token_id=None if eos is None else int(eos),
-                      context_length=_context_length(model.config, hf_tok), source=str(p.absolute()),
-                      facts={"hf_config": model.config.to_dict()}, prefix_ids=_prefix_ids(hf_tok), pad_id=int(pad))
+    common = dict(tokenizer=tok, eos_token_id=None if eos is None else int(eos), source=str(p.absolute()),
+                  prefix_ids=_prefix_ids(hf_tok), pad_id=int(pad))
+    if mc is not None:
+        from dataclasses import asdict
+
+        from lmrun.model.hf import load_hf_model
+
+        model, mc = load_hf_model(p, device, key)
+        return ConvertedHFCausalLM(model=model, context_length=int(mc.context_length),
+                                   facts={"hf_config": config.to_dict(), "model_config": asdict(mc)}, **common)
+    model.to(device).eval()
+    return HFCausalLM(model=model, context_length=_context_length(model.config, hf_tok),
+                      facts={"hf_config": model.config.to_dict()}, **common)

@@ -42,7 +42,7 @@ def _greedy_reference(lm, prompt: str, n: int) -> tuple[list[int], list[float]]:
     tokens, logps = [], []
     with torch.no_grad():
         for _ in range(n):
-            logits = lm.model(torch.tensor([seq])).logits[0, -1].double()
+            logits = lm.logits(torch.tensor([seq]))[0, -1].double()
             t = int(logits.argmax())
             tokens.append(t)
             logps.append(float(torch.log_softmax(logits, -1)[t]))
@@ -79,7 +79,7 @@ def test_stop_rules_sampling_seed_and_raw_logprobs(hf_dirs):
     seq = lm.encode("JULIET:")
     with torch.no_grad():
         for t, lp in zip(a[1].token_ids, a[1].logprobs):  # raw distribution: no temperature, no top-p
-            logits = lm.model(torch.tensor([seq])).logits[0, -1].double()
+            logits = lm.logits(torch.tensor([seq]))[0, -1].double()
             assert lp == pytest.approx(float(torch.log_softmax(logits, -1)[t]), abs=1e-4)
             seq.append(t)
     with pytest.raises(ValueError, match="exceeds context_length=256"):
