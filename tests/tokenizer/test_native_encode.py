@@ -27,10 +27,10 @@ from lmrun.tokenizer.bulk import encode_file
 from lmrun.tokenizer.pretokenize import PRETOKEN_RE
 from lmrun.tokenizer.tokenizer import Tokenizer
 from tests.tokenizer.test_parity import KINDS, _assigned, _tokenizer, parity_texts, tiktoken_of
-from tests.tokenizer.test_tokenizer import EOT, FIXTURES, TEXT_FILES, fixture_text, gpt2_tokenizer
+from tests.tokenizer.test_tokenizer import EOT, TEXT_FILES, fixture_text, gpt2_tokenizer
 
-needs_native = pytest.mark.skipif(not native.available(),
-                                  reason="native encoder unavailable (lmrun.tokenizer._encode not built, or LMRUN_NATIVE_ENCODE=0)")
+needs_native = pytest.mark.skipif(
+    not native.available(), reason="native encoder unavailable (lmrun.tokenizer._encode not built, or LMRUN_NATIVE_ENCODE=0)")
 
 
 def pure(tok: Tokenizer) -> Tokenizer:
