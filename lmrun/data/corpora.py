@@ -31,7 +31,8 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
-from lmrun.data.formats import BAD_RECORD_POLICIES, FORMATS, read_documents, resolve_files, scan_file
+from lmrun.data.formats import (BAD_RECORD_POLICIES, FORMATS, bad_record_error, read_documents, resolve_files,
+                                scan_file)
 from lmrun.data.mixture import write_mixture
 from lmrun.errors import ConfigError, DataError, check, check_choice
 from lmrun.tracking.cache import ArtifactCache
@@ -299,11 +300,15 @@ def _sources_of(cfg: DataConfig) -> list[dict]:
 
 
 def _spec_files(spec, key: str, fmt: str) -> list[Path]:
-    if isinstance(spec, str) and spec.startswith(PKG_PREFIX):
-        return [resolve_path(spec, key)]
-    if _is_list(spec):
-        spec = [str(x) for x in spec]
-    return resolve_files(spec, key, fmt)
+    """The files of a ``data.train`` / ``data.val`` value (formats.resolve_files; ``pkg://``
+    names an embedded corpus, also inside a list)."""
+    items = [str(x) for x in spec] if _is_list(spec) else [str(spec)]
+    out: list[Path] = []
+    for item in items:
+        out += [resolve_path(item, key)] if item.startswith(PKG_PREFIX) else resolve_files(item, key, fmt)
+    if not out:
+        raise DataError(f"{key}: an empty list of files")
+    return out
 
 
 def _prepare_documents(cfg: DataConfig, cache: ArtifactCache, dry_run: bool) -> Corpus:
@@ -319,9 +324,7 @@ def _prepare_documents(cfg: DataConfig, cache: ArtifactCache, dry_run: bool) -> 
             for path in _spec_files(src[role], key, src["format"]):
                 scan = _scan(cache, path, src["format"], src["reader"], remember=not dry_run)
                 if scan["bad_records"] and cfg.on_bad_record == "error":
-                    fb = scan["first_bad"]
-                    raise DataError(f"{key}: {fb['where']}: {fb['reason']} (fix it, or set data.on_bad_record=skip "
-                                    "to skip such records)")
+                    raise bad_record_error(key, scan["first_bad"]["where"], scan["first_bad"]["reason"])
                 scans.append(scan)
                 role_name = role if not cfg.mixture else f"{role}:{src['name']}"
                 sources.append({"role": role_name, "path": str(path), "bytes": scan["bytes"], "digest": scan["digest"],
@@ -468,4 +471,20 @@ def read_prefix(path: Path, max_bytes: int) -> str:
     return data.decode("utf-8", errors="ignore") if len(data) == max_bytes else data.decode("utf-8")
 
 
-__all__ = ["DataConfig", "SourceConfig", "Corpus", "prepare_corpus", "validate_data", "resolve_path", "read_prefix"]
+
+
+def data_summary(corpus: Corpus) -> dict:
+    """What a stage's plan shows about a streamed corpus: format, documents and document bytes
+    (UTF-8, separators excluded) per source, skipped bad records, mixture weights."""
+    info = corpus.info
+    out = {"format": info.get("format"), "on_bad_record": info.get("on_bad_record"),
+           "skipped_records": info.get("skipped_records", 0),
+           "sources": [{k: s[k] for k in ("name", "format", "weight", "files", "documents", "document_bytes",
+                                          "skipped_records")} for s in info.get("sources", [])]}
+    if corpus.mixture:
+        out["mixture"] = "documents chosen by tokens of the train split (lmrun/data/mixture.py)"
+    return out
+
+
+__all__ = ["DataConfig", "SourceConfig", "Corpus", "prepare_corpus", "validate_data", "source_config", "data_summary",
+           "resolve_path", "read_prefix"]

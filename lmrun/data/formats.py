@@ -132,7 +132,8 @@ def _jsonl_pieces(path: Path, field: str, hasher) -> Iterator[tuple[bytes, bool]
                 yield BadRecord(path, "line", number, f"not JSON ({e.msg}: column {e.colno})")
                 continue
             if not isinstance(obj, dict):
-                yield BadRecord(path, "line", number, f"a JSON {type(obj).__name__}, not an object with a {field!r} field")
+                yield BadRecord(path, "line", number,
+                                f"a JSON {type(obj).__name__}, not an object with a {field!r} field")
                 continue
             if field not in obj:
                 yield BadRecord(path, "line", number, f"no field {field!r} (fields: {', '.join(list(obj)[:8])}); "
@@ -221,9 +222,10 @@ def iter_pieces(path: Path, fmt: str, *, field: str = "text", column: str = "tex
         yield BadRecord(path, "file", 0, "empty shard: no document in it")
 
 
-def bad_record_error(key: str, bad: BadRecord) -> DataError:
-    """The one-line DataError for a bad record."""
-    return DataError(f"{key}: {bad.where()}: {bad.reason} (fix it, or set data.on_bad_record=skip to skip such records)")
+def bad_record_error(key: str, where: str, reason: str) -> DataError:
+    """The one-line DataError for a bad record of ``data.train`` (or another ``key``) at
+    ``where`` (file, and line or row)."""
+    return DataError(f"{key}: {where}: {reason} (fix it, or set data.on_bad_record=skip to skip such records)")
 
 
 def read_documents(path: Path, fmt: str, key: str, on_bad_record: str = "error", skipped: dict | None = None,
@@ -234,7 +236,7 @@ def read_documents(path: Path, fmt: str, key: str, on_bad_record: str = "error",
     for item in iter_pieces(path, fmt, **reader_args):
         if isinstance(item, BadRecord):
             if on_bad_record != "skip":
-                raise bad_record_error(key, item)
+                raise bad_record_error(key, item.where(), item.reason)
             if skipped is not None:
                 reason = item.reason.split(" (")[0]
                 skipped[reason] = skipped.get(reason, 0) + 1

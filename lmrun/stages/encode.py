@@ -14,7 +14,7 @@ import json
 import logging
 import os
 
-from lmrun.data.corpora import prepare_corpus
+from lmrun.data.corpora import data_summary, prepare_corpus
 from lmrun.tokenizer.artifacts import get_or_encode_tokens, get_tokenizer, tokens_material, vocab_requested
 from lmrun.tracking.cache import open_cache
 from lmrun.tracking.files import atomic_write_json
@@ -34,6 +34,7 @@ def plan(cfg) -> dict:
     return {
         "stage": "encode",
         "inputs": corpus.sources,
+        **({"data": data_summary(corpus)} if corpus.info else {}),
         "tokenizer": str(tok.folder) + ("" if tok.reused else " (to be trained first: stage=tokenizer)"),
         "outputs": {"cache": str(cache.path("tokens", key)), "files": ["train.bin", "val.bin", "meta.json"],
                     "run_dir": ["meta.json", "run.json", "metrics.jsonl", "summary.json"]},

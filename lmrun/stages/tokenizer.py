@@ -15,7 +15,7 @@ import logging
 import os
 import shutil
 
-from lmrun.data.corpora import Corpus, prepare_corpus, read_prefix
+from lmrun.data.corpora import data_summary, Corpus, prepare_corpus, read_prefix
 from lmrun.tokenizer.artifacts import get_tokenizer, vocab_facts
 from lmrun.tokenizer.pretokenize import PRETOKEN_RE
 from lmrun.tracking.cache import open_cache
@@ -37,6 +37,7 @@ def plan(cfg) -> dict:
     return {
         "stage": "tokenizer",
         "inputs": corpus.sources,
+        **({"data": data_summary(corpus)} if corpus.info else {}),
         "outputs": {"run_dir": ["vocab.json", "merges.txt", "report.json", "report.md", "run.json",
                                 "metrics.jsonl", "summary.json"],
                     "tokenizer": str(tok.folder)},
