@@ -53,6 +53,17 @@ def is_hf_model_dir(path: str | Path) -> bool:
     return p.is_dir() and (p / "config.json").is_file()
 
 
+def find_hf_model_dir(value: str | Path) -> Path | None:
+    """``value`` if it is a Hugging Face model directory, its ``hf_model/`` when it is the run
+    directory of an alignment stage that trained a Hugging Face policy, else None."""
+    from lmrun.eval.models import HF_RUN_SUBDIR
+
+    p = Path(str(value)).expanduser()
+    if is_hf_model_dir(p):
+        return p
+    return p / HF_RUN_SUBDIR if p.is_dir() and is_hf_model_dir(p / HF_RUN_SUBDIR) else None
+
+
 class HFTokenizer:
     """Our tokenizer interface over a ``transformers`` tokenizer: ``encode(str) -> list[int]``
     (no special tokens added), ``decode(ids) -> str`` (special tokens kept as text, no clean-up

@@ -1,5 +1,11 @@
 """Stage ``generate``: completions from a pretrain checkpoint with ``lmrun.inference``.
 
+``generate.checkpoint`` may also be a local Hugging Face model folder (or an alignment run
+directory holding one): Llama, Qwen2, Qwen3, Mixtral and GPT-2 folders are converted to lmrun's
+``TransformerLM`` (``lmrun.model.hf``) and decoded by the same engine, with the folder's
+tokenizer (its BOS prefix put in front of each prompt); other architectures decode with
+transformers (``lmrun.eval.hf.HFEngine``; no draft model, no int8).
+
 ``lmrun stage=generate generate.checkpoint=runs/pretrain/<run> generate.prompt="To be"`` streams
 the completion to the console; ``generate.prompts_file=prompts.jsonl`` (one ``{"prompt": ...}``
 or JSON string per line) decodes them in batches of ``generate.batch_size``.
@@ -65,10 +71,46 @@ def _sources(g):
     return path, facts, files, draft
 
 
+def _hf_sources(g):
+    """(HF folder, lmrun ModelConfig or None) when ``generate.checkpoint`` is a Hugging Face
+    folder, else None; ConfigError for options it cannot take."""
+    from lmrun.eval.hf import find_hf_model_dir, hf_model_type, lmrun_model_config
+
+    folder = find_hf_model_dir(g.checkpoint)
+    if folder is None:
+        if g.draft_checkpoint and find_hf_model_dir(g.draft_checkpoint) is not None:
+            raise ConfigError(f"generate.draft_checkpoint={g.draft_checkpoint}: a Hugging Face folder cannot be the draft "
+                              "of an lmrun checkpoint (different tokenizers)")
+        return None
+    if g.draft_checkpoint:
+        raise ConfigError(f"generate.draft_checkpoint={g.draft_checkpoint}: speculative decoding takes lmrun "
+                          "checkpoints; a Hugging Face generate.checkpoint decodes without a draft")
+    mc = lmrun_model_config(folder, "generate.checkpoint")
+    if mc is None and g.int8:
+        raise ConfigError(f"generate.int8=true: the Hugging Face {hf_model_type(folder)} model of "
+                          f"generate.checkpoint={g.checkpoint} has no lmrun equivalent (int8 needs one)")
+    return folder, mc
+
+
 def plan(cfg) -> dict:
     from lmrun.model.flops import model_summary
 
     g = cfg.generate
+    hf = _hf_sources(g)
+    if hf is not None:
+        folder, mc = hf
+        prompts = read_prompts(g)
+        from lmrun.eval.hf import hf_model_type
+
+        model = {"hf_model_type": hf_model_type(folder), "backend": "transformers"}
+        if mc is not None:
+            summary = model_summary(mc)
+            model = {"hf_model_type": model["hf_model_type"], "backend": "lmrun TransformerLM (converted)",
+                     "architecture": summary["architecture"], "params": summary["params"]["total"]}
+        return {"stage": "generate", "checkpoint": str(folder.absolute()), "model": model, "tokenizer": str(folder),
+                "prompts": len(prompts), "completions": len(prompts) * g.num_samples,
+                "decoding": ("cached" if g.use_cache or mc is None else "uncached") + (" int8" if g.int8 else ""),
+                "outputs": ["generations.jsonl", "summary.json", "run.json"]}
     path, facts, files, draft = _sources(cfg.generate)
     prompts = read_prompts(g)
     summary = model_summary(facts["model_config"])
@@ -94,20 +136,35 @@ def run(cfg) -> dict:
     from lmrun.train.trainer import resolve_device
 
     run = active_run()
-    path, facts, files, draft_src = _sources(g)
-    prompts = read_prompts(g)
     device = resolve_device(g.device)
-    mc = facts["model_config"]
-    log.info("loading the model of %s (step %d, context %d tokens) on %s", path.name, int(facts["iteration"]),
-             int(mc["context_length"]), device)
-    t = time.perf_counter()
-    model, step = load_model(path, facts, device)
-    log.info("model loaded in %.1f s: %s parameters", time.perf_counter() - t,
-             f"{sum(p.numel() for p in model.parameters()):,}")
-    draft = None
-    if draft_src:
-        log.info("loading the draft model %s", draft_src[0])
-        draft = load_model(draft_src[0], draft_src[1], device)[0]
+    hf = _hf_sources(g)
+    prompts = read_prompts(g)
+    draft, prefix = None, []
+    if hf is not None:
+        from lmrun.eval.models import load_causal_lm
+
+        lm = load_causal_lm(hf[0], device, key="generate.checkpoint")
+        model, tok, path, prefix, ctx = lm.model, lm.tokenizer, hf[0].absolute(), list(lm.prefix_ids), lm.context_length
+        step = int(json.loads((hf[0] / "lmrun.json").read_text()).get("iteration", 0)) \
+            if (hf[0] / "lmrun.json").is_file() else 0
+        log.info("loaded the Hugging Face folder %s (%s): %s parameters", hf[0],
+                 "converted to lmrun's TransformerLM" if hf[1] is not None else "transformers model",
+                 f"{sum(p.numel() for p in model.parameters()):,}")
+    else:
+        path, facts, files, draft_src = _sources(g)
+        mc = facts["model_config"]
+        log.info("loading the model of %s (step %d, context %d tokens) on %s", path.name, int(facts["iteration"]),
+                 int(mc["context_length"]), device)
+        t = time.perf_counter()
+        model, step = load_model(path, facts, device)
+        ctx = int(model.context_length)
+        log.info("model loaded in %.1f s: %s parameters", time.perf_counter() - t,
+                 f"{sum(p.numel() for p in model.parameters()):,}")
+        if draft_src:
+            log.info("loading the draft model %s", draft_src[0])
+            draft = load_model(draft_src[0], draft_src[1], device)[0]
+        log.info("loading the tokenizer %s", files.vocab)
+        tok = files.load(list(facts["tokenizer"]["special_tokens"]))
     if g.int8:
         from lmrun.inference.quantize import quantize_int8
 
@@ -115,26 +172,25 @@ def run(cfg) -> dict:
         quantize_int8(model)
         if draft is not None:
             quantize_int8(draft)
-    log.info("loading the tokenizer %s", files.vocab)
     t = time.perf_counter()
-    tok = files.load(list(facts["tokenizer"]["special_tokens"]))
-    prompt_ids = [tok.encode(p) for p in prompts]
-    log.info("tokenizer loaded in %.1f s (%d tokens); %d prompt(s) of %d-%d tokens; ready after %.1f s",
-             time.perf_counter() - t, len(tok.vocab), len(prompts), min(map(len, prompt_ids)),
-             max(map(len, prompt_ids)), time.perf_counter() - t_start)
+    prompt_ids = [prefix + tok.encode(p) for p in prompts]
+    log.info("tokenizer ready (%d tokens); %d prompt(s) of %d-%d tokens; ready after %.1f s",
+             len(tok.vocab) if hasattr(tok, "vocab") else len(tok), len(prompts), min(map(len, prompt_ids)), max(map(len, prompt_ids)), time.perf_counter() - t_start)
     key = "generate.prompt" if g.prompt is not None else "generate.prompts_file"
     if any(not ids for ids in prompt_ids):
         raise ConfigError(f"{key}: a prompt encodes to no tokens")
     specials = tuple(tok.special_ids.values()) if g.stop_at_special else ()
-    engine = InferenceEngine(model, tok, draft, speculative_k=int(g.speculative_k), use_cache=bool(g.use_cache))
-    if engine.use_cache and draft is None:
+    if hf is not None and hf[1] is None:
+        engine = lm.engine()  # transformers' model: HFEngine (KV-cached, BOS prefix)
+    else:
+        engine = InferenceEngine(model, tok, draft, speculative_k=int(g.speculative_k), use_cache=bool(g.use_cache))
+    if getattr(engine, "use_cache", False) and draft is None:
         from lmrun.inference.kv_cache import supports_cache
 
         if not supports_cache(model):
             log.info("this model's token mixer (Hyena) has no cache here: every step recomputes the sequence")
     items = [(p, s, ids) for p, ids in zip(prompts, prompt_ids) for s in range(int(g.num_samples))]
     # the new-token budget of each batch: what the context leaves after its longest prompt
-    ctx = int(model.context_length)
     budgets = [fit_new_tokens([len(x[2]) for x in items[i:i + int(g.batch_size)]], int(g.max_new_tokens), ctx, key)
                for i in range(0, len(items), int(g.batch_size))]
     if min(budgets) < int(g.max_new_tokens):
