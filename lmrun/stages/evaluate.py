@@ -4,7 +4,10 @@
 any data preset, with the checkpoint's own tokenizer (the data is encoded with it, cached).
 ``lmrun stage=evaluate evaluate.checkpoint=runs/pretrain/<run>`` (the run's latest checkpoint)
 or ``evaluate.checkpoint=path/to/ckpt.pt``; ``data=text_files data.train=… [data.val=…]`` to
-score other text. Writes ``eval.json`` into the run directory.
+score other text. Writes ``eval.json`` into the run directory. A local Hugging Face model folder
+works too (``evaluate.checkpoint=DIR``): the data is encoded with the folder's tokenizer (in
+memory, not cached) and scored by lmrun's ``TransformerLM`` where ``lmrun.model.hf`` maps the
+architecture (Llama, Qwen2, Qwen3, Mixtral, GPT-2), by the transformers model otherwise.
 
 ``evaluate.task=gsm8k|mmlu|alpaca_eval|safety`` with ``evaluate.data_path=…``: the task
 evaluations of ``lmrun.eval.tasks`` on our checkpoint or a local Hugging Face model directory.
@@ -33,9 +36,11 @@ log = logging.getLogger(__name__)
 def plan(cfg) -> dict:
     if cfg.evaluate.task != "perplexity":
         return _plan_task(cfg)
+    from lmrun.eval.hf import find_hf_model_dir
     from lmrun.model.flops import model_summary
 
-    _refuse_hf(cfg.evaluate.checkpoint)
+    if find_hf_model_dir(cfg.evaluate.checkpoint) is not None:
+        return _plan_perplexity_hf(cfg)
     path = resolve_checkpoint(cfg.evaluate.checkpoint)
     facts = _checkpoint_facts(path)
     files = _tokenizer_files(facts, path)
@@ -63,9 +68,12 @@ def run(cfg) -> dict:
     from lmrun.train.loading import load_model
     from lmrun.train.trainer import resolve_device
 
+    from lmrun.eval.hf import find_hf_model_dir
+
     run = active_run()
     e = cfg.evaluate
-    _refuse_hf(e.checkpoint)
+    if find_hf_model_dir(e.checkpoint) is not None:
+        return _run_perplexity_hf(cfg)
     path = resolve_checkpoint(e.checkpoint)
     facts = _checkpoint_facts(path)
     files = _tokenizer_files(facts, path)
@@ -113,13 +121,111 @@ def _check_stride(stride: int | None, facts: dict) -> int:
     return context
 
 
-def _refuse_hf(checkpoint: str) -> None:
-    from lmrun.eval.hf import is_hf_model_dir
+def _plan_perplexity_hf(cfg) -> dict:
+    from lmrun.eval.hf import find_hf_model_dir
 
-    if is_hf_model_dir(checkpoint):
-        raise ConfigError(f"evaluate.checkpoint={checkpoint}: perplexity needs an lmrun checkpoint (it encodes the "
-                          "data preset with the checkpoint's tokenizer); Hugging Face directories take "
-                          "evaluate.task=gsm8k|mmlu|alpaca_eval|safety")
+    e = cfg.evaluate
+    folder = find_hf_model_dir(e.checkpoint)
+    model = _model_facts(str(folder), "evaluate.checkpoint")
+    corpus = prepare_corpus(cfg.data, open_cache(cfg), dry_run=True)
+    if e.stride is not None and model.get("context_length") and e.stride > model["context_length"]:
+        raise ConfigError(f"evaluate.stride={e.stride}: expected null or an integer in [1, {model['context_length']}], "
+                          "the model's context length")
+    return {"stage": "evaluate", "checkpoint": str(folder.absolute()), "model": model, "tokenizer": str(folder),
+            "inputs": corpus.sources, "tokens": "encoded with the folder's tokenizer when the run starts (not cached)",
+            "splits": ["train", "val"] if e.split == "both" else [e.split],
+            "outputs": ["eval.json", "summary.json", "run.json"]}
+
+
+def encode_text_file(path: Path, tokenizer, max_tokens: int | None = None, chunk_bytes: int = 1 << 20):
+    """``path`` (UTF-8 text) encoded with ``tokenizer`` (``encode(str) -> list[int]``), read in
+    chunks of about ``chunk_bytes`` cut after a newline (so a chunk boundary never splits a line);
+    stops once ``max_tokens`` tokens are there. -> (int64 array ``(tokens,)``, bytes encoded)."""
+    import numpy as np
+
+    parts, n_tokens, n_bytes = [], 0, 0
+    with open(path, "rb") as f:
+        rest = b""
+        while max_tokens is None or n_tokens < max_tokens:
+            block = f.read(chunk_bytes)
+            data = rest + block
+            if not data:
+                break
+            cut = data.rfind(b"\n") + 1 if block else len(data)  # at the end of the file: all of it
+            if cut == 0:  # no newline yet: read on
+                rest = data
+                continue
+            chunk, rest = data[:cut], data[cut:]
+            ids = tokenizer.encode(chunk.decode("utf-8", errors="replace"))
+            parts.append(np.asarray(ids, dtype=np.int64))
+            n_tokens += len(ids)
+            n_bytes += len(chunk)
+    tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    return tokens, n_bytes
+
+
+def _logits_module(model):
+    """A module whose forward is ``model(ids).logits`` (a transformers model, for ``evaluate_loss``)."""
+    import torch
+
+    class LogitsOf(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, ids):
+            return self.inner(ids).logits
+
+    return LogitsOf(model)
+
+
+def _run_perplexity_hf(cfg) -> dict:
+    import torch
+
+    from lmrun.eval.hf import ConvertedHFCausalLM, find_hf_model_dir
+    from lmrun.eval.models import load_causal_lm
+    from lmrun.tracking.progress import Progress
+    from lmrun.train.evaluation import bits_per_byte, evaluate_loss
+    from lmrun.train.trainer import resolve_device
+
+    run = active_run()
+    e = cfg.evaluate
+    folder = find_hf_model_dir(e.checkpoint)
+    corpus = prepare_corpus(cfg.data, open_cache(cfg))
+    device = resolve_device(e.device)
+    lm = load_causal_lm(folder, device, key="evaluate.checkpoint")
+    converted = isinstance(lm, ConvertedHFCausalLM)
+    model = lm.model if converted else _logits_module(lm.model)
+    if e.int8:
+        if not converted:
+            raise ConfigError(f"evaluate.int8=true: {folder} is not converted to an lmrun model (int8 needs one)")
+        from lmrun.inference.quantize import quantize_int8
+
+        quantize_int8(model)
+    context = int(lm.context_length)
+    if e.stride is not None and e.stride > context:
+        raise ConfigError(f"evaluate.stride={e.stride}: expected null or an integer in [1, {context}], the model's "
+                          "context length")
+    results = {"checkpoint": str(folder.absolute()), "step": 0, "data": corpus.name, "int8": bool(e.int8),
+               "stride": int(e.stride or context), "backend": "lmrun" if converted else "transformers"}
+    for split in (["train", "val"] if e.split == "both" else [e.split]):
+        src = corpus.train if split == "train" else corpus.val
+        log.info("encoding %s with the tokenizer of %s", src, folder)
+        tokens, n_bytes = encode_text_file(Path(src), lm.tokenizer, None if e.max_tokens is None else int(e.max_tokens))
+        n = len(tokens) if e.max_tokens is None else min(int(e.max_tokens), len(tokens))
+        with Progress(max(0, n - 1), f"evaluate {split}", unit="token", bar=bool(cfg.progress), log_start=True) as p:
+            r = evaluate_loss(model, tokens, int(e.batch_size), context, device, max_tokens=e.max_tokens,
+                              autocast_dtype=torch.bfloat16 if device.type == "cuda" else None, stride=e.stride,
+                              progress=p.update)
+        bpt = n_bytes / max(len(tokens), 1)
+        results.update({f"{split}_loss": r["loss"], f"{split}_perplexity": r["perplexity"],
+                        f"{split}_bpb": bits_per_byte(r["loss"], bpt), f"{split}_tokens": r["tokens"]})
+        log.info("%s: loss %.4f nats/token, perplexity %.2f, %.4f bits/byte over %d tokens", split, r["loss"],
+                 r["perplexity"], results[f"{split}_bpb"], r["tokens"])
+    atomic_write_json(run.dir / "eval.json", results)
+    summary = {k: v for k, v in results.items() if isinstance(v, (int, float))}
+    run.log(summary, step=0)
+    return summary
 
 
 # --- task evaluations (gsm8k, mmlu, alpaca_eval, safety) --------------------------------------------
@@ -127,10 +233,19 @@ def _refuse_hf(checkpoint: str) -> None:
 
 def _model_facts(value: str, key: str) -> dict:
     """What a dry run shows of a model (without loading its weights): path, kind, step, size."""
-    from lmrun.eval.hf import is_hf_model_dir
+    from lmrun.eval.hf import find_hf_model_dir, hf_model_type, lmrun_model_config
 
-    if is_hf_model_dir(value):
-        return {"path": str(Path(value).expanduser().absolute()), "kind": "hf"}
+    folder = find_hf_model_dir(value)
+    if folder is not None:
+        out = {"path": str(folder.absolute()), "kind": "hf", "hf_model_type": hf_model_type(folder)}
+        mc = lmrun_model_config(folder, key)
+        if mc is not None:
+            from lmrun.model.flops import model_summary
+
+            summary = model_summary(mc)
+            out.update({"backend": "lmrun TransformerLM (converted)", "architecture": summary["architecture"],
+                        "params": summary["params"]["total"], "context_length": int(mc.context_length)})
+        return out
     p = Path(value).expanduser()
     if not p.exists():
         raise DataError(f"{key}={value}: no such checkpoint file or run directory")
