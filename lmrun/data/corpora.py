@@ -87,8 +87,9 @@ class DataConfig:
 class Corpus:
     """A resolved dataset: train and validation text files and their identity. For a mixture,
     ``mixture`` lists the sources (name, weight, their own train/val text files); ``train`` /
-    ``val`` are then the byte-weighted mixtures (what a tokenizer is trained on), and the token
-    arrays are mixed by tokens (lmrun.tokenizer.artifacts)."""
+    ``val`` are then the byte-weighted mixtures (what a tokenizer is trained on; built by
+    :meth:`ensure_text` when first needed), and the token arrays are mixed by tokens
+    (lmrun.tokenizer.artifacts)."""
 
     name: str
     train: Path
@@ -97,6 +98,13 @@ class Corpus:
     train_identity: dict  # what determines the train split's content (for cache keys)
     info: dict = dc_field(default_factory=dict)  # format, documents, skipped records, mixture shares
     mixture: Optional[list] = None  # [{"name", "weight", "train": Path, "val": Path}]
+    _text_builder: Optional[Any] = dc_field(default=None, repr=False)
+
+    def ensure_text(self) -> None:
+        """Make sure ``train`` and ``val`` exist: a mixture's byte-weighted text is built (into
+        the cache) only when something reads it — training a tokenizer, a tokenizer report."""
+        if self._text_builder is not None:
+            self._text_builder()
 
 
 def _is_list(value) -> bool:
@@ -359,17 +367,22 @@ def _prepare_documents(cfg: DataConfig, cache: ArtifactCache, dry_run: bool) -> 
                               for v in src["scans"].values() for s in v if s["first_bad"])[:500])
     where = cache.path("corpus", key)
 
+    text_material = {**material, "mixed_text": "bytes"}  # a mixture's text: its own cache entry, built on demand
+    text_dir = cache.path("corpus", cache.key("corpus", text_material)) if cfg.mixture else None
+
     def corpus_of(root: Path, result: dict | None) -> Corpus:
         full = dict(info)
         if result:
             full.update(result)
-        mix = None
-        if cfg.mixture:
-            mix = [{"name": s["name"], "weight": s["weight"], "train": root / "sources" / s["name"] / "train.txt",
-                    "val": root / "sources" / s["name"] / "val.txt",
-                    "train_ends": root / "sources" / s["name"] / "train.ends.npy",
-                    "val_ends": root / "sources" / s["name"] / "val.ends.npy"} for s in srcs]
-        return Corpus(cfg.name, root / "train.txt", root / "val.txt", sources, material, full, mix)
+        if not cfg.mixture:
+            return Corpus(cfg.name, root / "train.txt", root / "val.txt", sources, material, full)
+        mix = [{"name": s["name"], "weight": s["weight"], "train": root / "sources" / s["name"] / "train.txt",
+                "val": root / "sources" / s["name"] / "val.txt"} for s in srcs]
+        corpus = Corpus(cfg.name, text_dir / "train.txt", text_dir / "val.txt", sources, material, full, mix)
+        if not dry_run:
+            corpus._text_builder = lambda: cache.get_or_build(
+                "corpus", text_material, lambda out: _write_mixed_text(root, srcs, int(cfg.seed), out))
+        return corpus
 
     if dry_run:
         found = cache.lookup("corpus", key) if not cache.rebuild else None
@@ -382,35 +395,39 @@ def _prepare_documents(cfg: DataConfig, cache: ArtifactCache, dry_run: bool) -> 
             folder = out / "sources" / src["name"] if cfg.mixture else out
             folder.mkdir(parents=True, exist_ok=True)
             results.append(_write_source(src, cfg, folder, sep, keep_ends=bool(cfg.mixture)))
-        result = {"splits": {}}
         if not cfg.mixture:
-            result["splits"] = results[0]
-            return result
+            return {"splits": results[0]}
         for i, src in enumerate(srcs):
             info_sources[i]["splits"] = results[i]
-        weights = [s["weight"] for s in srcs]
-        for split in ("train", "val"):
-            ends = [np.load(out / "sources" / s["name"] / f"{split}.ends.npy") for s in srcs]
-            files = [open(out / "sources" / s["name"] / f"{split}.txt", "rb") for s in srcs]
-            try:
-                def read(i, a, b, files=files):
-                    files[i].seek(a)
-                    return files[i].read(b - a)
-
-                with open(out / f"{split}.txt", "wb") as fo:
-                    total = None if split == "train" else min(int(e[-1]) / w for e, w in zip(ends, weights))
-                    mix = write_mixture(ends, read, lambda chunks: fo.write(b"".join(chunks)), weights,
-                                        int(cfg.seed), total)
-            finally:
-                for f in files:
-                    f.close()
-            result["splits"][split] = {"bytes": mix["total"], "byte_shares": {
-                s["name"]: m["share"] for s, m in zip(srcs, mix["sources"])}}
-        result["sources"] = info_sources
-        return result
+        return {"sources": info_sources}
 
     artifact = cache.get_or_build("corpus", material, build)
     return corpus_of(artifact.path, artifact.manifest.get("result"))
+
+
+def _write_mixed_text(root: Path, srcs: list[dict], seed: int, out: Path) -> dict:
+    """A mixture's text (``train.txt`` / ``val.txt`` in ``out``): the sources' documents under
+    ``root/sources/<name>/`` chosen by UTF-8 bytes with the mixture weights (lmrun/data/mixture.py).
+    What a tokenizer is trained on; the token arrays are mixed by tokens instead."""
+    weights = [s["weight"] for s in srcs]
+    result = {}
+    for split in ("train", "val"):
+        ends = [np.load(root / "sources" / s["name"] / f"{split}.ends.npy") for s in srcs]
+        files = [open(root / "sources" / s["name"] / f"{split}.txt", "rb") for s in srcs]
+        try:
+            def read(i, a, b, files=files):
+                files[i].seek(a)
+                return files[i].read(b - a)
+
+            with open(out / f"{split}.txt", "wb") as fo:
+                total = None if split == "train" else min(int(e[-1]) / w for e, w in zip(ends, weights))
+                mix = write_mixture(ends, read, lambda chunks: fo.write(b"".join(chunks)), weights, seed, total)
+        finally:
+            for f in files:
+                f.close()
+        result[split] = {"bytes": mix["total"], "byte_shares": {s["name"]: m["share"]
+                                                                for s, m in zip(srcs, mix["sources"])}}
+    return result
 
 
 def _write_source(src: dict, cfg: DataConfig, folder: Path, sep: bytes, keep_ends: bool) -> dict:

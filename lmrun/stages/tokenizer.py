@@ -109,6 +109,7 @@ def run(cfg) -> dict:
     cache = open_cache(cfg)
     corpus = prepare_corpus(cfg.data, cache)
     files = get_tokenizer(cfg, cache, corpus)
+    corpus.ensure_text()  # a mixture's text (the report reads its validation split)
     shutil.copy2(files.vocab, run.dir / "vocab.json")
     shutil.copy2(files.merges, run.dir / "merges.txt")
     specials = list(cfg.tokenizer.special_tokens)

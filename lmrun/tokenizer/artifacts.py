@@ -113,6 +113,7 @@ def get_or_train_tokenizer(cfg, cache: ArtifactCache, corpus: Corpus) -> Artifac
     t = cfg.tokenizer
 
     def build(out: Path) -> dict:
+        corpus.ensure_text()
         size = corpus.train.stat().st_size
         if t.kind == "bytes":
             vocab = {i: s.encode("utf-8") for i, s in enumerate(t.special_tokens)}

@@ -254,6 +254,7 @@ def test_mixture_token_shares_within_one_percent(tmp_path, isolated_workspace, c
     assert abs(shares["plays"]["train"]["share"] - 0.7) < 0.01 and abs(shares["wiki"]["train"]["share"] - 0.3) < 0.01
     assert abs(shares["plays"]["val"]["share"] - 0.7) < 0.01
     assert shares["wiki"]["train"]["passes"] > 1.5 and shares["plays"]["train"]["passes"] < 1  # repeated / subsampled
+    assert len(list(cache_dir.glob("corpus/*"))) == 1  # the byte-weighted text is built only to train a tokenizer
     # independently: split train.bin at <|endoftext|>, decode, attribute each document to its source
     tok = Tokenizer.from_files(gpt2_dir / "vocab.json", gpt2_dir / "merges.txt", [EOT])
     ids = np.fromfile(meta_path.parent / "train.bin", dtype=meta["dtype"])
@@ -271,3 +272,19 @@ def test_mixture_token_shares_within_one_percent(tmp_path, isolated_workspace, c
     # the same command again: a cache hit; another seed: another mixture
     assert cli.main(argv) == 0 and len(list(cache_dir.glob("tokens/*/meta.json"))) == 1
     assert cli.main(argv + ["data.seed=1"]) == 0 and len(list(cache_dir.glob("tokens/*/meta.json"))) == 2
+
+
+def test_mixture_trains_a_tokenizer_on_the_byte_weighted_text(tmp_path, isolated_workspace, cache_dir):
+    plays, wiki = shakespeare_docs(60_000), wiki_docs()
+    write_jsonl(tmp_path / "plays.jsonl", plays)
+    write_jsonl(tmp_path / "wiki.jsonl", wiki)
+    argv = ["stage=tokenizer", "data=mixture", "tokenizer.vocab_size=300", "logger=none", "progress=false",
+            f"+data.mixture.plays={tmp_path / 'plays.jsonl'}", f"+data.mixture.wiki={tmp_path / 'wiki.jsonl'}"]
+    assert cli.main(argv) == 0
+    text_dir, = [p.parent for p in cache_dir.glob("corpus/*/artifact.json")
+                 if "mixed_text" in json.loads(p.read_text())["material"]]
+    train = (text_dir / "train.txt").read_text(encoding="utf-8")
+    docs = [d for d in train.split(EOT) if d]
+    play_bytes = sum(len(d.encode()) + len(EOT) for d in docs if d in set(plays))
+    assert abs(play_bytes / len(train.encode()) - 0.5) < 0.02  # equal weights (bare paths: weight 1 each)
+    assert all(d in set(plays) | set(wiki) for d in docs)
