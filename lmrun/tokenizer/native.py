@@ -72,7 +72,6 @@ def encode(tok: Tokenizer, enc, text: str, out: list[int] | None = None) -> list
         m = next(matches, None)
         # the text up to the first special token: a new list (no copy) unless `out` is given
         ids = enc.encode(text, 0, len(text) if m is None else m.start(), out)
-        pos = len(text)
         while m is not None:
             ids.append(special_ids[m.group()])
             pos = m.end()
