@@ -136,13 +136,23 @@ def autocast(device: torch.device):
 def save_policy(lm, run_dir: Path, step: int, stage: str, **extra) -> Path:
     """Write ``checkpoints/ckpt_<step>.pt`` in the run directory (readable by ``align.model``,
     ``evaluate.checkpoint`` and ``generate.checkpoint``); a Hugging Face policy is saved as a
-    model directory ``hf_model/`` (``align.model=<run dir>`` finds it)."""
+    model directory ``hf_model/`` (``align.model=<run dir>`` finds it). The checkpoint carries
+    its tokenizer files (``lmrun.train.loading.tokenizer_facts``; read in from the cache when
+    the policy came from an older checkpoint that held paths) and the run directory gets a copy
+    in ``tokenizer/``: the run directory works on another machine without the cache."""
     from lmrun.eval.models import HF_RUN_SUBDIR
 
     if lm.kind == "hf":
         return lm.save(run_dir / HF_RUN_SUBDIR, iteration=step, align={"stage": stage, **extra})
+    tokenizer = {}
+    if "tokenizer" in lm.facts:
+        from lmrun.train.loading import portable_tokenizer_facts, write_run_tokenizer
+
+        tokenizer = {"tokenizer": portable_tokenizer_facts(lm.facts["tokenizer"], lm.source)}
+        lm.facts["tokenizer"] = tokenizer["tokenizer"]  # read the old files once, not at every save
+        write_run_tokenizer(tokenizer["tokenizer"], run_dir)
     path = run_dir / "checkpoints" / f"ckpt_{step:08d}.pt"
-    return lm.save(path, iteration=step, align={"stage": stage, **extra})
+    return lm.save(path, iteration=step, align={"stage": stage, **extra}, **tokenizer)
 
 
 def plot_curves(history: dict[str, list[tuple[int, float]]], out: Path, title: str) -> None:

@@ -2,8 +2,10 @@
 
 Run directory: ``run.json``, ``metrics.jsonl`` (loss, lr, grad norm, tokens/s, MFU, memory per
 log step; validation loss, perplexity, bits per byte per evaluation), ``summary.json``,
-``checkpoints/ckpt_<step>.pt`` (model, optimizer, data position, RNG states, tokenizer
-identity, a checksum), ``loss_curve.png`` and ``samples.txt``.
+``checkpoints/ckpt_<step>.pt`` (model, optimizer, data position, RNG states, the tokenizer's
+files and identity, a checksum), ``tokenizer/`` (a copy of vocab.json, merges.txt and
+special_tokens.json), ``loss_curve.png`` and ``samples.txt``. A checkpoint holds no path into the
+cache: copied to another machine, ``generate``, ``evaluate`` and ``sft`` use it as it is.
 
 Restarted in the same directory (``hydra.run.dir=<run>``), the run resumes from its newest intact
 checkpoint — a corrupt newer one is reported and moved aside to ``<name>.corrupt`` — after removing
@@ -124,7 +126,9 @@ def _samples(cfg, model, tok) -> list[str]:
 def run(cfg) -> dict:
     import numpy as np
 
+    from lmrun.distributed.env import is_main_process
     from lmrun.tracking.run import seed_everything
+    from lmrun.train.loading import tokenizer_facts, write_run_tokenizer
     from lmrun.train.trainer import Trainer, plot_loss_curve
 
     run = active_run()
@@ -139,9 +143,11 @@ def run(cfg) -> dict:
     train = np.memmap(artifact.path / "train.bin", dtype=meta["dtype"], mode="r")
     val = np.memmap(artifact.path / "val.bin", dtype=meta["dtype"], mode="r")
     specials = list(cfg.tokenizer.special_tokens)
-    extra = {"model_config": OmegaConf.to_container(cfg.model, resolve=True),
-             "tokenizer": {"vocab": str(files.vocab), "merges": str(files.merges), "special_tokens": specials,
-                           **{k: v for k, v in files.identity.items() if k != "special_tokens"}},
+    # the checkpoint carries its tokenizer files (no path into the cache); the run directory a copy
+    tokenizer = tokenizer_facts(files, specials)
+    if is_main_process():
+        write_run_tokenizer(tokenizer, run.dir)
+    extra = {"model_config": OmegaConf.to_container(cfg.model, resolve=True), "tokenizer": tokenizer,
              "tokens_dir": str(artifact.path)}
     from lmrun.distributed.env import teardown
 

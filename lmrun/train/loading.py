@@ -6,6 +6,7 @@ torch and the model are imported on first use, so a stage's ``plan`` can resolve
 checkpoint without them."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from lmrun.errors import DataError, FormatError
@@ -39,16 +40,135 @@ def checkpoint_facts(path: Path) -> dict:
     return obj
 
 
-def checkpoint_tokenizer_files(facts: dict, path: Path) -> TokenizerFiles:
-    """The checkpoint's tokenizer files; DataError when they are gone."""
-    tok = facts["tokenizer"]
+#: where a pretrain run directory keeps a copy of its tokenizer (``vocab.json``, ``merges.txt``,
+#: ``special_tokens.json``): ``tokenizer.path=<run dir>/tokenizer`` reuses it
+RUN_TOKENIZER_DIR = "tokenizer"
+_FILES = ("vocab.json", "merges.txt")
+#: keys of a checkpoint's ``tokenizer`` entry that are not part of its identity
+_NOT_IDENTITY = ("vocab", "merges", "files")
+
+
+def tokenizer_facts(files: TokenizerFiles, special_tokens: list[str]) -> dict:
+    """The ``tokenizer`` entry a checkpoint carries, so that the file alone rebuilds its tokenizer
+    anywhere (no path into the cache)::
+
+        {"special_tokens": [str, ...], "vocab_digest": hex, "merges_digest": hex,
+         "files": {"vocab.json": bytes, "merges.txt": bytes}}
+
+    The digests (BLAKE2b-128 of the files, ``files.identity``) identify the tokenizer in cache keys;
+    ``files`` holds the GPT-2 format files byte for byte (a few KB to ~1.5 MB for GPT-2's 50k
+    tokens). DataError (one line naming the file) when a file cannot be read."""
+    out = {"special_tokens": list(special_tokens),
+           **{k: v for k, v in files.identity.items() if k != "special_tokens"}, "files": {}}
+    for name, src in zip(_FILES, (files.vocab, files.merges)):
+        try:
+            out["files"][name] = Path(src).read_bytes()
+        except OSError as e:
+            raise DataError(f"cannot read tokenizer file {src}: {e.strerror}") from None
+    return out
+
+
+def portable_tokenizer_facts(tok: dict, path: Path | str = "checkpoint") -> dict:
+    """A checkpoint ``tokenizer`` entry that carries its files: ``tok`` itself when it does, else
+    (a checkpoint written before checkpoints carried their tokenizer: paths into the cache) the
+    entry with the files read in and the paths dropped. DataError naming a missing file."""
+    if "files" in tok:
+        return tok
+    files = _old_style_files(tok, Path(path))
+    return tokenizer_facts(files, list(tok.get("special_tokens") or []))
+
+
+def write_run_tokenizer(tok: dict, run_dir: Path) -> Path:
+    """Copy a checkpoint ``tokenizer`` entry (with ``files``) into ``<run_dir>/tokenizer/``:
+    ``vocab.json``, ``merges.txt`` and ``special_tokens.json`` (a JSON list), each atomically.
+    Returns the folder."""
+    from lmrun.tracking.files import atomic_write_bytes, atomic_write_json
+
+    folder = Path(run_dir) / RUN_TOKENIZER_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in _FILES:
+        if not _same_bytes(folder / name, tok["files"][name]):
+            atomic_write_bytes(folder / name, tok["files"][name])
+    atomic_write_json(folder / "special_tokens.json", list(tok.get("special_tokens") or []))
+    return folder
+
+
+def _same_bytes(path: Path, data: bytes) -> bool:
+    try:
+        return path.stat().st_size == len(data) and path.read_bytes() == data
+    except OSError:
+        return False
+
+
+def _identity(tok: dict) -> dict:
+    return {k: v for k, v in tok.items() if k not in _NOT_IDENTITY}
+
+
+def _old_style_files(tok: dict, path: Path) -> TokenizerFiles:
+    """A checkpoint from before checkpoints carried their tokenizer: absolute paths into the cache."""
+    if "vocab" not in tok or "merges" not in tok:
+        raise FormatError(f"{path}: the checkpoint's tokenizer entry holds neither its files nor their paths")
     vocab, merges = Path(tok["vocab"]), Path(tok["merges"])
     for f in (vocab, merges):
         if not f.is_file():
             raise DataError(f"{path}: the checkpoint's tokenizer file is gone: {f} (re-run stage=tokenizer with the "
                             "same data and config, or restore the cache)")
-    identity = {k: v for k, v in tok.items() if k not in ("vocab", "merges")}
-    return TokenizerFiles(vocab, merges, identity, True, {})
+    return TokenizerFiles(vocab, merges, _identity(tok), True, {})
+
+
+def _materialized_folder(tok: dict, path: Path) -> Path:
+    """A folder holding the checkpoint's embedded tokenizer files byte for byte: the run
+    directory's ``tokenizer/`` next to the checkpoint when it matches, else a content-addressed
+    folder in the temporary directory (``lmrun-tokenizers-<uid>/<digest>``), written once."""
+    import hashlib
+    import tempfile
+
+    data = tok["files"]
+    for run_dir in ((path.parent.parent, path.parent) if path.parent.name == "checkpoints" else (path.parent,)):
+        folder = run_dir / RUN_TOKENIZER_DIR
+        if all(_same_bytes(folder / name, data[name]) for name in _FILES):
+            return folder.absolute()
+    h = hashlib.blake2b(digest_size=16)
+    for name in _FILES:
+        h.update(len(data[name]).to_bytes(8, "little"))
+        h.update(data[name])
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    folder = Path(tempfile.gettempdir()) / f"lmrun-tokenizers-{uid}" / h.hexdigest()
+    if all(_same_bytes(folder / name, data[name]) for name in _FILES):
+        return folder
+    from lmrun.tracking.files import atomic_write_bytes
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in _FILES:
+            atomic_write_bytes(folder / name, data[name])
+    except OSError:  # e.g. a read-only or foreign temp folder: a private one for this process
+        folder = Path(tempfile.mkdtemp(prefix="lmrun-tokenizer-"))
+        for name in _FILES:
+            atomic_write_bytes(folder / name, data[name])
+    return folder
+
+
+def checkpoint_tokenizer_files(facts: dict, path: Path) -> TokenizerFiles:
+    """The checkpoint's tokenizer as files on disk (``vocab.json``, ``merges.txt``; GPT-2 format)
+    with its identity (digests and special tokens, as recorded at training).
+
+    A checkpoint carries its tokenizer files (``facts["tokenizer"]["files"]``, see
+    :func:`tokenizer_facts`): they are used from the run directory's ``tokenizer/`` folder next to
+    the checkpoint when it holds the same bytes, else written once to a content-addressed folder
+    in the temporary directory; no cache is needed. Older checkpoints hold absolute paths into
+    the cache instead: used while they exist, DataError (one line naming the missing file) when
+    they are gone. FormatError when the entry holds neither."""
+    tok = facts["tokenizer"]
+    path = Path(path)
+    if "files" not in tok:
+        return _old_style_files(tok, path)
+    data = tok["files"]
+    if not isinstance(data, dict) or any(not isinstance(data.get(n), bytes) for n in _FILES):
+        raise FormatError(f"{path}: the checkpoint's tokenizer files are malformed (expected bytes of "
+                          f"{' and '.join(_FILES)})")
+    folder = _materialized_folder(tok, path)
+    return TokenizerFiles(folder / "vocab.json", folder / "merges.txt", _identity(tok), True, {})
 
 
 def load_model(path: Path, facts: dict, device):
