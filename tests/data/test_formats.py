@@ -288,3 +288,17 @@ def test_mixture_trains_a_tokenizer_on_the_byte_weighted_text(tmp_path, isolated
     play_bytes = sum(len(d.encode()) + len(EOT) for d in docs if d in set(plays))
     assert abs(play_bytes / len(train.encode()) - 0.5) < 0.02  # equal weights (bare paths: weight 1 each)
     assert all(d in set(plays) | set(wiki) for d in docs)
+
+
+def test_encoded_jsonl_keeps_one_end_of_text_per_document(tmp_path, isolated_workspace, cache_dir):
+    docs = shakespeare_docs(100_000)
+    f = write_jsonl(tmp_path / "plays.jsonl", docs)
+    assert cli.main(["stage=encode", "data=jsonl", f"data.train={f}", "tokenizer=bytes", "logger=none",
+                     "progress=false"]) == 0
+    meta_path, = cache_dir.glob("tokens/*/meta.json")
+    meta = json.loads(meta_path.read_text())
+    ids = np.concatenate([np.fromfile(meta_path.parent / f"{s}.bin", dtype=meta["dtype"]) for s in ("train", "val")])
+    eot = meta["eot_id"]
+    assert int((ids == eot).sum()) == len(docs) == meta["data"]["sources"][0]["documents"]
+    text = bytes(int(i) - 1 for i in ids if i != eot).decode("utf-8")  # tokenizer=bytes: id = 1 + byte
+    assert text == "".join(docs)
