@@ -238,6 +238,14 @@ def _model_facts(value: str, key: str) -> dict:
     folder = find_hf_model_dir(value)
     if folder is not None:
         out = {"path": str(folder.absolute()), "kind": "hf", "hf_model_type": hf_model_type(folder)}
+        try:
+            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+            context = next((config[k] for k in ("max_position_embeddings", "n_positions", "n_ctx")
+                            if isinstance(config.get(k), int)), None)
+        except (OSError, ValueError, AttributeError):
+            context = None
+        if context is not None:
+            out["context_length"] = int(context)
         mc = lmrun_model_config(folder, key)
         if mc is not None:
             from lmrun.model.flops import model_summary
