@@ -126,6 +126,10 @@ class ModelConfig:
     shape_aspect, shape_head_dim: the ``by_params`` shape rule's d_model / num_layers and head
         dimension (d_model is a multiple of it: 16 gives finer steps between small models).
     norm, ffn, position, attention: the component configs (see their classes).
+    init_from: null, or a local Hugging Face model folder (Llama, Qwen2, Qwen3, Mixtral, GPT-2;
+        ``lmrun.model.hf``) whose weights ``stage=pretrain`` starts from: the architecture and
+        shape keys above are taken from the folder (``context_length`` at most the folder's), and
+        its tokenizer is used unless ``tokenizer.path`` is set (``lmrun.train.loading.apply_init_from``).
     """
 
     name: str = "swiglu_rope"
@@ -148,6 +152,7 @@ class ModelConfig:
     ffn: FFNConfig = field(default_factory=FFNConfig)
     position: PositionConfig = field(default_factory=PositionConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
+    init_from: str | None = None
 
 
 def is_gated(kind: str) -> bool:

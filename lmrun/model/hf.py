@@ -447,6 +447,7 @@ def load_hf_model(path: str | Path, device="cpu", key: str = "model"):
         raise FormatError(f"{key}={path}: cannot read its config.json ({(str(e).splitlines() or [''])[0]})") from None
     mc = from_hf_config(hf_config, key=f"{key}={path}")
     tf.utils.logging.set_verbosity_error()
+    tf.utils.logging.disable_progress_bar()
     try:
         hf = tf.AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, dtype=torch.float32)
     except (OSError, ValueError, KeyError, RuntimeError) as e:

@@ -12,11 +12,16 @@ checkpoint — a corrupt newer one is reported and moved aside to ``<name>.corru
 the temporary files of checkpoint writes that a kill interrupted; the metrics the earlier attempt
 logged after that checkpoint are dropped, so every step is in metrics.jsonl once. Ctrl-C saves a
 checkpoint after the current step and stops (a second Ctrl-C stops at once).
+
+``model.init_from=<Hugging Face folder>`` starts from a Llama / Qwen2 / Qwen3 / Mixtral / GPT-2
+folder's weights (converted to lmrun's ``TransformerLM``, ``lmrun.model.hf``), with its
+architecture, shape and tokenizer (``lmrun.train.loading.apply_init_from``).
 """
 from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
@@ -69,7 +74,23 @@ def _distributed_plan(cfg) -> str:
     return f"{world} processes, distributed.strategy={cfg.distributed.strategy}"
 
 
+def _init_from(cfg) -> dict | None:
+    """``model.init_from``: the folder's architecture, shape and tokenizer put into ``cfg``
+    (``lmrun.train.loading.apply_init_from``); ConfigError with a sharded strategy."""
+    import os
+
+    from lmrun.train.loading import apply_init_from
+
+    init = apply_init_from(cfg)
+    world = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+    if init is not None and world > 1 and cfg.distributed.strategy in ("fsdp", "tp", "torch_fsdp"):
+        raise ConfigError(f"model.init_from={cfg.model.init_from}: with distributed.strategy="
+                          f"{cfg.distributed.strategy} (sharded parameters); use a DDP strategy")
+    return init
+
+
 def plan(cfg) -> dict:
+    init = _init_from(cfg)
     cache = open_cache(cfg)
     corpus = prepare_corpus(cfg.data, cache, dry_run=True)
     tok = get_tokenizer(cfg, cache, corpus, dry_run=True)
@@ -94,6 +115,7 @@ def plan(cfg) -> dict:
         "budget": budget,
         "train_flops": flops,
         "distributed": _distributed_plan(cfg),
+        **({"init_from": init} if init else {}),
         "outputs": ["checkpoints/", "metrics.jsonl", "summary.json", "loss_curve.png", "samples.txt", "run.json"],
     }
 
@@ -133,6 +155,7 @@ def run(cfg) -> dict:
 
     run = active_run()
     seed_everything(int(cfg.seed))
+    init = _init_from(cfg)
     cache = open_cache(cfg)
     corpus = prepare_corpus(cfg.data, cache)
     files = get_tokenizer(cfg, cache, corpus)
@@ -152,6 +175,15 @@ def run(cfg) -> dict:
     from lmrun.distributed.env import teardown
 
     trainer = Trainer(cfg, run, train, val, meta["splits"]["val"]["bytes_per_token"], extra_state=extra)
+    if init is not None:  # the folder's weights; a resumed run's checkpoint replaces them in fit()
+        from lmrun.train.loading import load_init_weights
+
+        load_init_weights(trainer.model, Path(init["folder"]))
+        if trainer.ema is not None:
+            from lmrun.train.ema import ParameterEMA
+
+            trainer.ema = ParameterEMA(trainer.model, cfg.train.ema_decay)
+        log.info("model.init_from: started from the weights of %s (%s)", init["folder"], init["hf_model_type"])
     try:
         summary = trainer.fit()
         model = trainer.plain_model()  # collective for sharded strategies; None on ranks > 0

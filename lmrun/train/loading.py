@@ -191,3 +191,138 @@ def load_model(path: Path, facts: dict, device):
             for name, value in facts["ema"]["shadow"].items():
                 params[name].copy_(value)
     return model.eval(), step
+
+
+# --- model.init_from: pretraining from a Hugging Face folder's weights (issue 27) ------------------
+
+# the ModelConfig keys a Hugging Face folder decides (architecture and shape); the others
+# (context_length up to the folder's, dropout, attention.impl, norm.impl) stay the run's
+_INIT_FROM_KEYS = ("vocab_size", "d_model", "num_layers", "num_heads", "n_kv_heads", "d_ff", "bias", "tie_embeddings",
+                   "logit_softcap")
+
+
+def init_from_folder(cfg) -> Path | None:
+    """``model.init_from`` as a Hugging Face model folder (None when unset). DataError when it is
+    not a folder with a ``config.json``."""
+    value = cfg.model.get("init_from")
+    if not value:
+        return None
+    from lmrun.eval.hf import is_hf_model_dir
+
+    folder = Path(str(value)).expanduser()
+    if not is_hf_model_dir(folder):
+        raise DataError(f"model.init_from={value}: not a Hugging Face model folder (no config.json)")
+    return folder.absolute()
+
+
+def apply_init_from(cfg, materialize_tokenizer: bool = True) -> dict | None:
+    """Make ``cfg`` (in place) describe the model of ``model.init_from``: its architecture and shape
+    (``lmrun.model.hf.from_hf_config``; ``model.context_length`` capped at the folder's), and,
+    unless ``tokenizer.path`` is set, its tokenizer — the folder itself when it holds GPT-2's
+    ``vocab.json`` + ``merges.txt``, else its byte-level ``tokenizer.json`` converted to those two
+    files in ``<cache>/hf_tokenizer/<digest>/`` (``lmrun.tokenizer.hf.load_hf_tokenizer``; with
+    ``materialize_tokenizer=False``, for a plan, nothing is written and the tokenizer is left
+    alone). Returns what was done (for plans and logs), None when ``model.init_from`` is unset.
+    DataError / FormatError (one line naming ``model.init_from``) for a folder lmrun cannot use."""
+    import hashlib
+    import json
+    import logging
+
+    from omegaconf import open_dict
+
+    from lmrun.model.hf import from_hf_config
+
+    folder = init_from_folder(cfg)
+    if folder is None:
+        return None
+    key = f"model.init_from={cfg.model.init_from}"
+    import transformers as tf
+
+    try:
+        hf_config = tf.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise FormatError(f"{key}: cannot read its config.json ({(str(e).splitlines() or [''])[0]})") from None
+    mc = from_hf_config(hf_config, key)
+    done = {"folder": str(folder), "hf_model_type": hf_config.model_type}
+    m = cfg.model
+    with open_dict(m):
+        for k in _INIT_FROM_KEYS:
+            m[k] = getattr(mc, k)
+        m.name, m.size = mc.name, "hf"
+        if int(m.context_length) > int(mc.context_length):
+            m.context_length = int(mc.context_length)
+        for group in ("norm", "position"):
+            for k, v in dataclass_items(getattr(mc, group)):
+                if k != "impl":
+                    m[group][k] = v
+        m.ffn.kind = mc.ffn.kind
+        for k, v in dataclass_items(mc.ffn.moe):
+            m.ffn.moe[k] = v
+        m.attention.kind, m.attention.window, m.attention.qk_norm = "mha", None, mc.attention.qk_norm
+    t = cfg.tokenizer
+    if t.path:
+        done["tokenizer"] = f"tokenizer.path={t.path} (kept)"
+        return done
+    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        path, specials, notes = folder, None, []
+    elif (folder / "tokenizer.json").is_file():
+        from lmrun.tokenizer.hf import load_hf_tokenizer
+
+        data = load_hf_tokenizer(folder / "tokenizer.json")
+        digest = hashlib.sha256((folder / "tokenizer.json").read_bytes()).hexdigest()[:32]
+        path, specials, notes = Path(str(cfg.paths.cache_dir)).expanduser() / "hf_tokenizer" / digest, \
+            list(data.special_tokens), list(data.notes)
+        if materialize_tokenizer and not ((path / "vocab.json").is_file() and (path / "merges.txt").is_file()):
+            from lmrun.tokenizer.formats import save_merges, save_vocab
+
+            path.mkdir(parents=True, exist_ok=True)
+            save_vocab(data.vocab, path / "vocab.json")
+            save_merges(data.merges, path / "merges.txt")
+    else:
+        logging.getLogger(__name__).warning("%s: no tokenizer files in the folder; the data is encoded with "
+                                            "tokenizer=%s, whose ids need not match the model's", key, t.get("kind"))
+        done["tokenizer"] = "the run's own (the folder has none)"
+        return done
+    if notes:
+        logging.getLogger(__name__).warning("%s: lmrun's tokenizer encodes some text differently from the folder's "
+                                            "(%s)", key, "; ".join(notes))
+    done["tokenizer"] = str(path) + ("" if (path / "vocab.json").is_file() else " (converted from tokenizer.json)")
+    if materialize_tokenizer:
+        with open_dict(t):
+            t.path = str(path)
+            if specials is not None:
+                t.special_tokens = specials
+            elif (folder / "special_tokens_map.json").is_file():
+                roles = json.loads((folder / "special_tokens_map.json").read_text(encoding="utf-8"))
+                found = [v if isinstance(v, str) else v.get("content") for v in roles.values()]
+                t.special_tokens = list(dict.fromkeys(s for s in found if s))
+    return done
+
+
+def dataclass_items(obj):
+    """(field name, value) pairs of a dataclass instance, nested dataclasses excluded."""
+    import dataclasses
+
+    return [(f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj)
+            if not dataclasses.is_dataclass(getattr(obj, f.name))]
+
+
+def load_init_weights(model, folder: Path) -> None:
+    """Copy the weights of the Hugging Face folder ``folder`` into ``model`` (a ``TransformerLM``
+    built from the config ``apply_init_from`` made; in place, so an optimizer built over its
+    parameters keeps them). Learned position embeddings are cut to the model's context length.
+    FormatError when the shapes do not fit."""
+    import torch
+
+    from lmrun.model.hf import load_hf_model
+
+    source, _ = load_hf_model(folder, "cpu", key="model.init_from")
+    state = source.state_dict()
+    if "position_embeddings.weight" in state:
+        state["position_embeddings.weight"] = state["position_embeddings.weight"][:model.context_length]
+    own = model.state_dict()
+    bad = [k for k in own if k not in state or tuple(state[k].shape) != tuple(own[k].shape)]
+    if bad:
+        raise FormatError(f"model.init_from={folder}: its weights do not fit the model at {bad[0]}")
+    with torch.no_grad():
+        model.load_state_dict(state, strict=True)
