@@ -7,7 +7,10 @@ accumulates dK and dV over the query tiles, another per query tile accumulates d
 tiles; both recompute ``P = exp(S - L)``. With ``is_causal`` tiles wholly above the diagonal are
 never visited and only tiles that cross it are masked. Inputs float32, bfloat16 or float16
 (matmuls on the input dtype, accumulation in float32). Lengths need not be multiples of the
-tiles; head dims that are not powers of two are padded with masked lanes.
+tiles; head dims that are not powers of two are padded with masked lanes. With ``is_causal`` the
+forward and dQ kernels launch the query tiles with the most keys first. On CUDA, long sequences
+(``AUTOTUNE_MIN_LEN``) pick tile sizes, warps and pipeline stages per kernel from
+``HOPPER_TILES`` with ``triton.autotune``.
 
 Source: Dao 2023, "FlashAttention-2"; Tillet et al. 2019 (Triton); CS336 assignment 2.
 Runs on CUDA, or on the CPU under ``TRITON_INTERPRET=1`` (see ``lmrun.kernels.runtime``).
@@ -42,7 +45,10 @@ def flash_fwd_kernel(Q, K, V, O, L,
                      N_QUERIES, N_KEYS, scale,
                      D: tl.constexpr, D_PAD: tl.constexpr, Q_TILE: tl.constexpr, K_TILE: tl.constexpr,
                      IS_CAUSAL: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    q_tile = tl.program_id(0)
+    if IS_CAUSAL:  # the last query tiles see the most keys: launch them first (less tail imbalance)
+        q_tile = tl.num_programs(0) - 1 - tl.program_id(0)
+    else:
+        q_tile = tl.program_id(0)
     b = tl.program_id(1)
     offs_q = q_tile * Q_TILE + tl.arange(0, Q_TILE)
     offs_d = tl.arange(0, D_PAD)
@@ -159,7 +165,10 @@ def flash_bwd_dq_kernel(Q, K, V, dO, L, Dvec, dQ,
                         D: tl.constexpr, D_PAD: tl.constexpr, Q_TILE: tl.constexpr, K_TILE: tl.constexpr,
                         IS_CAUSAL: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     # dQ shares Q's strides, dO shares O's, Dvec shares L's
-    q_tile = tl.program_id(0)
+    if IS_CAUSAL:  # heaviest query tiles first
+        q_tile = tl.num_programs(0) - 1 - tl.program_id(0)
+    else:
+        q_tile = tl.program_id(0)
     b = tl.program_id(1)
     offs_q = q_tile * Q_TILE + tl.arange(0, Q_TILE)
     offs_d = tl.arange(0, D_PAD)
@@ -228,21 +237,78 @@ def _strides3(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
 
+#: on CUDA, sequences at least this long (queries or keys) run autotuned kernels when no tiles are
+#: given; shorter ones use :func:`default_tiles` (tuning costs seconds per new shape, and short
+#: sequences are bound by launch overhead, not by the tile shape)
+AUTOTUNE_MIN_LEN = 4096
+
+
+def _config(q_tile: int, k_tile: int, warps: int, stages: int):
+    return triton.Config({"Q_TILE": q_tile, "K_TILE": k_tile}, num_warps=warps, num_stages=stages)
+
+
+#: Hopper (H100/H200) candidates, (q_tile, k_tile, num_warps, num_stages); configs that do not fit
+#: the shared memory or registers of the GPU at hand are dropped by the autotuner. Forward: a
+#: query tile per program, keys streamed; dK/dV: a key tile per program, queries streamed (small
+#: query tiles); dQ: a query tile per program, keys streamed (small key tiles).
+HOPPER_TILES = {
+    "fwd": {64: [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 4),
+                 (128, 64, 4, 4)],
+            128: [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 2), (128, 128, 8, 2),
+                  (64, 32, 4, 4)]},
+    "dkdv": {64: [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 8, 2),
+                  (32, 128, 8, 4)],
+             128: [(32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 3), (32, 128, 4, 3)]},
+    "dq": {64: [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 2), (64, 32, 4, 4)],
+           128: [(128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 4, 3)]},
+}
+_TUNE_KEY = ["N_QUERIES", "N_KEYS", "D", "IS_CAUSAL", "PRECISION"]
+
+
+def _tuned(kernel, which: str, d_pad: int):
+    """``kernel`` autotuned over :data:`HOPPER_TILES` for head dims up to ``d_pad``."""
+    group = 64 if d_pad <= 64 else 128
+    configs = [_config(*t) for t in HOPPER_TILES[which][group]]
+    return kernel.autotuned(f"{which}_d{group}", configs, _TUNE_KEY)
+
+
+def use_autotune(Q: torch.Tensor, nq: int, nk: int, d: int, q_tile, k_tile) -> bool:
+    """True when a launch is autotuned: CUDA tensors, compiled Triton, no tiles given, a head dim
+    of at most 128 and a sequence of at least :data:`AUTOTUNE_MIN_LEN`."""
+    return (Q.is_cuda and q_tile is None and k_tile is None and _pad_dim(d) <= 128
+            and max(nq, nk) >= AUTOTUNE_MIN_LEN and not language_interpreted())
+
+
+def tuned_configs() -> dict:
+    """The configs the autotuner chose so far: ``{kernel: {key: "Q_TILE=.., K_TILE=.., num_warps=..,
+    num_stages=.."}}`` (empty before the first autotuned launch)."""
+    out = {}
+    for kernel in (flash_fwd_kernel, flash_bwd_dkdv_kernel, flash_bwd_dq_kernel):
+        for name, tuned in kernel._jitted.items():
+            if isinstance(name, str) and getattr(tuned, "cache", None):
+                out[f"{kernel.__name__}[{name}]"] = {str(k): str(v) for k, v in tuned.cache.items()}
+    return out
+
+
 def flash_forward_triton(Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, is_causal: bool,
                          q_tile: int | None = None, k_tile: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel on ``(batch, n, d)`` tensors -> O ``(batch, n_queries, d)`` (Q's
     dtype) and L ``(batch, n_queries)`` float32. Tiles: powers of two >= 16 (default
-    :func:`default_tiles`)."""
+    :func:`default_tiles`, or autotuned over :data:`HOPPER_TILES`, see :func:`use_autotune`)."""
     b, nq, d = Q.shape
     nk = K.shape[1]
-    dq, dk = default_tiles(d, Q.device)
-    q_tile, k_tile = q_tile or dq, k_tile or dk
     O = torch.empty_like(Q)
     L = torch.empty(b, nq, dtype=torch.float32, device=Q.device)
-    flash_fwd_kernel[(triton.cdiv(nq, q_tile), b)](
-        Q, K, V, O, L, *_strides3(Q), *_strides3(K), *_strides3(V), *_strides3(O), L.stride(0), L.stride(1),
-        nq, nk, 1.0 / math.sqrt(d), D=d, D_PAD=_pad_dim(d), Q_TILE=q_tile, K_TILE=k_tile, IS_CAUSAL=bool(is_causal),
-        DOT_DTYPE=dot_dtype(Q.dtype), PRECISION=dot_precision(Q.dtype))
+    args = (Q, K, V, O, L, *_strides3(Q), *_strides3(K), *_strides3(V), *_strides3(O), L.stride(0), L.stride(1),
+            nq, nk, 1.0 / math.sqrt(d))
+    meta = dict(D=d, D_PAD=_pad_dim(d), IS_CAUSAL=bool(is_causal), DOT_DTYPE=dot_dtype(Q.dtype),
+                PRECISION=dot_precision(Q.dtype))
+    if use_autotune(Q, nq, nk, d, q_tile, k_tile):
+        _tuned(flash_fwd_kernel, "fwd", _pad_dim(d))[lambda m: (triton.cdiv(nq, m["Q_TILE"]), b)](*args, **meta)
+        return O, L
+    dq, dk = default_tiles(d, Q.device)
+    q_tile, k_tile = q_tile or dq, k_tile or dk
+    flash_fwd_kernel[(triton.cdiv(nq, q_tile), b)](*args, Q_TILE=q_tile, K_TILE=k_tile, **meta)
     return O, L
 
 
@@ -251,8 +317,6 @@ def flash_backward_triton(Q, K, V, O, L, dO, is_causal: bool, q_tile: int | None
     """Launch the two backward kernels on ``(batch, n, d)`` tensors -> dQ, dK, dV (inputs' dtypes)."""
     b, nq, d = Q.shape
     nk = K.shape[1]
-    dq_, dk_ = default_tiles(d, Q.device)
-    q_tile, k_tile = q_tile or dq_, k_tile or dk_
     dO = dO.contiguous()
     if dO.stride() != O.stride():
         O = O.contiguous()
@@ -261,10 +325,19 @@ def flash_backward_triton(Q, K, V, O, L, dO, is_causal: bool, q_tile: int | None
     dQ, dK, dV = torch.empty_like(Q), torch.empty_like(K), torch.empty_like(V)
     common = (*_strides3(Q), *_strides3(K), *_strides3(V), *_strides3(dO), L.stride(0), L.stride(1),
               nq, nk, 1.0 / math.sqrt(d))
-    meta = dict(D=d, D_PAD=_pad_dim(d), Q_TILE=q_tile, K_TILE=k_tile, IS_CAUSAL=bool(is_causal),
-                DOT_DTYPE=dot_dtype(Q.dtype), PRECISION=dot_precision(Q.dtype))
+    meta = dict(D=d, D_PAD=_pad_dim(d), IS_CAUSAL=bool(is_causal), DOT_DTYPE=dot_dtype(Q.dtype),
+                PRECISION=dot_precision(Q.dtype))
     if dK.stride() != K.stride() or dV.stride() != V.stride() or dQ.stride() != Q.stride():
         raise ValueError("flash_backward_triton: gradients must share their inputs' strides")
+    if use_autotune(Q, nq, nk, d, q_tile, k_tile):
+        _tuned(flash_bwd_dkdv_kernel, "dkdv", _pad_dim(d))[lambda m: (triton.cdiv(nk, m["K_TILE"]), b)](
+            Q, K, V, dO, L, delta, dK, dV, *common, **meta)
+        _tuned(flash_bwd_dq_kernel, "dq", _pad_dim(d))[lambda m: (triton.cdiv(nq, m["Q_TILE"]), b)](
+            Q, K, V, dO, L, delta, dQ, *common, **meta)
+        return dQ, dK, dV
+    dq_, dk_ = default_tiles(d, Q.device)
+    q_tile, k_tile = q_tile or dq_, k_tile or dk_
+    meta.update(Q_TILE=q_tile, K_TILE=k_tile)
     flash_bwd_dkdv_kernel[(triton.cdiv(nk, k_tile), b)](Q, K, V, dO, L, delta, dK, dV, *common, **meta)
     flash_bwd_dq_kernel[(triton.cdiv(nq, q_tile), b)](Q, K, V, dO, L, delta, dQ, *common, **meta)
     return dQ, dK, dV

@@ -79,9 +79,9 @@ class lazy_jit:
         self.fn = fn
         self.__name__ = fn.__name__
         self.__doc__ = fn.__doc__
-        self._jitted: dict[bool, object] = {}
+        self._jitted: dict[object, object] = {}
 
-    def __getitem__(self, grid):
+    def _jit(self):
         mode = language_interpreted()
         if mode not in self._jitted:
             if mode:
@@ -92,4 +92,22 @@ class lazy_jit:
                 from triton.runtime.jit import JITFunction
 
                 self._jitted[mode] = JITFunction(self.fn)
-        return self._jitted[mode][grid]
+        return self._jitted[mode]
+
+    def __getitem__(self, grid):
+        return self._jit()[grid]
+
+    def autotuned(self, name: str, configs: list, key: list[str]):
+        """The kernel wrapped in ``triton.autotune(configs, key)`` (made once per ``name``; compiled
+        mode only — the interpreter cannot time configs): launch it as ``k.autotuned(...)[grid]``
+        with ``grid`` a function of the chosen meta-parameters, and without passing the tuned
+        meta-parameters. ``configs``: ``triton.Config`` objects; ``key``: argument names whose
+        values (with the tensors' dtypes) select a tuning."""
+        if language_interpreted():
+            raise LmrunError(f"{self.__name__}: autotuning needs compiled Triton (a CUDA GPU), not the interpreter")
+        tuned = self._jitted.get(name)
+        if tuned is None:
+            import triton
+
+            tuned = self._jitted[name] = triton.autotune(configs=configs, key=key)(self._jit())
+        return tuned
