@@ -174,7 +174,24 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal
     if impl == "flash_torch":
         return FlashAttentionTorch.apply(q, k, v, is_causal)
     if impl == "flash_triton":
-        from lmrun.kernels.flash_attention_triton import FlashAttentionTriton
-
-        return FlashAttentionTriton.apply(q, k, v, is_causal)
+        return _flash_triton(q, k, v, is_causal)
     raise ValueError(f"flash attention impl {impl!r}: expected one of {', '.join(FLASH_IMPLS)}")
+
+
+def _flash_triton_eager(q, k, v, is_causal):
+    from lmrun.kernels.flash_attention_triton import FlashAttentionTriton
+
+    return FlashAttentionTriton.apply(q, k, v, is_causal)
+
+
+def _flash_triton(q, k, v, is_causal):
+    """``FlashAttentionTriton`` outside ``torch.compile``'s graphs: the kernels are launched through
+    ``lazy_jit``, which Dynamo cannot trace, so a compiled model breaks its graph here on purpose
+    (and runs the kernels eagerly) instead of failing or tracing Triton's launcher."""
+    global _flash_triton_disabled
+    if _flash_triton_disabled is None:
+        _flash_triton_disabled = torch.compiler.disable(_flash_triton_eager)
+    return _flash_triton_disabled(q, k, v, is_causal)
+
+
+_flash_triton_disabled = None

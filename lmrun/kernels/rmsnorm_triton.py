@@ -51,6 +51,12 @@ def rmsnorm_bwd_kernel(X, W, DY, RSTD, DX, DW_PARTIAL, stride_x, stride_dy, stri
     tl.store(DW_PARTIAL + pid * N_COLS + cols, dw, mask=ok)
 
 
+def _warps(block: int) -> int:
+    """Warps per program for a row of ``block`` lanes: one per 256 lanes, 1 to 8 (Triton's
+    layer-norm tutorial); 4096 columns get 8 warps, 16 elements per thread."""
+    return min(max(block // 256, 1), 8)
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
@@ -62,8 +68,9 @@ def rmsnorm_forward_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) ->
     rows, d = x.shape
     y = torch.empty(rows, d, dtype=x.dtype, device=x.device)
     rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
+    block = triton.next_power_of_2(d)
     rmsnorm_fwd_kernel[(rows,)](x, weight, y, rstd, x.stride(0), y.stride(0), d, float(eps),
-                                BLOCK=triton.next_power_of_2(d))
+                                BLOCK=block, num_warps=_warps(block))
     return y, rstd
 
 
@@ -78,8 +85,9 @@ def rmsnorm_backward_triton(x: torch.Tensor, weight: torch.Tensor, rstd: torch.T
     n_programs = triton.cdiv(rows, rows_per_program)
     dx = torch.empty_like(x)
     partial = torch.empty(n_programs, d, dtype=torch.float32, device=x.device)
+    block = triton.next_power_of_2(d)
     rmsnorm_bwd_kernel[(n_programs,)](x, weight, dy, rstd, dx, partial, x.stride(0), dy.stride(0), dx.stride(0),
-                                      rows, d, rows_per_program, BLOCK=triton.next_power_of_2(d))
+                                      rows, d, rows_per_program, BLOCK=block, num_warps=_warps(block))
     return dx, partial.sum(dim=0).to(weight.dtype)
 
 
