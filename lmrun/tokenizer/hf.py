@@ -88,11 +88,14 @@ def build_hf_tokenizer(vocab: dict[int, bytes], merges: list[tuple[bytes, bytes]
                                   "which is not in the vocab")
         hf_merges.append((sa, sb))
     specials = _special_ids(vocab, special_tokens)
+    regular = {a + b for a, b in merges} | {b for b in vocab.values() if len(b) == 1}
     for s, i in specials.items():
         if i in vocab and token_to_str(vocab[i]) != s:
-            # HF's model vocab holds one string per id, so the text cannot point at that id too
-            raise FormatError(f"cannot export to HF: special token {s!r} is also regular token {i}, whose "
-                              f"byte-level form {token_to_str(vocab[i])!r} differs from its text")
+            if vocab[i] in regular:
+                # HF's model vocab holds one string per id: BPE needs the byte-level form there
+                raise FormatError(f"cannot export to HF: special token {s!r} is also regular token {i}, whose "
+                                  f"byte-level form {token_to_str(vocab[i])!r} differs from its text")
+            del strings[token_to_str(vocab[i])]  # only the special token's own entry: keep its text
         # HF finds an added token's id by looking its text up in the model's vocab
         if strings.setdefault(s, i) != i:
             raise FormatError(f"cannot export to HF: special token {s!r} collides with the byte-level "

@@ -21,7 +21,6 @@ The ids this module returns are those of the vocabulary it was given, whatever t
 from __future__ import annotations
 
 import heapq
-import json
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -29,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from lmrun.errors import ConfigError, DataError, FormatError, LmrunError
 from lmrun.tokenizer import native as _native
-from lmrun.tokenizer.formats import check_consistent, load_merges, load_vocab, token_to_str
+from lmrun.tokenizer.formats import check_consistent, load_merges, load_vocab
 from lmrun.tokenizer.pretokenize import GPT2_PATTERN, pretokenize
 from lmrun.tracking.files import atomic_write_text
 
@@ -483,51 +482,21 @@ class Tokenizer:
     def to_hf(self, path: str | os.PathLike) -> None:
         """Write a HuggingFace ``tokenizers`` ``tokenizer.json`` to ``path`` (atomically).
 
-        BPE model with this vocabulary and merges in GPT-2's printable byte-level string form,
-        a ByteLevel pre-tokenizer (GPT-2 regex, ``add_prefix_space=False``) and decoder, and the
-        special tokens as added tokens. ``tokenizers.Tokenizer.from_file(path).encode(text)``
-        gives the same ids as :meth:`encode` (HF matches added tokens leftmost-longest too).
+        Built by the ``tokenizers`` library (:func:`lmrun.tokenizer.hf.build_hf_tokenizer`): BPE
+        model with this vocabulary and merges in GPT-2's printable byte-level string form, a
+        pre-tokenizer that splits with GPT-2's regex then maps bytes (no prefix space), a
+        ByteLevel decoder, and the special tokens as added tokens.
+        ``tokenizers.Tokenizer.from_file(path).encode(text)`` gives the same ids as
+        :meth:`encode` (HF matches added tokens leftmost-longest too). For a whole
+        ``transformers`` folder see :func:`lmrun.tokenizer.hf.save_hf_tokenizer`.
 
-        Raises FormatError if two ids hold the same bytes (the format cannot express that).
+        Raises FormatError if two ids hold the same bytes, or a special token's text is another
+        token's byte-level string (the format cannot express either).
         Source: HuggingFace ``tokenizers`` serialization format (``tokenizer.json``)."""
-        vocab: dict[str, int] = {}
-        for i in sorted(self.vocab):
-            s = token_to_str(self.vocab[i])
-            if s in vocab:
-                raise FormatError(f"cannot export to HF: ids {vocab[s]} and {i} both hold {self.vocab[i]!r}")
-            vocab[s] = i
-        added = []
-        for s, i in self.special_ids.items():
-            # HF finds an added token's id by looking its text up in the model's vocab
-            if vocab.setdefault(s, i) != i:
-                raise FormatError(f"cannot export to HF: special token {s!r} collides with the "
-                                  f"byte-level string of token {vocab[s]}")
-            added.append({"id": i, "content": s, "single_word": False, "lstrip": False,
-                          "rstrip": False, "normalized": False, "special": True})
-        byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
-        doc = {
-            "version": "1.0",
-            "truncation": None,
-            "padding": None,
-            "added_tokens": added,
-            "normalizer": None,
-            "pre_tokenizer": byte_level,
-            "post_processor": None,
-            "decoder": byte_level,
-            "model": {
-                "type": "BPE",
-                "dropout": None,
-                "unk_token": None,
-                "continuing_subword_prefix": None,
-                "end_of_word_suffix": None,
-                "fuse_unk": False,
-                "byte_fallback": False,
-                "ignore_merges": False,
-                "vocab": vocab,
-                "merges": [f"{token_to_str(a)} {token_to_str(b)}" for a, b in self.merges],
-            },
-        }
-        atomic_write_text(path, json.dumps(doc, ensure_ascii=False) + "\n")
+        from lmrun.tokenizer.hf import build_hf_tokenizer
+
+        hf = build_hf_tokenizer(self.vocab, self.merges, self.special_tokens)
+        atomic_write_text(path, hf.to_str() + "\n")
 
 
 def _lookup(vocab: dict[int, bytes], i) -> bytes | None:

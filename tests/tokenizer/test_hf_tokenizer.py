@@ -13,7 +13,7 @@ import tokenizers
 from transformers import AutoTokenizer
 
 from lmrun.errors import FormatError
-from lmrun.tokenizer.hf import HF_TOKENIZER_FILES, load_hf_tokenizer, save_hf_tokenizer
+from lmrun.tokenizer.hf import HF_TOKENIZER_FILES, build_hf_tokenizer, load_hf_tokenizer, save_hf_tokenizer
 from lmrun.tokenizer.pretokenize import GPT2_PATTERN
 from lmrun.tokenizer.tokenizer import Tokenizer
 from tests.tokenizer.test_parity import ADVERSARIAL, SHARED, _tokenizer, all_texts
@@ -95,6 +95,10 @@ def test_special_tokens_not_in_vocab_overlapping_and_non_ascii(tmp_path):
     assert hf.encode(text, add_special_tokens=False) == ids
     assert hf.decode(ids) == text
     assert hf.decode(ids, skip_special_tokens=True) == "x y é \n"
+    # the same with the special tokens already in the vocab (as train_bpe writes it)
+    save_hf_tokenizer(tok.vocab, base.merges, specials, tmp_path / "b")
+    hf = AutoTokenizer.from_pretrained(str(tmp_path / "b"), local_files_only=True)
+    assert hf.encode(text, add_special_tokens=False) == ids and hf.decode(ids) == text
 
 
 def test_a_special_token_that_is_a_regular_token_keeps_its_id(tmp_path):
@@ -163,9 +167,14 @@ def test_reader_non_ascii_special_and_plain_byte_level_file(tmp_path):
     tok = Tokenizer(vocab, base.merges, specials)
     assert d.vocab == tok.vocab and d.special_tokens == specials
     # a tokenizer.json with tokenizers' own ByteLevel regex (GPT-2's files on the Hub look so)
-    tok.to_hf(tmp_path / "plain.json")
+    from tokenizers import pre_tokenizers
+    hf = build_hf_tokenizer(tok.vocab, tok.merges, tok.special_tokens)
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    hf.save(str(tmp_path / "plain.json"))
     d = load_hf_tokenizer(tmp_path / "plain.json")
     assert d.notes == [] and d.vocab == tok.vocab and d.merges == tok.merges
+    for text in ADVERSARIAL:  # the same ids: tokenizers' GPT-2 regex is lmrun's
+        assert hf.encode(text).ids == tok.encode(text), text[:80]
 
 
 def test_reader_notes_what_lmrun_would_encode_differently(tmp_path):
