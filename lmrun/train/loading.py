@@ -2,6 +2,12 @@
 resolve a checkpoint file or run directory, read its facts (model config, tokenizer identity)
 and rebuild the model and tokenizer. The file format itself is ``lmrun.train.checkpoint``.
 
+Checkpoints are self-contained: the ``tokenizer`` entry carries the bytes of ``vocab.json`` and
+``merges.txt`` (:func:`tokenizer_facts`), never a path into the cache, and run directories keep a
+copy in ``tokenizer/`` (:func:`write_run_tokenizer`). A run directory or a lone checkpoint file
+copied to another machine works with an empty cache. Checkpoints written before this hold
+absolute paths into the cache; they load while those files exist.
+
 torch and the model are imported on first use, so a stage's ``plan`` can resolve a
 checkpoint without them."""
 from __future__ import annotations
