@@ -48,13 +48,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from lmrun.kernels.config import ACCEPTANCE_PARTS
+
 #: targets (issue 29): leaderboard forward+backward ms, ratio to SDPA flash, RMSNorm share of copy bandwidth
 LEADERBOARD_MS = 6.0
 SDPA_RATIO = 1.3
 RMSNORM_BW_SHARE = 0.6
 #: share of the total budget each part may use (the rest goes to later parts)
 PART_SHARE = {"env": 0.06, "flash": 0.25, "rmsnorm": 0.08, "train": 0.45, "inference": 0.16}
-PARTS = list(PART_SHARE)
+PARTS = list(ACCEPTANCE_PARTS)
 
 
 def one_line(e: BaseException) -> str:

@@ -11,6 +11,9 @@ Three kinds of benchmark share the schema; each preset sets the keys its kind re
   ``context_length`` tokens, for every ``dtypes`` (fp32, or bf16/fp16 autocast) × ``compile``.
 - ``collectives``: ``impls`` ⊆ all_reduce, all_gather, reduce_scatter on float32 buffers of
   ``sizes_mb`` MiB, for every ``world_sizes`` × ``backends`` (local processes).
+- ``gpu_acceptance``: ``lmrun.kernels.acceptance`` — the GPU acceptance check (correctness and
+  speed of the kernels, training step, inference against targets) within ``budget_s`` seconds,
+  ``parts`` ⊆ env, flash, rmsnorm, train, inference.
 - ``ddp``: one training step of the LM at each ``sizes`` preset on a global batch of
   ``batch_size`` × ``context_length``, per distributed strategy in ``impls`` (and ``local``: the
   same per-rank work without communication), for every ``world_sizes`` (gloo, CPU).
@@ -21,7 +24,9 @@ from dataclasses import dataclass, field
 
 from lmrun.errors import check, check_choice
 
-BENCHMARK_KINDS = ["attention", "rmsnorm", "model", "collectives", "ddp", "inference"]
+BENCHMARK_KINDS = ["attention", "rmsnorm", "model", "collectives", "ddp", "inference", "gpu_acceptance"]
+#: benchmark=gpu_acceptance: the parts of ``lmrun.kernels.acceptance``, in order
+ACCEPTANCE_PARTS = ["env", "flash", "rmsnorm", "train", "inference"]
 COLLECTIVE_OPS = ["all_reduce", "all_gather", "reduce_scatter"]
 #: benchmark=ddp: the strategies of ``lmrun.distributed`` plus ``local`` (no communication)
 DDP_IMPLS = ["local", "ddp_naive", "ddp_flat", "ddp", "ddp_bucketed", "zero1", "fsdp", "tp", "torch_ddp", "torch_fsdp"]
@@ -64,6 +69,8 @@ class BenchmarkConfig:
         (``lmrun.inference.bench``): prompts per batch, greedy tokens decoded per prompt
         (prompt lengths: seq_lens; models: sizes), draft tokens per speculative round, and the
         device's memory bandwidth in bytes/s (null: the bandwidth fraction is not reported).
+    budget_s, parts: kind gpu_acceptance — the whole run's time budget in seconds, and which
+        parts run (env, flash, rmsnorm, train, inference).
     """
 
     kind: str = "attention"
@@ -97,6 +104,8 @@ class BenchmarkConfig:
     new_tokens: int = 64
     speculative_ks: list[int] = field(default_factory=lambda: [2, 4])
     memory_bandwidth: float | None = None
+    budget_s: float = 420.0
+    parts: list[str] = field(default_factory=lambda: list(ACCEPTANCE_PARTS))
 
 
 def model_variant(dtype: str, compiled: bool) -> str:
@@ -115,6 +124,11 @@ def validate_benchmark(cfg: BenchmarkConfig) -> None:
     for d in cfg.dtypes:
         check_choice("benchmark.dtypes", d, DTYPES)
     check("benchmark.dtypes", list(cfg.dtypes), len(cfg.dtypes) > 0, "a non-empty list")
+    if cfg.kind == "gpu_acceptance":
+        check("benchmark.budget_s", cfg.budget_s, cfg.budget_s > 0, "seconds > 0")
+        check("benchmark.parts", list(cfg.parts), len(cfg.parts) > 0 and all(p in ACCEPTANCE_PARTS for p in cfg.parts),
+              f"a non-empty list of {', '.join(ACCEPTANCE_PARTS)}")
+        return
     passes = MODEL_PASSES if cfg.kind == "model" else KERNEL_PASSES
     if cfg.kind in ("collectives", "ddp"):
         passes = passes + ["collective", "step"]

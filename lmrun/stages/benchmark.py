@@ -10,6 +10,10 @@ skipped | oom | error), ``benchmark.md`` (the same as pivot tables, also printed
 exceeded the CPU count during the run; both are also logged as warnings), ``benchmark.png`` and, with
 ``benchmark.profile=true``, ``profile/`` (profiler traces, CUDA memory snapshots). Triton
 implementations are skipped with a note on a CPU. Out-of-memory cases are reported, not raised.
+
+``benchmark=gpu_acceptance`` runs ``lmrun.kernels.acceptance`` (the GPU acceptance check; the
+same as ``python -m lmrun.kernels.acceptance``) and writes ``gpu_acceptance.json`` and
+``gpu_acceptance.md`` into the run directory; the summary counts the targets met and not met.
 """
 from __future__ import annotations
 
@@ -119,6 +123,17 @@ SPREAD_HEADING = ("Spread: 80th / 20th percentile time across the repeats (1.00:
 
 def plan(cfg) -> dict:
     b = cfg.benchmark
+    if b.kind == "gpu_acceptance":
+        device = _device_name(b.device)
+        if device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise LmrunError("benchmark.device=cuda: no CUDA device is available (use benchmark.device=auto or cpu)")
+        return {"stage": "benchmark", "kind": "gpu_acceptance", "device": device, "parts": list(b.parts),
+                "budget_s": b.budget_s,
+                "sizes": "full (GPU)" if device == "cuda" else "tiny, untimed (CPU; Triton kernels interpreted)",
+                "outputs": ["gpu_acceptance.json", "gpu_acceptance.md", "summary.json", "run.json"]}
     if b.kind in ("collectives", "ddp"):
         grid = ({"sizes_mb": list(b.sizes_mb), "backends": list(b.backends)} if b.kind == "collectives" else
                 {"sizes": list(b.sizes), "batch_size": b.batch_size, "context_length": b.context_length,
@@ -175,6 +190,8 @@ def run(cfg) -> dict:
     b = cfg.benchmark
     if b.kind in ("collectives", "ddp"):
         return _run_distributed(cfg, run)
+    if b.kind == "gpu_acceptance":
+        return _run_acceptance(cfg, run)
     device = torch.device(_device_name(b.device))
     if b.threads is not None:
         torch.set_num_threads(int(b.threads))
@@ -337,4 +354,20 @@ def _run_inference(cfg, run, device) -> dict:
     acc = [r["acceptance"] for r in rows if r.get("acceptance") is not None]
     if acc:
         summary["mean_acceptance"] = round(statistics.mean(acc), 4)
+    return summary
+
+
+def _run_acceptance(cfg, run) -> dict:
+    from lmrun.kernels.acceptance import run_acceptance
+
+    b = cfg.benchmark
+    report = run_acceptance(run.dir, float(b.budget_s), _device_name(b.device), list(b.parts))
+    print((run.dir / "gpu_acceptance.md").read_text())
+    targets = report["targets"]
+    summary = {"kind": "gpu_acceptance", "device": report["device"], "mode": report["mode"],
+               "rows": len(report["rows"]), "failed": sum(r["status"] in ("fail", "error") for r in report["rows"]),
+               "targets_met": sum(t["met"] is True for t in targets),
+               "targets_not_met": sum(t["met"] is False for t in targets), "elapsed_s": report["elapsed_s"]}
+    for i, r in enumerate(report["rows"]):
+        run.log({k: v for k, v in r.items() if isinstance(v, (int, float, str)) and v is not None}, step=i)
     return summary
