@@ -17,6 +17,7 @@ no tokenizer; builds are atomic (an interrupted one leaves no artifact).
 from __future__ import annotations
 
 import logging
+import os
 import re
 import resource
 import time
@@ -251,17 +252,25 @@ def get_or_encode_tokens(cfg, cache, corpus, files, special_tokens: list[str] | 
     return cache.get_or_build("tokens", tokens_material(corpus, files.identity), build)
 
 
-def document_ends(path: Path, dtype: str, eot_id: int, block: int = 1 << 24) -> np.ndarray:
+def document_ends(path: Path, dtype: str, eot_id: int, block: int = 1 << 22) -> np.ndarray:
     """End offsets (exclusive, int64) of the documents in a token array file: the positions just
     after each ``eot_id``, plus the array's end when it does not end with one. Read in blocks of
-    ``block`` tokens (memory O(block + documents))."""
+    ``block`` tokens with plain reads (not a memory map, whose touched pages would count in this
+    process's resident memory): memory O(block + documents)."""
     import numpy as np
 
-    arr = np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype=dtype)
-    parts = [np.flatnonzero(arr[a:a + block] == eot_id) + (a + 1) for a in range(0, len(arr), block)]
+    parts, pos, last = [], 0, None
+    with open(path, "rb") as f:
+        while True:
+            ids = np.fromfile(f, dtype=dtype, count=block)
+            if not len(ids):
+                break
+            parts.append(np.flatnonzero(ids == eot_id) + (pos + 1))
+            pos += len(ids)
+            last = ids[-1]
     ends = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
-    if len(arr) and (len(ends) == 0 or ends[-1] != len(arr)):
-        ends = np.append(ends, len(arr))
+    if pos and last != eot_id:
+        ends = np.append(ends, pos)
     return ends
 
 
@@ -293,12 +302,16 @@ def _encode_mixture(cfg, corpus, tok, out: Path, encode: dict) -> dict:
             dtype = stats["dtype"]
             ends.append(document_ends(part, dtype, eot))
             per_source.append(stats)
-        arrays = [np.memmap(p, dtype=dtype, mode="r") for p in parts]
-        with open(out / f"{split}.bin", "wb") as fo:
-            total = None if split == "train" else min(int(e[-1]) / w for e, w in zip(ends, weights))
-            mix = write_mixture(ends, lambda i, a, b: arrays[i][a:b],
-                                lambda chunks: np.concatenate(chunks).tofile(fo), weights, int(cfg.data.seed), total)
-        del arrays
+        fds = [os.open(p, os.O_RDONLY) for p in parts]  # pread per document: no memory map in the RSS
+        width = np.dtype(dtype).itemsize
+        try:
+            with open(out / f"{split}.bin", "wb") as fo:
+                total = None if split == "train" else min(int(e[-1]) / w for e, w in zip(ends, weights))
+                mix = write_mixture(ends, lambda i, a, b: os.pread(fds[i], (b - a) * width, a * width),
+                                    lambda chunks: fo.write(b"".join(chunks)), weights, int(cfg.data.seed), total)
+        finally:
+            for fd in fds:
+                os.close(fd)
         for p in parts:
             p.unlink()
         seconds = time.perf_counter() - t0
