@@ -31,7 +31,7 @@ def presets() -> list[tuple[str, str]]:
 EXTRA = {("data", "text_files"): ["data.train=/dev/null"], ("stage", "evaluate"): ["evaluate.checkpoint=ckpt.pt"],
          ("stage", "generate"): ["generate.checkpoint=ckpt.pt", "generate.prompt=x"],
          ("stage", "scaling"): ["scaling.input=runs.json"], ("stage", "collect"): ["sweep.dir=multiruns/x"],
-         ("stage", "curate"): ["curate.inputs=[/dev/null]"],
+         ("stage", "curate"): ["curate.inputs=[/dev/null]"], ("stage", "export"): ["export.checkpoint=ckpt.pt"],
          **{("stage", s): ["align.model=ckpt.pt", "align.task.name=arithmetic"]
             for s in ("sft", "dpo", "grpo", "expert_iteration")},
          ("experiment", "tinystories_a1"): ["data.train=/dev/null"], ("experiment", "owt_leaderboard"): ["data.train=/dev/null"],
@@ -64,7 +64,7 @@ def test_presets_found():
     assert {"stage", "data", "tokenizer", "logger", "experiment", "debug", "hparams_search"} <= groups
 
 
-@pytest.mark.parametrize("stage", [s for s in cli.stage_names() if s not in ("evaluate", "collect", "curate", "generate", "scaling", "sft", "dpo",
+@pytest.mark.parametrize("stage", [s for s in cli.stage_names() if s not in ("evaluate", "collect", "curate", "export", "generate", "scaling", "sft", "dpo",
                                                                   "grpo", "expert_iteration")])  # tested with their inputs
 def test_dry_run_every_stage_writes_nothing(stage, isolated_workspace, cache_dir, capsys):
     assert cli.main([f"stage={stage}", "dry_run=true"]) == 0
@@ -82,7 +82,7 @@ def test_dry_run_every_stage_writes_nothing(stage, isolated_workspace, cache_dir
         (["stage=tokenizer", "tokenizer.vocab_size=abc"], r"tokenizer\.vocab_size='abc': .*expected int"),
         (["stage=tokenizer", "tokenizer.vocab_size=100"], r"tokenizer\.vocab_size=100: expected an integer >= 257"),
         (["stage=tokenizer", "data=nope"], r"data=nope: no such option; available: text_files, tinyshakespeare"),
-        (["stage=nope"], r"stage=nope: no such option; available: benchmark, collect, curate, dpo, encode, evaluate, expert_iteration, generate, grpo, pretrain, scaling, sft, tokenizer"),
+        (["stage=nope"], r"stage=nope: no such option; available: benchmark, collect, curate, dpo, encode, evaluate, expert_iteration, export, generate, grpo, pretrain, scaling, sft, tokenizer"),
         (["stage=evaluate"], r"evaluate\.checkpoint=None: expected a checkpoint file or a pretrain run directory"),
         ([], r"stage"),
         (["stage=tokenizer", "data=text_files"], r"data\.train=None: expected a UTF-8 text file path"),
