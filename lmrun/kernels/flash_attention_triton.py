@@ -5,7 +5,7 @@ tiles through an online softmax in float32 (base-2 exponentials), writes O and t
 L. Backward (Algorithm 2, without atomics): ``D = rowsum(dO ∘ O)``; one kernel per key tile
 accumulates dK and dV over the query tiles, another per query tile accumulates dQ over the key
 tiles; both recompute ``P = exp(S - L)``. With ``is_causal`` tiles wholly above the diagonal are
-never visited and only tiles that cross it are masked. Inputs float32, bfloat16 or float16
+never visited and only tiles that cross it are masked (forward and backward). Inputs float32, bfloat16 or float16
 (matmuls on the input dtype, accumulation in float32). Lengths need not be multiples of the
 tiles; head dims that are not powers of two are padded with masked lanes. With ``is_causal`` the
 forward and dQ kernels launch the query tiles with the most keys first. On CUDA, long sequences
@@ -129,9 +129,13 @@ def flash_bwd_dkdv_kernel(Q, K, V, dO, L, Dvec, dK, dV,
     qk_scale = scale * 1.4426950408889634
     if IS_CAUSAL:
         q_start = (k_tile * K_TILE) // Q_TILE * Q_TILE  # earlier query tiles see none of these keys
+        # query tiles from q_full on see every key of this tile: no mask there
+        q_full = tl.minimum((k_tile * K_TILE + K_TILE - 1 + Q_TILE - 1) // Q_TILE * Q_TILE, N_QUERIES)
     else:
         q_start = 0
-    for start in range(q_start, N_QUERIES, Q_TILE):
+        q_full = 0
+    # the query tiles that cross the diagonal (causal)
+    for start in range(q_start, q_full, Q_TILE):
         offs_q = start + tl.arange(0, Q_TILE)
         q_ok = offs_q < N_QUERIES
         qd_ok = q_ok[:, None] & d_ok[None, :]
@@ -139,13 +143,29 @@ def flash_bwd_dkdv_kernel(Q, K, V, dO, L, Dvec, dK, dV,
                     mask=qd_ok, other=0.0).to(DOT_DTYPE)
         do = tl.load(dO + b * stride_ob + offs_q[:, None] * stride_on + offs_d[None, :] * stride_od,
                      mask=qd_ok, other=0.0).to(DOT_DTYPE)
-        lse = tl.load(L + b * stride_lb + offs_q * stride_ln, mask=q_ok, other=0.0)
+        lse2 = tl.load(L + b * stride_lb + offs_q * stride_ln, mask=q_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(Dvec + b * stride_lb + offs_q * stride_ln, mask=q_ok, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        keep = q_ok[:, None] & k_ok[None, :]
-        if IS_CAUSAL:
-            keep = keep & (offs_k[None, :] <= offs_q[:, None])
-        p = tl.where(keep, tl.exp2(s - lse[:, None] * 1.4426950408889634), 0.0)  # (Q_TILE, K_TILE)
+        keep = q_ok[:, None] & k_ok[None, :] & (offs_k[None, :] <= offs_q[:, None])
+        p = tl.where(keep, tl.exp2(s - lse2[:, None]), 0.0)  # (Q_TILE, K_TILE)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    # the rest: no mask (rows past N_QUERIES and keys past N_KEYS load as zeros and add nothing
+    # to dK and dV; the stores are masked)
+    for start in range(q_full, N_QUERIES, Q_TILE):
+        offs_q = start + tl.arange(0, Q_TILE)
+        q_ok = offs_q < N_QUERIES
+        qd_ok = q_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q + b * stride_qb + offs_q[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                    mask=qd_ok, other=0.0).to(DOT_DTYPE)
+        do = tl.load(dO + b * stride_ob + offs_q[:, None] * stride_on + offs_d[None, :] * stride_od,
+                     mask=qd_ok, other=0.0).to(DOT_DTYPE)
+        lse2 = tl.load(L + b * stride_lb + offs_q * stride_ln, mask=q_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(Dvec + b * stride_lb + offs_q * stride_ln, mask=q_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        p = tl.exp2(s - lse2[:, None])
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
@@ -184,10 +204,28 @@ def flash_bwd_dq_kernel(Q, K, V, dO, L, Dvec, dQ,
     dq = tl.zeros([Q_TILE, D_PAD], tl.float32)
     qk_scale = scale * 1.4426950408889634
     if IS_CAUSAL:
-        k_end = tl.minimum((q_tile + 1) * Q_TILE, N_KEYS)
+        k_end = tl.minimum((q_tile + 1) * Q_TILE, N_KEYS)  # later key tiles are all masked: skipped
+        # whole key tiles wholly below the diagonal
+        k_full = tl.minimum((q_tile * Q_TILE + 1) // K_TILE * K_TILE, N_KEYS // K_TILE * K_TILE)
     else:
         k_end = N_KEYS
-    for start in range(0, k_end, K_TILE):
+        k_full = N_KEYS // K_TILE * K_TILE
+    # whole key tiles every query of this tile sees: no mask (rows past N_QUERIES are not stored)
+    for start in range(0, k_full, K_TILE):
+        offs_k = start + tl.arange(0, K_TILE)
+        k_ok = offs_k < N_KEYS
+        kd_ok = k_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + b * stride_kb + offs_k[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=kd_ok, other=0.0).to(DOT_DTYPE)
+        v = tl.load(V + b * stride_vb + offs_k[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=kd_ok, other=0.0).to(DOT_DTYPE)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        p = tl.exp2(s - lse2[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    # the tiles that cross the diagonal (causal) and the last, partial key tile
+    for start in range(k_full, k_end, K_TILE):
         offs_k = start + tl.arange(0, K_TILE)
         k_ok = offs_k < N_KEYS
         kd_ok = k_ok[:, None] & d_ok[None, :]
