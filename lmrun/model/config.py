@@ -21,7 +21,7 @@ NORM_KINDS = ["rmsnorm", "layernorm", "none"]
 NORM_IMPLS = ["torch", "triton"]
 NORM_PLACEMENTS = ["pre", "post", "none"]
 GATED = {"swiglu": "silu", "geglu": "gelu"}  # gated FFN kind -> its activation
-UNGATED = ["gelu", "relu", "silu", "relu2"]
+UNGATED = ["gelu", "relu", "silu", "relu2", "gelu_tanh"]
 FFN_KINDS = list(GATED) + UNGATED + ["moe"]  # moe: SwiGLU experts (lmrun.model.variants.MoEConfig)
 POSITION_KINDS = ["rope", "sinusoidal", "learned", "none"]
 ATTENTION_IMPLS = ["naive", "sdpa", "flash_torch", "flash_triton"]
@@ -51,8 +51,8 @@ class NormConfig:
 class FFNConfig:
     """``model.ffn`` (sub-group ``conf/model/ffn/``; ``lmrun.model.ffn``).
 
-    kind: swiglu | geglu (gated: three matrices w1, w2, w3) or gelu | relu | silu | relu2
-        (ungated MLP: two matrices w1, w2) or moe (a mixture of SwiGLU experts, see ``moe``).
+    kind: swiglu | geglu (gated: three matrices w1, w2, w3) or gelu | relu | silu | relu2 |
+        gelu_tanh (ungated MLP: two matrices w1, w2; gelu_tanh: GPT-2's tanh approximation) or moe (a mixture of SwiGLU experts, see ``moe``).
         The width is ``model.d_ff`` (null: ``default_d_ff``; moe: experts of ``moe.expert_d_ff``).
     moe: the mixture-of-experts settings (``lmrun.model.variants.MoEConfig``), used with kind=moe.
     """

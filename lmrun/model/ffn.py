@@ -37,6 +37,12 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * x * (1.0 + torch.erf(x * (1.0 / math.sqrt(2.0))))
 
 
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU's tanh approximation ``0.5·x·(1 + tanh(sqrt(2/π)·(x + 0.044715·x³)))`` (Hendrycks &
+    Gimpel 2016; GPT-2's ``gelu``, transformers' ``gelu_new``, written as they write it)."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
 def relu(x: torch.Tensor) -> torch.Tensor:
     """``max(x, 0)``."""
     return torch.clamp_min(x, 0.0)
@@ -47,7 +53,7 @@ def relu2(x: torch.Tensor) -> torch.Tensor:
     return torch.square(torch.clamp_min(x, 0.0))
 
 
-ACTIVATIONS = {"silu": silu, "gelu": gelu, "relu": relu, "relu2": relu2}
+ACTIVATIONS = {"silu": silu, "gelu": gelu, "relu": relu, "relu2": relu2, "gelu_tanh": gelu_tanh}
 
 
 class GatedFFN(nn.Module):
@@ -83,7 +89,7 @@ class SwiGLU(GatedFFN):
 class MLP(nn.Module):
     """Ungated feed-forward ``w2(act(w1 x))``; shapes ``(..., d_model)`` -> ``(..., d_model)``.
 
-    activation: gelu | relu | silu | relu2.
+    activation: gelu | relu | silu | relu2 | gelu_tanh.
     """
 
     def __init__(self, d_model: int, d_ff: int, device=None, dtype=None, *,

@@ -5,17 +5,17 @@ GPT-2 folder -> lmrun's own ``TransformerLM``).
 
 Mapping (lmrun model -> transformers class):
 
-=====================================================================  =====================
-lmrun model                                                            transformers class
-=====================================================================  =====================
-pre-RMSNorm, SwiGLU or GeGLU FFN, RoPE, MHA/GQA/MQA, tied or not,      ``LlamaForCausalLM``
+======================================================================  =====================
+lmrun model                                                             transformers class
+======================================================================  =====================
+pre-RMSNorm, SwiGLU or GeGLU FFN, RoPE, MHA/GQA/MQA, tied or not,       ``LlamaForCausalLM``
 biases or not (swiglu_rope, gqa)
-the same with QK-norm (no biases)                                      ``Qwen3ForCausalLM``
-the same with a top-k>=2 renormalised, dropless MoE without shared     ``MixtralForCausalLM``
+the same with QK-norm (no biases)                                       ``Qwen3ForCausalLM``
+the same with a top-k>=2 renormalised, dropless MoE without shared      ``MixtralForCausalLM``
 experts (moe)
-pre-LayerNorm, learned positions, GELU/ReLU/SiLU MLP, multi-head       ``GPT2LMHeadModel``
-(gpt2)
-=====================================================================  =====================
+pre-LayerNorm, learned positions, GELU (exact or tanh) / ReLU / SiLU    ``GPT2LMHeadModel``
+MLP, multi-head (gpt2)
+======================================================================  =====================
 
 Everything else (MLA, linear attention, Hyena, sliding windows, post-norm or no norm, NoPE,
 sinusoidal positions, logit soft-capping, MoE with top-1 / capacity / shared experts) has no
@@ -50,11 +50,13 @@ EXPORT_DTYPES = ["float32", "bfloat16"]
 EXPORTABLE = ("exportable: pre-RMSNorm + SwiGLU/GeGLU + RoPE models, tied or not (swiglu_rope, gqa) -> "
               "LlamaForCausalLM, with QK-norm and no biases -> Qwen3ForCausalLM; moe with top_k>=2, renormalize, "
               "no capacity_factor, no shared experts -> MixtralForCausalLM; gpt2 (pre-LayerNorm, learned "
-              "positions, GELU/ReLU/SiLU MLP, multi-head) -> GPT2LMHeadModel")
+              "positions, GELU/GELU-tanh/ReLU/SiLU MLP, multi-head) -> GPT2LMHeadModel")
 HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM",
               "gpt2": "GPT2LMHeadModel", "qwen2": "Qwen2ForCausalLM"}
 IMPORTABLE = ("llama", "qwen2", "qwen3", "mixtral", "gpt2")
-GPT2_ACTIVATIONS = {"gelu": "gelu", "relu": "relu", "silu": "silu"}  # lmrun ffn.kind -> transformers activation
+# lmrun ffn.kind -> transformers activation_function (GPT-2), and the transformers names lmrun reads
+GPT2_ACTIVATIONS = {"gelu": "gelu", "relu": "relu", "silu": "silu", "gelu_tanh": "gelu_new"}
+GPT2_IMPORT_ACTIVATIONS = {**{v: k for k, v in GPT2_ACTIVATIONS.items()}, "gelu_pytorch_tanh": "gelu_tanh"}
 GATED_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu"}
 
 
@@ -321,8 +323,9 @@ def from_hf_config(hf_config, key: str = "model"):
                           f"(importable: {', '.join(HF_CLASSES[k] for k in IMPORTABLE)})")
     if kind == "gpt2":
         act = c.activation_function
-        if act not in GPT2_ACTIVATIONS.values():
-            refuse(f"activation_function={act}" + (" (tanh-approximate GELU)" if act == "gelu_new" else ""))
+        if act not in GPT2_IMPORT_ACTIVATIONS:
+            refuse(f"activation_function={act}")
+        act = GPT2_IMPORT_ACTIVATIONS[act]
         if not c.scale_attn_weights or c.scale_attn_by_inverse_layer_idx:
             refuse("non-standard attention scaling")
         d_ff = c.n_inner or 4 * c.n_embd

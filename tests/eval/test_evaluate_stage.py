@@ -170,11 +170,11 @@ def test_bad_files_and_models(models, tmp_path, capsys):
     assert evaluate(f"evaluate.checkpoint={models['lmrun']}", "evaluate.task=gsm8k", f"evaluate.data_path={bad}",
                     expect=2) is None
     assert "bad.jsonl:2: expected a non-empty string field 'answer'" in capsys.readouterr().err
-    # perplexity of a Hugging Face folder (issue 27): the data encoded with its tokenizer; this GPT-2
-    # (gelu_new) has no lmrun equivalent, so transformers scores it
+    # perplexity of a Hugging Face folder (issue 27): the data encoded with its tokenizer, the GPT-2
+    # converted to lmrun's TransformerLM
     run = evaluate(f"evaluate.checkpoint={models['hf']}", "evaluate.split=val", "evaluate.max_tokens=600")
     result = json.loads((run / "eval.json").read_text())
-    assert result["backend"] == "transformers" and result["val_tokens"] == 599 and 0 < result["val_loss"] < 20
+    assert result["backend"] == "lmrun" and result["val_tokens"] == 599 and 0 < result["val_loss"] < 20
     assert evaluate(f"evaluate.checkpoint={models['hf']}", "evaluate.stride=1000", expect=2) is None
     assert "evaluate.stride=1000" in capsys.readouterr().err
     assert evaluate(f"evaluate.checkpoint={tmp_path / 'none'}", "evaluate.task=gsm8k", f"evaluate.data_path={GSM8K}",

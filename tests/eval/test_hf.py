@@ -31,8 +31,15 @@ def test_load_gives_an_hf_causal_lm_with_transformers_logits(hf_dirs):
     assert lm.decode(ids) == text and len(ids) < len(text)  # BPE merges, and decoding is exact
     ref = transformers.AutoModelForCausalLM.from_pretrained(hf_dirs["gpt2"], local_files_only=True).eval()
     x = torch.tensor([ids])
+    with torch.no_grad():  # converted to lmrun's TransformerLM (issue 27): the same logits to float32 rounding
+        torch.testing.assert_close(lm.logits(x), ref(x).logits, atol=1e-5, rtol=0)
+    from lmrun.eval.hf import ConvertedHFCausalLM, load_hf_causal_lm
+
+    assert isinstance(lm, ConvertedHFCausalLM) and type(lm.model).__name__ == "TransformerLM"
+    raw = load_hf_causal_lm(hf_dirs["gpt2"], convert=False)  # the transformers fallback: transformers' own logits
+    assert type(raw) is HFCausalLM and raw.context_length == 256
     with torch.no_grad():
-        assert torch.equal(lm.logits(x), ref(x).logits)
+        assert torch.equal(raw.logits(x), ref(x).logits)
     llama = load_causal_lm(hf_dirs["llama"])
     assert llama.prefix_ids == [0] and llama.encode("hi") == lm.encode("hi")  # BOS only through prefix_ids
 
@@ -50,9 +57,12 @@ def _greedy_reference(lm, prompt: str, n: int) -> tuple[list[int], list[float]]:
     return tokens, logps
 
 
+@pytest.mark.parametrize("convert", [True, False])  # lmrun's engine on the converted model / transformers' HFEngine
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_batched_cached_generation_equals_greedy_recomputation(hf_dirs, arch):
-    lm = load_causal_lm(hf_dirs[arch])
+def test_batched_cached_generation_equals_greedy_recomputation(hf_dirs, arch, convert):
+    from lmrun.eval.hf import load_hf_causal_lm
+
+    lm = load_hf_causal_lm(hf_dirs[arch], convert=convert)
     prompts = ["ROMEO:", "First Citizen: Before we proceed any further, hear me"]  # left padding
     out = lm.generate(prompts, SamplingParams(max_new_tokens=10, temperature=0))
     for prompt, c in zip(prompts, out):

@@ -42,6 +42,7 @@ EXPORTABLE = {
     "mqa_qk_norm": ("qwen3", ["model=gqa", "model.n_kv_heads=1", "model.attention.qk_norm=true"]),
     "geglu": ("llama", ["model=swiglu_rope", "model/ffn=geglu"]),
     "gpt2_untied_relu": ("gpt2", ["model=gpt2", "model.tie_embeddings=false", "model/ffn=relu"]),
+    "gpt2_gelu_tanh": ("gpt2", ["model=gpt2", "model/ffn=gelu_tanh"]),
 }
 
 
@@ -191,7 +192,7 @@ def _save(model, tmp_path):
     return tmp_path / "hf"
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2", "llama_tied_gqa"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2", "gpt2_gelu_new", "llama_tied_gqa"])
 def test_import_of_transformers_folders(kind, tmp_path):
     """Tiny random Llama / Qwen2 / GPT-2 models saved by transformers load as TransformerLM with
     transformers' logits (Qwen2's q/k/v biases, GQA, tied embeddings, GPT-2's Conv1D)."""
@@ -204,9 +205,10 @@ def test_import_of_transformers_folders(kind, tmp_path):
         hf = tf.LlamaForCausalLM(tf.LlamaConfig(**shape, num_key_value_heads=2, tie_word_embeddings=True))
     elif kind == "qwen2":
         hf = tf.Qwen2ForCausalLM(tf.Qwen2Config(**shape, num_key_value_heads=2))
-    else:
+    else:  # GPT-2's own activation is gelu_new (tanh-approximate GELU: lmrun's gelu_tanh)
+        act = "gelu_new" if kind == "gpt2_gelu_new" else "gelu"
         hf = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=CONTEXT,
-                                              activation_function="gelu", bos_token_id=0, eos_token_id=0))
+                                              activation_function=act, bos_token_id=0, eos_token_id=0))
     with torch.no_grad():
         for name, p in hf.named_parameters():
             if p.dim() == 1:
@@ -219,12 +221,13 @@ def test_import_of_transformers_folders(kind, tmp_path):
         assert mc.bias and torch.equal(model.layers[0].attn.output_proj.bias, torch.zeros(64))
     if kind == "llama":
         assert mc.position.theta == 500000.0
+    assert mc.ffn.kind == {"gpt2": "gelu", "gpt2_gelu_new": "gelu_tanh"}.get(kind, "swiglu")
 
 
 def test_import_refusals(tmp_path):
     gpt2 = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4, n_positions=16,
-                                            bos_token_id=0, eos_token_id=0))  # gelu_new
-    with pytest.raises(FormatError, match="activation_function=gelu_new"):
+                                            activation_function="quick_gelu", bos_token_id=0, eos_token_id=0))
+    with pytest.raises(FormatError, match="activation_function=quick_gelu"):
         load_hf_model(_save(gpt2, tmp_path / "a"), key="model.init_from")
     scaled = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                             num_attention_heads=4, rope_parameters={"rope_type": "linear", "factor": 2.0,
@@ -233,3 +236,12 @@ def test_import_refusals(tmp_path):
         from_hf_config(scaled)
     with pytest.raises(FormatError, match="model_type 'bert'"):
         from_hf_config(tf.BertConfig())
+
+
+def test_gelu_tanh_is_torch_tanh_gelu():
+    """The activation GPT-2 folders use (transformers' gelu_new) equals PyTorch's tanh GELU."""
+    from lmrun.model.ffn import gelu_tanh
+
+    x = torch.linspace(-8, 8, 1001, dtype=torch.float64)
+    torch.testing.assert_close(gelu_tanh(x), torch.nn.functional.gelu(x, approximate="tanh"), atol=1e-12, rtol=0)
+    assert float((gelu_tanh(x) - torch.nn.functional.gelu(x)).abs().max()) > 1e-4  # not the exact GELU
