@@ -506,6 +506,8 @@ class Acceptance:
     def _train_variant(self, label, mc, batch, impl, compiled, flops_tok, AdamW) -> None:
         torch = self.torch
         model = self._model(mc, impl)
+        if compiled:
+            torch.compiler.reset()  # a fresh compilation (counted in the warm-up), no recompile limit reached
         run_model = torch.compile(model) if compiled else model
         opt = AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
         g = torch.Generator(device=self.device).manual_seed(0)
@@ -662,13 +664,37 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     ap.add_argument("--train-seconds", type=float, default=None, help="length of the loss run (60 on GPU, 3 on CPU)")
+    ap.add_argument("--hard-limit-s", type=float, default=None,
+                    help="stop the process (exit 124, results so far kept) after this many seconds "
+                         "(default: budget + 50)")
     a = ap.parse_args(argv)
     if a.device == "cpu" or (a.device == "auto" and not _cuda_available()):
         prepare_interpreter("cpu")
+    _watchdog(a.hard_limit_s if a.hard_limit_s is not None else a.budget_s + 50, Path(a.out))
     report = run_acceptance(a.out, a.budget_s, a.device, [p for p in a.parts.split(",") if p], a.train_seconds)
     print(f"\nwrote {Path(a.out) / 'gpu_acceptance.json'} and gpu_acceptance.md ({report['elapsed_s']:.0f} s)")
     bad = [r for r in report["rows"] if r["status"] in ("fail", "error")]
     return 1 if bad else 0
+
+
+def _watchdog(seconds: float, out: Path) -> None:
+    """After ``seconds``, note it in ``gpu_acceptance.md`` and end the process (exit 124): a step
+    that overruns the budget (a compilation, a hung kernel) cannot hold the node. The JSON already
+    holds every row measured so far (``finished`` false)."""
+    import threading
+
+    def stop():
+        print(f"\nacceptance: hard limit of {seconds:.0f} s reached; stopping (results so far are in {out})",
+              file=sys.stderr, flush=True)
+        try:
+            with open(out / "gpu_acceptance.md", "a") as f:
+                f.write(f"\nStopped by the hard limit of {seconds:.0f} s.\n")
+        finally:
+            os._exit(124)
+
+    t = threading.Timer(seconds, stop)
+    t.daemon = True
+    t.start()
 
 
 def _cuda_available() -> bool:
