@@ -28,7 +28,10 @@ def presets() -> list[tuple[str, str]]:
     return sorted(out)
 
 
-EXTRA = {("data", "text_files"): ["data.train=/dev/null"], ("stage", "evaluate"): ["evaluate.checkpoint=ckpt.pt"],
+EXTRA = {("data", "text_files"): ["data.train=/dev/null"], ("data", "jsonl"): ["data.train=a.jsonl"],
+         ("data", "parquet"): ["data.train=a.parquet"],
+         ("data", "mixture"): ["+data.mixture.web={train: a.jsonl, weight: 0.7}", "+data.mixture.code=b.jsonl"],
+         ("stage", "evaluate"): ["evaluate.checkpoint=ckpt.pt"],
          ("stage", "generate"): ["generate.checkpoint=ckpt.pt", "generate.prompt=x"],
          ("stage", "scaling"): ["scaling.input=runs.json"], ("stage", "collect"): ["sweep.dir=multiruns/x"],
          ("stage", "curate"): ["curate.inputs=[/dev/null]"], ("stage", "export"): ["export.checkpoint=ckpt.pt"],
@@ -81,11 +84,11 @@ def test_dry_run_every_stage_writes_nothing(stage, isolated_workspace, cache_dir
         (["stage=tokenizer", "+tokenizer.foo=1"], r"tokenizer\.foo: unknown key"),
         (["stage=tokenizer", "tokenizer.vocab_size=abc"], r"tokenizer\.vocab_size='abc': .*expected int"),
         (["stage=tokenizer", "tokenizer.vocab_size=100"], r"tokenizer\.vocab_size=100: expected an integer >= 257"),
-        (["stage=tokenizer", "data=nope"], r"data=nope: no such option; available: text_files, tinyshakespeare"),
+        (["stage=tokenizer", "data=nope"], r"data=nope: no such option; available: jsonl, mixture, parquet, text_files, tinyshakespeare"),
         (["stage=nope"], r"stage=nope: no such option; available: benchmark, collect, curate, dpo, encode, evaluate, expert_iteration, export, generate, grpo, pretrain, scaling, sft, tokenizer"),
         (["stage=evaluate"], r"evaluate\.checkpoint=None: expected a checkpoint file or a pretrain run directory"),
         ([], r"stage"),
-        (["stage=tokenizer", "data=text_files"], r"data\.train=None: expected a UTF-8 text file path"),
+        (["stage=tokenizer", "data=text_files"], r"data\.train=None: expected a file, directory, glob or list of text files \(required with data=text_files\)"),
         (["stage=tokenizer", "data=text_files", "data.train=/no/such/file.txt"], r"data\.train: file not found: /no/such/file\.txt"),
         (["stage=tokenizer", "tokenizer.train_backend=rust"], r"tokenizer\.train_backend='rust': expected one of auto, c, python"),
         (["stage=tokenizer", "logger=nope"], r"logger=nope: no such option"),
