@@ -1,16 +1,17 @@
 """FlashAttention-2 forward and backward as Triton kernels.
 
-Forward (Dao 2023, Algorithm 1): one program per (query tile, batch row) streams the key/value
+Forward (Dao 2023, Algorithm 1): one program per (batch row, query tile) streams the key/value
 tiles through an online softmax in float32 (base-2 exponentials), writes O and the log-sum-exp
 L. Backward (Algorithm 2, without atomics): ``D = rowsum(dO ∘ O)``; one kernel per key tile
 accumulates dK and dV over the query tiles, another per query tile accumulates dQ over the key
 tiles; both recompute ``P = exp(S - L)``. With ``is_causal`` tiles wholly above the diagonal are
-never visited and only tiles that cross it are masked (forward and backward). Inputs float32, bfloat16 or float16
-(matmuls on the input dtype, accumulation in float32). Lengths need not be multiples of the
-tiles; head dims that are not powers of two are padded with masked lanes. With ``is_causal`` the
-forward and dQ kernels launch the query tiles with the most keys first. On CUDA, long sequences
-(``AUTOTUNE_MIN_LEN``) pick tile sizes, warps and pipeline stages per kernel from
-``HOPPER_TILES`` with ``triton.autotune``.
+never visited and only tiles that cross it are masked (forward and backward). Inputs float32,
+bfloat16 or float16 (matmuls on the input dtype, accumulation in float32). Lengths need not be
+multiples of the tiles; head dims that are not powers of two are padded with masked lanes. The
+grid is (batch, tiles), batch fastest, so with ``is_causal`` the tiles with the most work (the
+last query tiles in the forward and dQ kernels, the first key tiles in dK/dV) are launched first
+for every batch row together. On CUDA, long sequences (``AUTOTUNE_MIN_LEN``) pick tile sizes,
+warps and pipeline stages per kernel from ``HOPPER_TILES`` with ``triton.autotune``.
 
 Source: Dao 2023, "FlashAttention-2"; Tillet et al. 2019 (Triton); CS336 assignment 2.
 Runs on CUDA, or on the CPU under ``TRITON_INTERPRET=1`` (see ``lmrun.kernels.runtime``).
@@ -46,10 +47,10 @@ def flash_fwd_kernel(Q, K, V, O, L,
                      D: tl.constexpr, D_PAD: tl.constexpr, Q_TILE: tl.constexpr, K_TILE: tl.constexpr,
                      IS_CAUSAL: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     if IS_CAUSAL:  # the last query tiles see the most keys: launch them first (less tail imbalance)
-        q_tile = tl.num_programs(0) - 1 - tl.program_id(0)
+        q_tile = tl.num_programs(1) - 1 - tl.program_id(1)
     else:
-        q_tile = tl.program_id(0)
-    b = tl.program_id(1)
+        q_tile = tl.program_id(1)
+    b = tl.program_id(0)
     offs_q = q_tile * Q_TILE + tl.arange(0, Q_TILE)
     offs_d = tl.arange(0, D_PAD)
     q_ok = offs_q < N_QUERIES
@@ -113,8 +114,8 @@ def flash_bwd_dkdv_kernel(Q, K, V, dO, L, Dvec, dK, dV,
                           D: tl.constexpr, D_PAD: tl.constexpr, Q_TILE: tl.constexpr, K_TILE: tl.constexpr,
                           IS_CAUSAL: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     # dO shares O's strides; dK and dV share K's and V's; Dvec shares L's
-    k_tile = tl.program_id(0)
-    b = tl.program_id(1)
+    k_tile = tl.program_id(1)  # the first key tiles see the most queries (causal): launched first
+    b = tl.program_id(0)
     offs_k = k_tile * K_TILE + tl.arange(0, K_TILE)
     offs_d = tl.arange(0, D_PAD)
     k_ok = offs_k < N_KEYS
@@ -186,10 +187,10 @@ def flash_bwd_dq_kernel(Q, K, V, dO, L, Dvec, dQ,
                         IS_CAUSAL: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     # dQ shares Q's strides, dO shares O's, Dvec shares L's
     if IS_CAUSAL:  # heaviest query tiles first
-        q_tile = tl.num_programs(0) - 1 - tl.program_id(0)
+        q_tile = tl.num_programs(1) - 1 - tl.program_id(1)
     else:
-        q_tile = tl.program_id(0)
-    b = tl.program_id(1)
+        q_tile = tl.program_id(1)
+    b = tl.program_id(0)
     offs_q = q_tile * Q_TILE + tl.arange(0, Q_TILE)
     offs_d = tl.arange(0, D_PAD)
     q_ok = offs_q < N_QUERIES
@@ -342,11 +343,11 @@ def flash_forward_triton(Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, is_c
     meta = dict(D=d, D_PAD=_pad_dim(d), IS_CAUSAL=bool(is_causal), DOT_DTYPE=dot_dtype(Q.dtype),
                 PRECISION=dot_precision(Q.dtype))
     if use_autotune(Q, nq, nk, d, q_tile, k_tile):
-        _tuned(flash_fwd_kernel, "fwd", _pad_dim(d))[lambda m: (triton.cdiv(nq, m["Q_TILE"]), b)](*args, **meta)
+        _tuned(flash_fwd_kernel, "fwd", _pad_dim(d))[lambda m: (b, triton.cdiv(nq, m["Q_TILE"]))](*args, **meta)
         return O, L
     dq, dk = default_tiles(d, Q.device)
     q_tile, k_tile = q_tile or dq, k_tile or dk
-    flash_fwd_kernel[(triton.cdiv(nq, q_tile), b)](*args, Q_TILE=q_tile, K_TILE=k_tile, **meta)
+    flash_fwd_kernel[(b, triton.cdiv(nq, q_tile))](*args, Q_TILE=q_tile, K_TILE=k_tile, **meta)
     return O, L
 
 
@@ -368,16 +369,16 @@ def flash_backward_triton(Q, K, V, O, L, dO, is_causal: bool, q_tile: int | None
     if dK.stride() != K.stride() or dV.stride() != V.stride() or dQ.stride() != Q.stride():
         raise ValueError("flash_backward_triton: gradients must share their inputs' strides")
     if use_autotune(Q, nq, nk, d, q_tile, k_tile):
-        _tuned(flash_bwd_dkdv_kernel, "dkdv", _pad_dim(d))[lambda m: (triton.cdiv(nk, m["K_TILE"]), b)](
+        _tuned(flash_bwd_dkdv_kernel, "dkdv", _pad_dim(d))[lambda m: (b, triton.cdiv(nk, m["K_TILE"]))](
             Q, K, V, dO, L, delta, dK, dV, *common, **meta)
-        _tuned(flash_bwd_dq_kernel, "dq", _pad_dim(d))[lambda m: (triton.cdiv(nq, m["Q_TILE"]), b)](
+        _tuned(flash_bwd_dq_kernel, "dq", _pad_dim(d))[lambda m: (b, triton.cdiv(nq, m["Q_TILE"]))](
             Q, K, V, dO, L, delta, dQ, *common, **meta)
         return dQ, dK, dV
     dq_, dk_ = default_tiles(d, Q.device)
     q_tile, k_tile = q_tile or dq_, k_tile or dk_
     meta.update(Q_TILE=q_tile, K_TILE=k_tile)
-    flash_bwd_dkdv_kernel[(triton.cdiv(nk, k_tile), b)](Q, K, V, dO, L, delta, dK, dV, *common, **meta)
-    flash_bwd_dq_kernel[(triton.cdiv(nq, q_tile), b)](Q, K, V, dO, L, delta, dQ, *common, **meta)
+    flash_bwd_dkdv_kernel[(b, triton.cdiv(nk, k_tile))](Q, K, V, dO, L, delta, dK, dV, *common, **meta)
+    flash_bwd_dq_kernel[(b, triton.cdiv(nq, q_tile))](Q, K, V, dO, L, delta, dQ, *common, **meta)
     return dQ, dK, dV
 
 

@@ -128,9 +128,9 @@ def test_bad_parts_are_a_one_line_error(isolated_workspace, capsys):
 
 def test_hard_limit_stops_the_process_and_keeps_the_rows(tmp_path):
     out = subprocess.run([sys.executable, "-m", "lmrun.kernels.acceptance", "--out", str(tmp_path), "--device", "cpu",
-                          "--parts", "env,flash", "--hard-limit-s", "4"], env=_env(), cwd=tmp_path,
+                          "--parts", "env,flash", "--hard-limit-s", "6"], env=_env(), cwd=tmp_path,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 124, out.stdout[-2000:] + out.stderr[-2000:]
     report = json.loads((tmp_path / "gpu_acceptance.json").read_text())
     assert not report["finished"] and [r["part"] for r in report["rows"]][:1] == ["env"]
-    assert "Stopped by the hard limit of 4 s." in (tmp_path / "gpu_acceptance.md").read_text()
+    assert "Stopped by the hard limit of 6 s." in (tmp_path / "gpu_acceptance.md").read_text()
