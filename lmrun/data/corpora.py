@@ -97,7 +97,7 @@ class Corpus:
     sources: list[dict]  # [{"role", "path", "bytes", "digest"}] of the files read
     train_identity: dict  # what determines the train split's content (for cache keys)
     info: dict = dc_field(default_factory=dict)  # format, documents, skipped records, mixture shares
-    mixture: Optional[list] = None  # [{"name", "weight", "train": Path, "val": Path}]
+    mixture: Optional[list] = None  # [{"name", "weight", "train", "val", "train_ends", "val_ends": Path}]
     _text_builder: Optional[Any] = dc_field(default=None, repr=False)
 
     def ensure_text(self) -> None:
@@ -377,7 +377,9 @@ def _prepare_documents(cfg: DataConfig, cache: ArtifactCache, dry_run: bool) -> 
         if not cfg.mixture:
             return Corpus(cfg.name, root / "train.txt", root / "val.txt", sources, material, full)
         mix = [{"name": s["name"], "weight": s["weight"], "train": root / "sources" / s["name"] / "train.txt",
-                "val": root / "sources" / s["name"] / "val.txt"} for s in srcs]
+                "val": root / "sources" / s["name"] / "val.txt",
+                "train_ends": root / "sources" / s["name"] / "train.ends.npy",  # document end offsets, bytes
+                "val_ends": root / "sources" / s["name"] / "val.ends.npy"} for s in srcs]
         corpus = Corpus(cfg.name, text_dir / "train.txt", text_dir / "val.txt", sources, material, full, mix)
         if not dry_run:
             corpus._text_builder = lambda: cache.get_or_build(

@@ -59,11 +59,13 @@ def interleave(picks: list[np.ndarray], seed: int) -> tuple[np.ndarray, np.ndarr
 
 def write_mixture(ends: Sequence[np.ndarray], read: Callable[[int, int, int], np.ndarray | bytes], write: Callable,
                   weights: Sequence[float], seed: int, total: float | None = None,
-                  flush_units: int = 1 << 22) -> dict:
+                  flush_units: int = 1 << 22, also: Sequence[np.ndarray] | None = None) -> dict:
     """Choose (``select_documents``) and write a mixture. ``ends[i]``: source i's document end
     offsets (cumulative, units); ``read(i, start, end)``: those units of source i (bytes or a
     numpy array); ``write(list_of_chunks)``: appends them to the output. Returns per source
-    ``{"documents", "units", "passes"}`` and the realised ``shares``. Memory: O(documents) —
+    ``{"documents", "units", "passes"}`` and the realised ``shares``; with ``also`` (per source,
+    its documents' sizes in another unit, e.g. UTF-8 bytes) also ``"also"``, the chosen
+    documents' total in that unit. Memory: O(documents) —
     about 50 bytes per document of the inputs and the output — plus ``flush_units`` units."""
     sizes = [np.diff(np.concatenate([[0], e])) for e in ends]
     picks = select_documents(sizes, weights, seed, total)
@@ -84,9 +86,12 @@ def write_mixture(ends: Sequence[np.ndarray], read: Callable[[int, int, int], np
     if buf:
         write(buf)
     got = int(units.sum())
-    return {"total": got, "sources": [
-        {"documents": int(len(p)), "units": int(u), "passes": round(float(u) / max(int(e[-1]), 1), 4),
-         "share": round(float(u) / max(got, 1), 6)} for p, u, e in zip(picks, units, ends)]}
+    rows = [{"documents": int(len(p)), "units": int(u), "passes": round(float(u) / max(int(e[-1]), 1), 4),
+             "share": round(float(u) / max(got, 1), 6)} for p, u, e in zip(picks, units, ends)]
+    if also is not None:
+        for row, p, a in zip(rows, picks, also):
+            row["also"] = int(np.asarray(a, dtype=np.int64)[p].sum())
+    return {"total": got, "sources": rows}
 
 
 __all__ = ["select_documents", "interleave", "write_mixture"]

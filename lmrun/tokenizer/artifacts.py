@@ -278,7 +278,9 @@ def _encode_mixture(cfg, corpus, tok, out: Path, encode: dict) -> dict:
     """Encode each mixture source's splits, then write ``train.bin`` / ``val.bin`` mixed by tokens
     (lmrun.data.mixture: weights are shares of the train split's tokens; the validation split is
     mixed without repetition). Returns per split the totals and, per source, the requested and
-    realised token shares, tokens, documents and passes (repeats)."""
+    realised token shares, tokens, documents and passes (repeats). A split's ``bytes`` are the
+    UTF-8 bytes of the chosen documents (so ``bytes_per_token`` and bits per byte describe the
+    mixture); ``source_bytes`` is what was encoded (``mb_per_s`` is of those)."""
     import numpy as np
 
     from lmrun.data.mixture import write_mixture
@@ -302,13 +304,19 @@ def _encode_mixture(cfg, corpus, tok, out: Path, encode: dict) -> dict:
             dtype = stats["dtype"]
             ends.append(document_ends(part, dtype, eot))
             per_source.append(stats)
+        byte_sizes = []  # per source, each document's UTF-8 bytes (with its separator): exact bytes per token
+        for s, e in zip(corpus.mixture, ends):
+            b = np.load(s[f"{split}_ends"])
+            byte_sizes.append(np.diff(b, prepend=0) if len(b) == len(e) else None)
+        exact = all(b is not None for b in byte_sizes)
         fds = [os.open(p, os.O_RDONLY) for p in parts]  # pread per document: no memory map in the RSS
         width = np.dtype(dtype).itemsize
         try:
             with open(out / f"{split}.bin", "wb") as fo:
                 total = None if split == "train" else min(int(e[-1]) / w for e, w in zip(ends, weights))
                 mix = write_mixture(ends, lambda i, a, b: os.pread(fds[i], (b - a) * width, a * width),
-                                    lambda chunks: fo.write(b"".join(chunks)), weights, int(cfg.data.seed), total)
+                                    lambda chunks: fo.write(b"".join(chunks)), weights, int(cfg.data.seed), total,
+                                    also=byte_sizes if exact else None)
         finally:
             for fd in fds:
                 os.close(fd)
@@ -316,10 +324,15 @@ def _encode_mixture(cfg, corpus, tok, out: Path, encode: dict) -> dict:
             p.unlink()
         seconds = time.perf_counter() - t0
         nbytes = sum(st["bytes"] for st in per_source)
-        result[split] = {"tokens": mix["total"], "bytes": nbytes, "seconds": round(seconds, 3),
-                         "mb_per_s": round(nbytes / 1e6 / max(seconds, 1e-9), 3), "dtype": dtype,
-                         "bytes_per_token": round(sum(st["bytes"] for st in per_source)
-                                                  / max(sum(st["tokens"] for st in per_source), 1), 4)}
+        if exact:  # the chosen documents' bytes
+            mixed_bytes = sum(m["also"] for m in mix["sources"])
+        else:  # a document held the separator text: each source's mean bytes per token
+            mixed_bytes = round(sum(m["units"] * st["bytes"] / max(st["tokens"], 1)
+                                    for m, st in zip(mix["sources"], per_source)))
+        result[split] = {"tokens": mix["total"], "bytes": int(mixed_bytes), "source_bytes": nbytes,
+                         "seconds": round(seconds, 3), "mb_per_s": round(nbytes / 1e6 / max(seconds, 1e-9), 3),
+                         "dtype": dtype, "bytes_per_token": round(mixed_bytes / max(mix["total"], 1), 4),
+                         "bytes_exact": exact}
         result.setdefault("sources", [{"name": s["name"], "weight": round(s["weight"], 6)} for s in corpus.mixture])
         for row, st, m in zip(result["sources"], per_source, mix["sources"]):
             row[split] = {"source_tokens": st["tokens"], "tokens": m["units"], "share": m["share"],

@@ -269,6 +269,8 @@ def test_mixture_token_shares_within_one_percent(tmp_path, isolated_workspace, c
         counts[source] += b - a
     assert abs(counts["plays"] / len(ids) - 0.7) < 0.01
     assert counts["plays"] / len(ids) == pytest.approx(shares["plays"]["train"]["share"], abs=1e-6)
+    n_bytes = sum(len(d.encode()) + len(EOT) for d in tok.decode(ids.tolist()).split(EOT)[:-1])
+    assert meta["splits"]["train"]["bytes"] == n_bytes  # the mixture's bytes: bits per byte of what is trained on
     # the same command again: a cache hit; another seed: another mixture
     assert cli.main(argv) == 0 and len(list(cache_dir.glob("tokens/*/meta.json"))) == 1
     assert cli.main(argv + ["data.seed=1"]) == 0 and len(list(cache_dir.glob("tokens/*/meta.json"))) == 2
