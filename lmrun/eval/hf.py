@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,8 @@ import torch
 
 from lmrun.errors import DataError, FormatError
 from lmrun.eval.models import EOS_TOKEN, CausalLM
+
+log = logging.getLogger(__name__)
 
 
 def _transformers(key: str):
@@ -238,12 +241,17 @@ def lmrun_model_config(path: str | Path, key: str = "model"):
     config.json only. DataError when transformers is missing."""
     from lmrun.model.hf import IMPORTABLE, from_hf_config
 
-    if hf_model_type(path) not in IMPORTABLE:
+    kind = hf_model_type(path)
+    if kind not in IMPORTABLE:
+        if kind is not None:
+            log.info("%s: Hugging Face model_type %s has no lmrun equivalent: it runs in transformers", key, kind)
         return None
     tf = _transformers(key)
     try:
         return from_hf_config(tf.AutoConfig.from_pretrained(str(Path(path).expanduser()), local_files_only=True), key)
-    except (FormatError, OSError, ValueError, KeyError, TypeError):
+    except (FormatError, OSError, ValueError, KeyError, TypeError) as e:
+        log.info("%s: not converted to an lmrun model, it runs in transformers (%s)", key,
+                 (str(e).splitlines() or [type(e).__name__])[0])
         return None
 
 
