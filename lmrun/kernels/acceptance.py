@@ -203,8 +203,12 @@ class Acceptance:
         import numpy
         import triton
 
+        import shutil
+
+        cc = shutil.which("cc") or shutil.which("gcc")  # Triton builds its launcher stub with it
         self.row("env", "versions", "ok", f"python {platform.python_version()}, torch {torch.__version__}, triton "
-                 f"{triton.__version__}, CUDA {torch.version.cuda}, numpy {numpy.__version__}")
+                 f"{triton.__version__}, CUDA {torch.version.cuda}, numpy {numpy.__version__}; C compiler "
+                 f"{cc or 'NONE (Triton and torch.compile need one)'}")
         n = 8192 if self.gpu else 128
         dt = torch.bfloat16 if self.gpu else torch.float32
         a = torch.randn(n, n, device=self.device, dtype=dt)
@@ -332,7 +336,11 @@ class Acceptance:
             with sdpa_kernel(backends):
                 return F.scaled_dot_product_attention(a, b, c, is_causal=True)
 
-        times = {}
+        def first_call(fn):
+            out = fn(q, k, v)
+            return [out.detach()] + list(torch.autograd.grad(out, (q, k, v), do))
+
+        times, results = {}, {}
         cands = [("flash_triton", impls.get("flash_triton")), ("sdpa_flash", sdpa_flash)]
         for name, fn in cands:
             if fn is None:
@@ -342,7 +350,7 @@ class Acceptance:
             try:
                 t0 = time.perf_counter()
                 run = fwd_bwd(f)
-                run()  # compilation / autotuning
+                results[name] = first_call(f)  # compilation / autotuning; kept for the comparison below
                 self.sync()
                 first = time.perf_counter() - t0
                 ms = self.bench_ms(run, rep_ms=200)
@@ -359,6 +367,16 @@ class Acceptance:
                              f"(first call incl. compile/tune {first:.1f} s); {shape}", ms=ms, **extra)
             except Exception as e:
                 self.row("flash", f"leaderboard {name}", "error", f"error: {one_line(e)}")
+        if len(results) == 2:  # the autotuned configs, checked at this shape: O, dQ, dK, dV against SDPA's
+            diff = max(float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12))
+                       for a, b in zip(results["flash_triton"], results["sdpa_flash"]))
+            ok = math.isfinite(diff) and diff <= 3e-2
+            self.row("flash", "leaderboard flash_triton == SDPA flash", "ok" if ok else "fail",
+                     f"rel diff {diff:.2e} (tol 3e-02; O, dQ, dK, dV)", rel_err=diff, tol=3e-2, impl="flash_triton",
+                     correctness=True, dtype="bfloat16", head_dim=D, seq_len=N, causal=True)
+            if self.flash_ok is not None:
+                self.flash_ok = self.flash_ok and ok
+        results.clear()
         # flash_torch: a Python loop over 64×64 tiles, timed once (seconds at this size)
         if self.gpu and self.part_left() < 20:
             self.row("flash", "leaderboard flash_torch", "skipped", "part time budget spent")
