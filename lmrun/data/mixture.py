@@ -45,15 +45,19 @@ def select_documents(sizes: Sequence[np.ndarray], weights: Sequence[float], seed
         if k < len(s):
             below = cum[k - 1] if k > 0 else 0
             k = k if rest - below <= cum[k] - rest else k + 1
-        picks.append(np.concatenate([np.tile(np.arange(len(s)), full), perm[:k]]).astype(np.int64))
+        index = np.int32 if len(s) < 1 << 31 else np.int64
+        picks.append(np.concatenate([np.tile(np.arange(len(s), dtype=index), full), perm[:k].astype(index)]))
+        del perm, cum
     return picks
 
 
 def interleave(picks: list[np.ndarray], seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(source index, document index) arrays of all picks in one seeded random order."""
-    src = np.concatenate([np.full(len(p), i, dtype=np.int32) for i, p in enumerate(picks)])
+    src = np.concatenate([np.full(len(p), i, dtype=np.int16) for i, p in enumerate(picks)])
     doc = np.concatenate(picks)
     order = np.random.default_rng([seed, 1 << 20]).permutation(len(doc))
+    if len(doc) < 1 << 31:
+        order = order.astype(np.int32)
     return src[order], doc[order]
 
 
@@ -67,16 +71,14 @@ def write_mixture(ends: Sequence[np.ndarray], read: Callable[[int, int, int], np
     its documents' sizes in another unit, e.g. UTF-8 bytes) also ``"also"``, the chosen
     documents' total in that unit. Memory: O(documents) —
     about 50 bytes per document of the inputs and the output — plus ``flush_units`` units."""
-    sizes = [np.diff(np.concatenate([[0], e])) for e in ends]
-    picks = select_documents(sizes, weights, seed, total)
+    picks = select_documents([np.diff(e, prepend=0) for e in ends], weights, seed, total)
     src, doc = interleave(picks, seed)
-    starts = [np.concatenate([[0], e[:-1]]) for e in ends]
     units = np.zeros(len(ends), dtype=np.int64)
     buf, pending = [], 0
     step = 1 << 16  # picks converted to Python ints a slice at a time (memory: ~50 bytes per document)
     for k in range(0, len(src), step):
         for s, d in zip(src[k:k + step].tolist(), doc[k:k + step].tolist()):
-            a, b = int(starts[s][d]), int(ends[s][d])
+            a, b = (int(ends[s][d - 1]) if d else 0), int(ends[s][d])
             buf.append(read(s, a, b))
             units[s] += b - a
             pending += b - a
