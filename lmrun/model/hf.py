@@ -249,7 +249,8 @@ def to_hf_state_dict(state: dict, mc) -> dict:
                 key = f"{s}attn.{ours}.{suffix}"
                 if key in state:
                     v = state[key]
-                    out[f"{t}self_attn.{theirs}.{suffix}"] = _per_head(v, hd, perm) if ours in ("q_proj", "k_proj") else v
+                    rope_rows = ours in ("q_proj", "k_proj")
+                    out[f"{t}self_attn.{theirs}.{suffix}"] = _per_head(v, hd, perm) if rope_rows else v
         for n in ("q_norm", "k_norm"):
             if f"{s}attn.{n}.weight" in state:
                 out[f"{t}self_attn.{n}.weight"] = state[f"{s}attn.{n}.weight"][perm]
@@ -390,10 +391,12 @@ def from_hf_state_dict(hf_state: dict, mc) -> dict:
                         s + "attn.q_proj.bias": qb, s + "attn.k_proj.bias": kb, s + "attn.v_proj.bias": vb})
             out[s + "attn.output_proj.weight"] = hf_state[t + "attn.c_proj.weight"].T
             out[s + "attn.output_proj.bias"] = hf_state[t + "attn.c_proj.bias"]
-            out[s + "ffn.w1.weight"], out[s + "ffn.w1.bias"] = hf_state[t + "mlp.c_fc.weight"].T, hf_state[t + "mlp.c_fc.bias"]
+            out[s + "ffn.w1.weight"] = hf_state[t + "mlp.c_fc.weight"].T
+            out[s + "ffn.w1.bias"] = hf_state[t + "mlp.c_fc.bias"]
             out[s + "ffn.w2.weight"] = hf_state[t + "mlp.c_proj.weight"].T
             out[s + "ffn.w2.bias"] = hf_state[t + "mlp.c_proj.bias"]
-        out["ln_final.weight"], out["ln_final.bias"] = hf_state["transformer.ln_f.weight"], hf_state["transformer.ln_f.bias"]
+        out["ln_final.weight"] = hf_state["transformer.ln_f.weight"]
+        out["ln_final.bias"] = hf_state["transformer.ln_f.bias"]
     else:
         inv = torch.argsort(rope_permutation(hd))
         out["token_embeddings.weight"] = hf_state["model.embed_tokens.weight"]
@@ -407,7 +410,8 @@ def from_hf_state_dict(hf_state: dict, mc) -> dict:
                         v = hf_state[key]
                         out[f"{s}attn.{ours}.{suffix}"] = _per_head(v, hd, inv) if ours in ("q_proj", "k_proj") else v
                     elif suffix == "bias" and mc.bias:
-                        out[f"{s}attn.{ours}.{suffix}"] = torch.zeros(hf_state[f"{t}self_attn.{theirs}.weight"].shape[0])
+                        rows = hf_state[f"{t}self_attn.{theirs}.weight"].shape[0]
+                        out[f"{s}attn.{ours}.{suffix}"] = torch.zeros(rows)
             for n in ("q_norm", "k_norm"):
                 if f"{t}self_attn.{n}.weight" in hf_state:
                     out[f"{s}attn.{n}.weight"] = hf_state[f"{t}self_attn.{n}.weight"][inv]
@@ -422,7 +426,8 @@ def from_hf_state_dict(hf_state: dict, mc) -> dict:
                                 f"{s}ffn.experts.{e}.w2.weight": down[e]})
             else:
                 d_ff = resolved_d_ff(mc)
-                for ours, theirs, n in (("w1", "gate_proj", d_ff), ("w3", "up_proj", d_ff), ("w2", "down_proj", mc.d_model)):
+                for ours, theirs, n in (("w1", "gate_proj", d_ff), ("w3", "up_proj", d_ff),
+                                        ("w2", "down_proj", mc.d_model)):
                     out[f"{s}ffn.{ours}.weight"] = hf_state[f"{t}mlp.{theirs}.weight"]
                     if f"{t}mlp.{theirs}.bias" in hf_state:
                         out[f"{s}ffn.{ours}.bias"] = hf_state[f"{t}mlp.{theirs}.bias"]

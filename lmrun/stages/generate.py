@@ -79,8 +79,8 @@ def _hf_sources(g):
     folder = find_hf_model_dir(g.checkpoint)
     if folder is None:
         if g.draft_checkpoint and find_hf_model_dir(g.draft_checkpoint) is not None:
-            raise ConfigError(f"generate.draft_checkpoint={g.draft_checkpoint}: a Hugging Face folder cannot be the draft "
-                              "of an lmrun checkpoint (different tokenizers)")
+            raise ConfigError(f"generate.draft_checkpoint={g.draft_checkpoint}: a Hugging Face folder cannot be the "
+                              "draft of an lmrun checkpoint (different tokenizers)")
         return None
     if g.draft_checkpoint:
         raise ConfigError(f"generate.draft_checkpoint={g.draft_checkpoint}: speculative decoding takes lmrun "
@@ -172,10 +172,10 @@ def run(cfg) -> dict:
         quantize_int8(model)
         if draft is not None:
             quantize_int8(draft)
-    t = time.perf_counter()
     prompt_ids = [prefix + tok.encode(p) for p in prompts]
     log.info("tokenizer ready (%d tokens); %d prompt(s) of %d-%d tokens; ready after %.1f s",
-             len(tok.vocab) if hasattr(tok, "vocab") else len(tok), len(prompts), min(map(len, prompt_ids)), max(map(len, prompt_ids)), time.perf_counter() - t_start)
+             len(tok.vocab) if hasattr(tok, "vocab") else len(tok), len(prompts), min(map(len, prompt_ids)),
+             max(map(len, prompt_ids)), time.perf_counter() - t_start)
     key = "generate.prompt" if g.prompt is not None else "generate.prompts_file"
     if any(not ids for ids in prompt_ids):
         raise ConfigError(f"{key}: a prompt encodes to no tokens")

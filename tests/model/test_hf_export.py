@@ -200,7 +200,8 @@ def test_import_of_transformers_folders(kind, tmp_path):
     shape = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                  max_position_embeddings=CONTEXT)
     if kind == "llama":
-        hf = tf.LlamaForCausalLM(tf.LlamaConfig(**shape, rope_parameters={"rope_type": "default", "rope_theta": 500000.0}))
+        rope = {"rope_type": "default", "rope_theta": 500000.0}
+        hf = tf.LlamaForCausalLM(tf.LlamaConfig(**shape, rope_parameters=rope))
     elif kind == "llama_tied_gqa":
         hf = tf.LlamaForCausalLM(tf.LlamaConfig(**shape, num_key_value_heads=2, tie_word_embeddings=True))
     elif kind == "qwen2":

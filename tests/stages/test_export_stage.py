@@ -13,7 +13,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from lmrun import cli  # noqa: E402
-from lmrun.train.loading import checkpoint_facts, checkpoint_tokenizer_files, load_model, resolve_checkpoint  # noqa: E402
+from lmrun.train.loading import (checkpoint_facts, checkpoint_tokenizer_files, load_model,  # noqa: E402
+                                 resolve_checkpoint)
 from tests.stages.test_pretrain_stage import SMALL  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
