@@ -157,3 +157,39 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(no_gpu_no_interprete
     Q, K, V, _ = inputs((1,), 8, 8, 16)
     with pytest.raises(LmrunError, match="TRITON_INTERPRET=1"):
         FlashAttentionTriton.apply(Q, K, V, True)
+
+
+class _FirstConfigTuner:
+    """Stands in for ``triton.autotune`` under the interpreter (which cannot time configs): launches
+    config ``pick`` of the list, with the tuned meta-parameters merged as the autotuner does."""
+
+    def __init__(self, kernel, configs, pick, used):
+        self.kernel, self.config, self.used = kernel, configs[pick % len(configs)], used
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            assert not set(meta) & set(self.config.kwargs), "a tuned meta-parameter was also passed"
+            full = {**meta, **self.config.kwargs}
+            self.used.append((self.kernel.__name__, self.config.kwargs["Q_TILE"], self.config.kwargs["K_TILE"]))
+            return self.kernel[grid(full)](*args, **full)
+        return launch
+
+
+@pytest.mark.parametrize("pick", range(6))
+def test_every_hopper_autotune_config_is_correct(interpret, monkeypatch, pick):
+    """The autotuned launch path (grids as functions of the chosen tiles, meta-parameters merged)
+    with each candidate of HOPPER_TILES, head dims 64 and 128, causal and not, at a length that is
+    no multiple of any tile, against the float64 reference."""
+    from lmrun.kernels import flash_attention_triton as fat
+    from lmrun.kernels.runtime import lazy_jit
+
+    used: list = []
+    monkeypatch.setattr(fat, "use_autotune", lambda *a: True)
+    monkeypatch.setattr(lazy_jit, "autotuned", lambda self, name, configs, key: _FirstConfigTuner(self, configs, pick,
+                                                                                                   used))
+    for d, is_causal in ((64, True), (128, True), (64, False)) if pick < 2 else ((64, True), (128, True)):
+        Q, K, V, dO = inputs((1,), 150, 150, d, seed=pick)
+        assert_matches(lambda q, k, v: FlashAttentionTriton.apply(q, k, v, is_causal), Q, K, V, dO, is_causal,
+                       atol=1e-4)
+    kernels = {k for k, _, _ in used}
+    assert kernels == {"flash_fwd_kernel", "flash_bwd_dkdv_kernel", "flash_bwd_dq_kernel"}
