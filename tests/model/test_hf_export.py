@@ -109,7 +109,7 @@ def test_rope_needs_the_pair_permutation():
     assert torch.equal(rope_permutation(6), torch.tensor([0, 2, 4, 1, 3, 5]))
 
 
-@pytest.mark.parametrize("name", ["swiglu_rope", "gqa", "gpt2", "moe", "mqa_qk_norm"])
+@pytest.mark.parametrize("name", sorted(EXPORTABLE))
 def test_greedy_generations_are_identical(name):
     from lmrun.inference.engine import InferenceEngine, SamplingParams
 
