@@ -9,8 +9,10 @@ a checkpoint the same loader reads back (so ``stage=sft`` output feeds ``stage=g
 ``stage=evaluate`` and ``stage=generate``).
 
 Our checkpoints (a ``stage=pretrain``/``sft``/... checkpoint file or run directory) load by
-default; a directory with a Hugging Face ``config.json`` loads through ``lmrun.eval.hf`` (the
-``[hf]`` extra) as an ``HFCausalLM``.
+default; a directory with a Hugging Face ``config.json`` loads through ``lmrun.eval.hf``: a Llama,
+Qwen2, Qwen3, Mixtral or GPT-2 folder converted to lmrun's ``TransformerLM``
+(``ConvertedHFCausalLM``, ``lmrun.model.hf``), any other architecture as a transformers model
+(``HFCausalLM``).
 """
 from __future__ import annotations
 
@@ -97,7 +99,8 @@ def load_causal_lm(path: str | Path, device: str | torch.device = "cpu", key: st
     """Load a model for scoring/sampling/training.
 
     path: a checkpoint written by an lmrun stage (file, or a run directory: its latest
-    ``checkpoints/ckpt_*.pt``), or a local Hugging Face model directory (``config.json``; see
+    ``checkpoints/ckpt_*.pt``), or a local Hugging Face model directory (``config.json``; converted
+    to lmrun's ``TransformerLM`` where ``lmrun.model.hf`` maps it, see
     ``lmrun.eval.hf.load_hf_causal_lm``). device: where the weights go. key: the config key
     named in errors. Raises DataError (missing file, missing tokenizer files) or FormatError
     (not an lmrun checkpoint)."""
