@@ -192,3 +192,31 @@ def test_generate_accepts_a_transformers_llama_folder(tmp_path, capsys):
         ref = hf.generate(prompt, max_new_tokens=12, min_new_tokens=12, do_sample=False)[0, prompt.shape[1]:]
     assert rec["token_ids"] == ref.tolist()
     assert "converted to lmrun's TransformerLM" in capsys.readouterr().err
+
+
+def test_init_from_a_transformers_qwen2_folder(tmp_path):
+    """model.init_from with a Qwen2 folder written by transformers: the run takes its architecture
+    (q/k/v biases -> bias=true), shape and tokenizer, and starts from its weights."""
+    from lmrun.model.hf import load_hf_model
+    from tests.eval.helpers import save_tiny_hf_model
+
+    folder = save_tiny_hf_model(tmp_path / "qwen2", "llama")  # its tokenizer files; the model is replaced
+    for f in ("config.json", "model.safetensors", "generation_config.json"):
+        (folder / f).unlink(missing_ok=True)
+    torch.manual_seed(0)
+    qwen = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=0, eos_token_id=0))
+    qwen.save_pretrained(folder)
+    assert cli.main(["stage=pretrain", *SMALL, "train.samples=0", "train.eval_every=100", "optimizer.lr=1e-12",
+                     "schedule=constant", "train.max_steps=1", "train.eval_tokens=512",
+                     f"model.init_from={folder}"]) == 0
+    (run,) = (Path.cwd() / "runs" / "pretrain").iterdir()
+    facts = checkpoint_facts(resolve_checkpoint(str(run)))
+    mc = facts["model_config"]
+    assert (mc["name"], mc["bias"], mc["n_kv_heads"], mc["d_model"], mc["vocab_size"]) == ("qwen2", True, 2, 64, 320)
+    assert mc["context_length"] == 64  # the run's, at most the folder's 256
+    reference, _ = load_hf_model(folder)
+    ref = reference.state_dict()
+    assert all(torch.allclose(facts["model"][k].float(), ref[k], atol=1e-6) for k in ref)
+    assert facts["tokenizer"]["special_tokens"] == ["<|endoftext|>"]
