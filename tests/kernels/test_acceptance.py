@@ -138,3 +138,22 @@ def test_hard_limit_stops_the_process_and_keeps_the_rows(tmp_path):
     assert not report["finished"] and report["rows"][0]["part"] == "env"  # the loss run (600 s) was cut short
     assert not any(r["name"].startswith("loss run") for r in report["rows"])
     assert "Stopped by the hard limit of 8 s." in (tmp_path / "gpu_acceptance.md").read_text()
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_kernels_are_correct_and_timed(tmp_path):
+    """On a CUDA machine (skipped elsewhere): the environment and kernel parts at full size, in a
+    fresh process without the interpreter; every correctness row passes and the targets have numbers
+    (whether they are met is the report's business, not a unit test's)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    env = {k: v for k, v in _env().items() if k not in ("TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES")}
+    out = subprocess.run([sys.executable, "-m", "lmrun.kernels.acceptance", "--out", str(tmp_path),
+                          "--parts", "env,flash,rmsnorm", "--budget-s", "240"], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=400)
+    report = json.loads((tmp_path / "gpu_acceptance.json").read_text())
+    assert report["mode"] == "gpu" and report["finished"], out.stderr[-3000:]
+    assert [r for r in report["rows"] if r.get("correctness") and r["status"] != "ok"] == []
+    assert all(t["value"] is not None for t in report["targets"]), report["targets"]
