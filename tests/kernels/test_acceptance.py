@@ -141,6 +141,7 @@ def test_hard_limit_stops_the_process_and_keeps_the_rows(tmp_path):
 
 
 @pytest.mark.gpu
+@pytest.mark.slow
 def test_on_a_gpu_kernels_are_correct_and_timed(tmp_path):
     """On a CUDA machine (skipped elsewhere): the environment and kernel parts at full size, in a
     fresh process without the interpreter; every correctness row passes and the targets have numbers
