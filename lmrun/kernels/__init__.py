@@ -6,7 +6,8 @@ Attention: ``FlashAttentionTorch`` (FlashAttention-2 tiled in PyTorch), ``FlashA
 ``softmax(QKᵀ/√d)V`` with its log-sum-exp). Normalisation: ``RMSNormTriton`` /
 ``rms_norm_triton`` (fused forward and backward, ``model.norm.impl=triton``),
 ``rms_norm_reference``. Where Triton can run: ``triton_unavailable_reason``, ``require_triton``
-(CUDA, or the CPU under ``TRITON_INTERPRET=1``).
+(CUDA, or the CPU under ``TRITON_INTERPRET=1``). GPU acceptance (kernels, training step and
+decoding against targets, one command, torch/triton/numpy only): ``python -m lmrun.kernels.acceptance``.
 
 Names are imported on first use, so importing this package imports neither torch nor triton.
 """

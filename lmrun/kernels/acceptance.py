@@ -726,11 +726,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-seconds", type=float, default=None, help="length of the loss run (60 on GPU, 3 on CPU)")
     ap.add_argument("--hard-limit-s", type=float, default=None,
                     help="stop the process (exit 124, results so far kept) after this many seconds "
-                         "(default: budget + 50)")
+                         "(default: budget + 45)")
     a = ap.parse_args(argv)
     if a.device == "cpu" or (a.device == "auto" and not _cuda_available()):
         prepare_interpreter("cpu")
-    _watchdog(a.hard_limit_s if a.hard_limit_s is not None else a.budget_s + 50, Path(a.out))
+    _watchdog(a.hard_limit_s if a.hard_limit_s is not None else a.budget_s + 45, Path(a.out))
     report = run_acceptance(a.out, a.budget_s, a.device, [p for p in a.parts.split(",") if p], a.train_seconds)
     print(f"\nwrote {Path(a.out) / 'gpu_acceptance.json'} and gpu_acceptance.md ({report['elapsed_s']:.0f} s)")
     bad = [r for r in report["rows"] if r["status"] in ("fail", "error")]
