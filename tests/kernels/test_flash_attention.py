@@ -175,7 +175,7 @@ class _FirstConfigTuner:
         return launch
 
 
-@pytest.mark.parametrize("pick", range(6))
+@pytest.mark.parametrize("pick", range(7))  # the longest candidate list has 7
 def test_every_hopper_autotune_config_is_correct(interpret, monkeypatch, pick):
     """The autotuned launch path (grids as functions of the chosen tiles, meta-parameters merged)
     with each candidate of HOPPER_TILES, head dims 64 and 128, causal and not, at a length that is
@@ -187,6 +187,9 @@ def test_every_hopper_autotune_config_is_correct(interpret, monkeypatch, pick):
     monkeypatch.setattr(fat, "use_autotune", lambda *a: True)
     monkeypatch.setattr(lazy_jit, "autotuned", lambda self, name, configs, key: _FirstConfigTuner(self, configs, pick,
                                                                                                    used))
+    from lmrun.kernels.flash_attention_triton import HOPPER_TILES
+
+    assert max(len(c) for k in HOPPER_TILES.values() for c in k.values()) <= 7
     for d, is_causal in ((64, True), (128, True), (64, False)) if pick < 2 else ((64, True), (128, True)):
         Q, K, V, dO = inputs((1,), 150, 150, d, seed=pick)
         assert_matches(lambda q, k, v: FlashAttentionTriton.apply(q, k, v, is_causal), Q, K, V, dO, is_causal,
