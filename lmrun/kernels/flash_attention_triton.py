@@ -133,26 +133,26 @@ def flash_bwd_dkdv_kernel(Q, K, V, dO, L, Dvec, dK, dV,
         # query tiles from q_full on see every key of this tile: no mask there
         q_full = tl.minimum((k_tile * K_TILE + K_TILE - 1 + Q_TILE - 1) // Q_TILE * Q_TILE, N_QUERIES)
     else:
-        q_start = 0
         q_full = 0
     # the query tiles that cross the diagonal (causal)
-    for start in range(q_start, q_full, Q_TILE):
-        offs_q = start + tl.arange(0, Q_TILE)
-        q_ok = offs_q < N_QUERIES
-        qd_ok = q_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + b * stride_qb + offs_q[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                    mask=qd_ok, other=0.0).to(DOT_DTYPE)
-        do = tl.load(dO + b * stride_ob + offs_q[:, None] * stride_on + offs_d[None, :] * stride_od,
-                     mask=qd_ok, other=0.0).to(DOT_DTYPE)
-        lse2 = tl.load(L + b * stride_lb + offs_q * stride_ln, mask=q_ok, other=0.0) * 1.4426950408889634
-        delta = tl.load(Dvec + b * stride_lb + offs_q * stride_ln, mask=q_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        keep = q_ok[:, None] & k_ok[None, :] & (offs_k[None, :] <= offs_q[:, None])
-        p = tl.where(keep, tl.exp2(s - lse2[:, None]), 0.0)  # (Q_TILE, K_TILE)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    if IS_CAUSAL:
+        for start in range(q_start, q_full, Q_TILE):
+            offs_q = start + tl.arange(0, Q_TILE)
+            q_ok = offs_q < N_QUERIES
+            qd_ok = q_ok[:, None] & d_ok[None, :]
+            q = tl.load(Q + b * stride_qb + offs_q[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                        mask=qd_ok, other=0.0).to(DOT_DTYPE)
+            do = tl.load(dO + b * stride_ob + offs_q[:, None] * stride_on + offs_d[None, :] * stride_od,
+                         mask=qd_ok, other=0.0).to(DOT_DTYPE)
+            lse2 = tl.load(L + b * stride_lb + offs_q * stride_ln, mask=q_ok, other=0.0) * 1.4426950408889634
+            delta = tl.load(Dvec + b * stride_lb + offs_q * stride_ln, mask=q_ok, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            keep = q_ok[:, None] & k_ok[None, :] & (offs_k[None, :] <= offs_q[:, None])
+            p = tl.where(keep, tl.exp2(s - lse2[:, None]), 0.0)  # (Q_TILE, K_TILE)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
     # the rest: no mask (rows past N_QUERIES and keys past N_KEYS load as zeros and add nothing
     # to dK and dV; the stores are masked)
     for start in range(q_full, N_QUERIES, Q_TILE):
