@@ -25,7 +25,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from lmrun.data.corpora import prepare_corpus
+from lmrun.data.corpora import data_summary, prepare_corpus
 from lmrun.errors import ConfigError
 from lmrun.model.flops import model_summary, training_flops
 from lmrun.tokenizer.artifacts import follow_tokenizer_vocab, get_or_encode_tokens, get_tokenizer, tokens_material
@@ -106,6 +106,7 @@ def plan(cfg) -> dict:
     return {
         "stage": "pretrain",
         "inputs": corpus.sources,
+        **({"data": data_summary(corpus)} if corpus.info else {}),
         "tokenizer": str(tok.folder) + ("" if tok.reused else " (trained first)"),
         "tokens": str(cache.path("tokens", tokens_key)) + ("" if tokens_cached else " (encoded first)"),
         "model": {"architecture": summary["architecture"], "params": summary["params"],
