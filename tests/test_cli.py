@@ -170,7 +170,7 @@ def test_help_lists_stages_and_groups(capsys):
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
     assert "== Stages ==" in out and "  pretrain   train a Transformer LM" in out
-    assert "stage: benchmark, collect, curate, dpo, encode, evaluate, expert_iteration, generate, grpo, pretrain, scaling, sft, tokenizer" in out and "data: text_files, tinyshakespeare" in out and "logger: none, wandb" in out
+    assert "stage: benchmark, collect, curate, dpo, encode, evaluate, expert_iteration, export, generate, grpo, pretrain, scaling, sft, tokenizer" in out and "data: jsonl, mixture, parquet, text_files, tinyshakespeare" in out and "logger: none, wandb" in out
 
 
 def test_load_stage_rejects_unregistered():
