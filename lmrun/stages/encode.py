@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 
 from lmrun.data.corpora import data_summary, prepare_corpus
+from lmrun.launch.threads import available_cpus
+from lmrun.tokenizer import native
 from lmrun.tokenizer.artifacts import get_or_encode_tokens, get_tokenizer, tokens_material, vocab_requested
 from lmrun.tracking.cache import open_cache
 from lmrun.tracking.files import atomic_write_json
@@ -30,7 +31,8 @@ def plan(cfg) -> dict:
     key = cache.key("tokens", tokens_material(corpus, tok.identity))
     hit = cache.lookup("tokens", key) is not None and not cfg.cache.rebuild
     total = sum(s["bytes"] for s in corpus.sources)
-    workers = cfg.tokenizer.num_workers or os.cpu_count()
+    workers = cfg.tokenizer.num_workers or available_cpus()[0]
+    kind = "threads" if cfg.tokenizer.backend == "native" and native.available() else "processes"
     return {
         "stage": "encode",
         "inputs": corpus.sources,
@@ -40,7 +42,7 @@ def plan(cfg) -> dict:
                     "run_dir": ["meta.json", "run.json", "metrics.jsonl", "summary.json"]},
         "cache": "hit: reuse the token arrays" if hit else "miss: encode and store",
         "work": "none (cached)" if hit else
-                f"encode {total / 1e6:.1f} MB with the {cfg.tokenizer.backend} backend in {workers} processes",
+                f"encode {total / 1e6:.1f} MB with the {cfg.tokenizer.backend} backend in {workers} {kind}",
     }
 
 

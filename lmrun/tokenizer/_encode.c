@@ -25,6 +25,16 @@
  *     For streaming: appends to the list `out` the ids of the pre-tokens of text[start:end] but
  *     the last two (pre-tokenized in the context of the whole range: final whatever text
  *     follows); returns the character index where they end (start if there are fewer than 3).
+ *   Encoder.encode_utf8(data, out, specials=()) -> int
+ *     For bulk encoding, without a str: the ids of the UTF-8 bytes `data` (any bytes-like
+ *     object), special tokens included, written into `out` (a writable C-contiguous buffer of
+ *     native unsigned 2- or 4-byte ints, numpy uint16/uint32, with room for len(data) ids: a
+ *     text never has more ids than bytes); returns the number of ids written. `specials`: a
+ *     sequence of (token bytes, id); where several match at one place the longest wins, as
+ *     Tokenizer's special-token regex. The same ids as encode(data.decode("utf-8")) with the
+ *     special tokens split out. The GIL is released while it runs, so threads that each own an
+ *     Encoder encode in parallel. Raises UnicodeDecodeError (strict UTF-8, with its offset)
+ *     for invalid input.
  *   Encoder.clear_cache(); Encoder.cache_len (number of cached pre-tokens).
  *
  *   pretokenize(text) -> list[str], scan(text) -> int (module functions, for tests and
@@ -32,7 +42,8 @@
  *
  *   Errors: UnicodeEncodeError for a str holding lone surrogates (the caller replaces them,
  *   as tiktoken does), MissingByteError (a ValueError) for a byte without a one-byte token,
- *   OverflowError for an id that does not fit `itemsize`, MemoryError.
+ *   OverflowError for an id that does not fit `itemsize`, MemoryError; RuntimeError when an
+ *   Encoder is called while another thread runs encode_utf8 on it (one Encoder per thread).
  *
  * Pre-tokenization is GPT-2's regex
  *     '(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
@@ -184,7 +195,44 @@ typedef struct {
     uint64_t *heap;
     int32_t *htok, *hnxt, *hprv, *hbatch;
     size_t hcap;
+    /* an error of the core functions, which may run without the GIL: raised by raise_core_error */
+    int err;
+    uint8_t err_byte;
+    int busy; /* encode_utf8 is running without the GIL */
 } Encoder;
+
+enum { ERR_NONE = 0, ERR_NOMEM, ERR_TOOLONG, ERR_HEAP, ERR_MISSING };
+
+/* turn E->err into a Python exception (the GIL held); returns -1 */
+static int raise_core_error(Encoder *E) {
+    switch (E->err) {
+    case ERR_NOMEM:
+        PyErr_NoMemory();
+        break;
+    case ERR_TOOLONG:
+        PyErr_SetString(PyExc_ValueError, "a pre-token of 2 GiB or more cannot be encoded");
+        break;
+    case ERR_HEAP:
+        PyErr_SetString(PyExc_RuntimeError, "internal error: BPE heap overflow");
+        break;
+    case ERR_MISSING:
+        PyErr_Format(MissingByteError, "byte 0x%02x has no token in the vocabulary", E->err_byte);
+        break;
+    default:
+        PyErr_SetString(PyExc_SystemError, "encoder failed without an error");
+    }
+    E->err = ERR_NONE;
+    return -1;
+}
+
+/* refuse a call while encode_utf8 runs on E in another thread (the GIL released) */
+static int check_idle(Encoder *E) {
+    if (E->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "this Encoder is in use by another thread (make one Encoder per thread)");
+        return -1;
+    }
+    return 0;
+}
 
 static inline uint64_t mix64(uint64_t h) {
     h ^= h >> 33;
@@ -228,7 +276,7 @@ static int buf_reserve(Encoder *E, size_t extra) {
     while (cap < E->buf_len + extra) cap *= 2;
     int32_t *p = realloc(E->buf, cap * sizeof(int32_t));
     if (!p) {
-        PyErr_NoMemory();
+        E->err = ERR_NOMEM;
         return -1;
     }
     E->buf = p;
@@ -253,7 +301,7 @@ static int heap_reserve(Encoder *E, size_t n) {
     int32_t *bt = realloc(E->hbatch, 3 * cap * sizeof(int32_t));
     if (bt) E->hbatch = bt;
     if (!h || !t || !x || !v || !bt) {
-        PyErr_NoMemory();
+        E->err = ERR_NOMEM;
         return -1;
     }
     E->hcap = cap;
@@ -463,7 +511,7 @@ static int encode_piece(Encoder *E, const uint8_t *p, Py_ssize_t len) {
         }
     }
     if (len >= INT32_MAX) {
-        PyErr_SetString(PyExc_ValueError, "a pre-token of 2 GiB or more cannot be encoded");
+        E->err = ERR_TOOLONG;
         return -1;
     }
     if (buf_reserve(E, (size_t)len) < 0) return -1;
@@ -482,7 +530,7 @@ static int encode_piece(Encoder *E, const uint8_t *p, Py_ssize_t len) {
     } else {
         m = bpe_heap(E, ids, len);
         if (m == -2) {
-            PyErr_SetString(PyExc_RuntimeError, "internal error: BPE heap overflow");
+            E->err = ERR_HEAP;
             return -1;
         }
         if (m < 0) return -1;
@@ -491,7 +539,8 @@ static int encode_piece(Encoder *E, const uint8_t *p, Py_ssize_t len) {
     E->buf_len += (size_t)m;
     return 0;
 missing:
-    PyErr_Format(MissingByteError, "byte 0x%02x has no token in the vocabulary", p[0]);
+    E->err = ERR_MISSING;
+    E->err_byte = p[0];
     return -1;
 }
 
@@ -546,7 +595,7 @@ static int encode_text(Encoder *E, PyObject *text, Py_ssize_t start, Py_ssize_t 
     while (i < limit) {
         Py_ssize_t j = piece_end(s, n, i);
         if (encode_piece(E, s + i, j - i) < 0) {
-            rc = -1;
+            rc = raise_core_error(E);
             break;
         }
         i = j;
@@ -624,6 +673,7 @@ static PyObject *Encoder_encode(Encoder *E, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"text", "start", "end", "out", NULL};
     PyObject *text, *ostart = NULL, *oend = NULL, *out = NULL;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "O|OOO:encode", kwlist, &text, &ostart, &oend, &out)) return NULL;
+    if (check_idle(E) < 0) return NULL;
     Py_ssize_t start, end;
     if (parse_range(text, ostart, oend, &start, &end) < 0) return NULL;
     if (out == Py_None) out = NULL;
@@ -687,6 +737,7 @@ static PyObject *Encoder_encode_to_bytearray(Encoder *E, PyObject *args, PyObjec
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOi:encode_to_bytearray", kwlist, &text, &ostart, &oend, &out,
                                      &itemsize))
         return NULL;
+    if (check_idle(E) < 0) return NULL;
     Py_ssize_t start, end;
     if (parse_range(text, ostart, oend, &start, &end) < 0) return NULL;
     if (!PyByteArray_Check(out)) {
@@ -724,6 +775,7 @@ static PyObject *Encoder_encode_to_bytearray(Encoder *E, PyObject *args, PyObjec
 static PyObject *Encoder_encode_stable(Encoder *E, PyObject *args) {
     PyObject *text, *ostart, *oend, *out;
     if (!PyArg_ParseTuple(args, "OOOO:encode_stable", &text, &ostart, &oend, &out)) return NULL;
+    if (check_idle(E) < 0) return NULL;
     Py_ssize_t start, end, cut;
     if (parse_range(text, ostart, oend, &start, &end) < 0) return NULL;
     if (!PyList_Check(out)) {
@@ -741,7 +793,203 @@ static PyObject *Encoder_encode_stable(Encoder *E, PyObject *args) {
     return PyLong_FromSsize_t(cut);
 }
 
+/* ------------------------------------------------------------------ bulk encoding of UTF-8 bytes */
+
+/* Offset of the first byte that is not part of valid UTF-8 (as Python's strict decoder judges:
+ * no overlong forms, no surrogates, nothing above U+10FFFF), or -1 when all of s[0..n) is valid;
+ * *bad_end and *reason describe the error as UnicodeDecodeError does. Runs without the GIL. */
+static Py_ssize_t utf8_error(const uint8_t *s, Py_ssize_t n, Py_ssize_t *bad_end, const char **reason) {
+    Py_ssize_t i = 0;
+    while (i < n) {
+        if (i + 8 <= n) { /* 8 ASCII bytes at a time */
+            uint64_t w;
+            memcpy(&w, s + i, 8);
+            if (!(w & 0x8080808080808080ULL)) {
+                i += 8;
+                continue;
+            }
+        }
+        uint8_t c = s[i];
+        if (c < 0x80) {
+            i++;
+            continue;
+        }
+        Py_ssize_t need;
+        uint8_t lo = 0x80, hi = 0xBF; /* the range of the second byte */
+        if (c >= 0xC2 && c <= 0xDF) {
+            need = 1;
+        } else if (c >= 0xE0 && c <= 0xEF) {
+            need = 2;
+            if (c == 0xE0) lo = 0xA0;
+            if (c == 0xED) hi = 0x9F;
+        } else if (c >= 0xF0 && c <= 0xF4) {
+            need = 3;
+            if (c == 0xF0) lo = 0x90;
+            if (c == 0xF4) hi = 0x8F;
+        } else {
+            *bad_end = i + 1;
+            *reason = "invalid start byte";
+            return i;
+        }
+        for (Py_ssize_t k = 1; k <= need; k++) {
+            if (i + k >= n) {
+                *bad_end = n;
+                *reason = "unexpected end of data";
+                return i;
+            }
+            uint8_t b = s[i + k];
+            if (k == 1 ? (b < lo || b > hi) : (b & 0xC0) != 0x80) {
+                *bad_end = i + k;
+                *reason = "invalid continuation byte";
+                return i;
+            }
+        }
+        i += need + 1;
+    }
+    return -1;
+}
+
+typedef struct {
+    const uint8_t *bytes;
+    Py_ssize_t len;
+    int32_t id;
+    Py_ssize_t next; /* where it next occurs at or after the search position (n: nowhere) */
+} Special;
+
+static Py_ssize_t find_bytes(const uint8_t *s, Py_ssize_t n, Py_ssize_t from, const uint8_t *t, Py_ssize_t m) {
+    if (m <= 0) return n;
+    while (from + m <= n) {
+        const uint8_t *p = memchr(s + from, t[0], (size_t)(n - m + 1 - from));
+        if (!p) return n;
+        Py_ssize_t at = p - s;
+        if (memcmp(p, t, (size_t)m) == 0) return at;
+        from = at + 1;
+    }
+    return n;
+}
+
+/* the ids of s[0..n) (valid UTF-8) into E->buf, special tokens split out (leftmost match, the
+ * longest where several start at one place); runs without the GIL; -1 with E->err set */
+static int encode_utf8_core(Encoder *E, const uint8_t *s, Py_ssize_t n, Special *sp, Py_ssize_t nsp) {
+    for (Py_ssize_t k = 0; k < nsp; k++) sp[k].next = find_bytes(s, n, 0, sp[k].bytes, sp[k].len);
+    Py_ssize_t pos = 0;
+    while (pos < n) {
+        Py_ssize_t at = n, best = -1;
+        for (Py_ssize_t k = 0; k < nsp; k++) {
+            if (sp[k].next < pos) sp[k].next = find_bytes(s, n, pos, sp[k].bytes, sp[k].len);
+            if (sp[k].next < at || (sp[k].next == at && best >= 0 && sp[k].len > sp[best].len)) {
+                at = sp[k].next;
+                best = k;
+            }
+        }
+        const uint8_t *seg = s + pos;
+        Py_ssize_t len = at - pos, i = 0;
+        while (i < len) {
+            Py_ssize_t j = piece_end(seg, len, i);
+            if (encode_piece(E, seg + i, j - i) < 0) return -1;
+            i = j;
+        }
+        if (best < 0) break;
+        if (buf_reserve(E, 1) < 0) return -1;
+        E->buf[E->buf_len++] = sp[best].id;
+        pos = at + sp[best].len;
+    }
+    return 0;
+}
+
+static PyObject *Encoder_encode_utf8(Encoder *E, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"data", "out", "specials", NULL};
+    PyObject *odata, *oout, *ospecials = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|O:encode_utf8", kwlist, &odata, &oout, &ospecials)) return NULL;
+    if (check_idle(E) < 0) return NULL;
+    Py_buffer data, out;
+    if (PyObject_GetBuffer(odata, &data, PyBUF_SIMPLE) < 0) return NULL;
+    if (PyObject_GetBuffer(oout, &out, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
+        PyBuffer_Release(&data);
+        return NULL;
+    }
+    PyObject *result = NULL, *seq = NULL;
+    Special *sp = NULL;
+    Py_ssize_t nsp = 0;
+    int itemsize = (int)out.itemsize;
+    if (itemsize != 2 && itemsize != 4) {
+        PyErr_Format(PyExc_ValueError, "out must hold 2- or 4-byte ints (numpy uint16 or uint32), not %d-byte items",
+                     itemsize);
+        goto done;
+    }
+    int32_t limit = itemsize == 2 ? 0xFFFF : INT32_MAX;
+    if (E->max_id > limit) {
+        PyErr_Format(PyExc_OverflowError, "token id %d does not fit %d bytes", (int)E->max_id, itemsize);
+        goto done;
+    }
+    if (ospecials && ospecials != Py_None) {
+        seq = PySequence_Fast(ospecials, "specials must be a sequence of (bytes, id)");
+        if (!seq) goto done;
+        nsp = PySequence_Fast_GET_SIZE(seq);
+        sp = calloc(nsp ? (size_t)nsp : 1, sizeof(Special));
+        if (!sp) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        for (Py_ssize_t k = 0; k < nsp; k++) {
+            PyObject *item = PySequence_Fast_GET_ITEM(seq, k), *tb;
+            long id;
+            if (!PyArg_ParseTuple(item, "Sl:specials", &tb, &id)) goto done;
+            if (id < 0 || id > limit) {
+                PyErr_Format(PyExc_OverflowError, "special token id %ld does not fit %d bytes", id, itemsize);
+                goto done;
+            }
+            sp[k].bytes = (const uint8_t *)PyBytes_AS_STRING(tb); /* alive: seq holds the tuples */
+            sp[k].len = PyBytes_GET_SIZE(tb);
+            sp[k].id = (int32_t)id;
+        }
+    }
+    const uint8_t *s = (const uint8_t *)data.buf;
+    Py_ssize_t n = data.len, bad_end = 0;
+    const char *reason = NULL;
+    Py_ssize_t bad;
+    int rc;
+    E->busy = 1;
+    E->buf_len = 0;
+    Py_BEGIN_ALLOW_THREADS
+    bad = utf8_error(s, n, &bad_end, &reason);
+    rc = bad < 0 ? encode_utf8_core(E, s, n, sp, nsp) : 0;
+    Py_END_ALLOW_THREADS
+    E->busy = 0;
+    if (bad >= 0) {
+        PyObject *exc = PyUnicodeDecodeError_Create("utf-8", (const char *)s, n, bad, bad_end, reason);
+        if (exc) {
+            PyErr_SetObject(PyExc_UnicodeDecodeError, exc);
+            Py_DECREF(exc);
+        }
+        goto done;
+    }
+    if (rc < 0) {
+        raise_core_error(E);
+        goto done;
+    }
+    size_t count = E->buf_len;
+    if ((Py_ssize_t)count > out.len / itemsize) {
+        PyErr_Format(PyExc_ValueError, "out has room for %zd ids, the text has %zu", out.len / itemsize, count);
+        goto done;
+    }
+    if (itemsize == 4) {
+        memcpy(out.buf, E->buf, count * 4);
+    } else {
+        uint16_t *d = (uint16_t *)out.buf;
+        for (size_t k = 0; k < count; k++) d[k] = (uint16_t)E->buf[k];
+    }
+    result = PyLong_FromSize_t(count);
+done:
+    free(sp);
+    Py_XDECREF(seq);
+    PyBuffer_Release(&out);
+    PyBuffer_Release(&data);
+    return result;
+}
+
 static PyObject *Encoder_clear_cache(Encoder *E, PyObject *Py_UNUSED(ignored)) {
+    if (check_idle(E) < 0) return NULL;
     cache_clear(E);
     Py_RETURN_NONE;
 }
@@ -896,6 +1144,11 @@ static PyMethodDef Encoder_methods[] = {
      "encode_stable(text, start, end, out) -> int\n\n"
      "For streaming: append to the list `out` the ids of the pre-tokens of text[start:end] but the\n"
      "last two (final whatever text follows); returns where they end (a character index)."},
+    {"encode_utf8", (PyCFunction)(void (*)(void))Encoder_encode_utf8, METH_VARARGS | METH_KEYWORDS,
+     "encode_utf8(data, out, specials=()) -> int\n\n"
+     "The ids of the UTF-8 bytes `data`, special tokens (a sequence of (bytes, id)) included, written\n"
+     "into the writable buffer `out` of 2- or 4-byte unsigned ints (room for len(data) ids); returns\n"
+     "their number. Runs without the GIL (one Encoder per thread). UnicodeDecodeError if not UTF-8."},
     {"clear_cache", (PyCFunction)Encoder_clear_cache, METH_NOARGS, "Empty the pre-token cache."},
     {"__reduce__", (PyCFunction)Encoder_reduce, METH_NOARGS, "Pickle support: rebuilt from its arguments."},
     {NULL, NULL, 0, NULL},

@@ -13,10 +13,11 @@ run. Reported in MB/s of UTF-8 input (1 MB = 10^6 bytes):
 - ``ratio_*``: ours / tiktoken, the median of the per-round ratios.
 
 With ``--bulk``, also the bulk path of ``lmrun stage=encode`` (:func:`lmrun.tokenizer.bulk.encode_file`:
-the file cut at document boundaries, chunks encoded in worker processes) for both backends with
-1 and 2 processes, each run in a fresh process: MB/s, the speed-up from processes (MB/s with N /
-MB/s with 1, median of per-round ratios), the ratio to the tiktoken backend with 1 process, and
-the CPU seconds of parent and workers (with the speed-up they allow on idle cores).
+the file cut at document boundaries, chunks encoded by workers — threads for the native C core,
+processes for tiktoken) for both backends with 1 and 2 workers, each run in a fresh process with
+``stage=encode``'s chunk size: MB/s, the speed-up from workers (MB/s with N / MB/s with 1, median
+of per-round ratios), the ratio to the tiktoken backend with 1 worker, and the CPU seconds of
+the encoding process (its threads) and of its worker processes.
 
 With ``--profile``, where the time of one encode goes: for the C core, the pre-tokenizer scan
 alone, + cache lookups (ids into a buffer, warm), + the list of Python ints (warm), + BPE of
@@ -230,22 +231,20 @@ def run_bulk_benchmark(vocab_path: Path, merges_path: Path, texts: list[Path], s
                        workers: tuple[int, ...] = (1, 2), chunk_bytes: int | None = None, repeats: int = 3,
                        copies: int = 1) -> dict:
     """MB/s of ``encode_file`` (stage=encode's chunk size unless ``chunk_bytes``) per backend and
-    process count on ``copies`` copies of the concatenation of ``texts`` (documents joined by the
+    worker count on ``copies`` copies of the concatenation of ``texts`` (documents joined by the
     first special token); each run in a fresh process, alternating in each of ``repeats`` rounds;
     checks every run writes identical ids. Per configuration (medians):
 
     - ``speedup``: MB/s with N processes / with 1 (per-round ratios, wall clock);
     - ``vs_tiktoken_1``: MB/s / the tiktoken backend's with 1 process (per round);
-    - ``cpu_parent_s`` / ``cpu_workers_s``: CPU seconds of the encoding process and its workers;
+    - ``cpu_parent_s`` / ``cpu_workers_s``: CPU seconds of the encoding process (with its
+      threads) and of its worker processes;
     - ``cpu_speedup``: the wall-clock speed-up on N otherwise idle cores that the CPU seconds
-      allow when the parent's work is counted as serial: CPU with 1 process / (parent + workers / N).
+      allow if all of it ran in parallel: CPU with 1 worker / (CPU with N / N).
       On a loaded machine the wall-clock ``speedup`` also measures the other processes' load.
     """
     import hashlib
 
-    from lmrun.tokenizer.pretokenize import DEFAULT_CHUNK_BYTES
-
-    chunk_bytes = chunk_bytes or DEFAULT_CHUNK_BYTES
     sep = special_tokens[0] if special_tokens else ""
     out: dict = {"chunk_bytes": chunk_bytes, "repeats": repeats, "runs": []}
     configs = [(b, n) for b in ("native", "tiktoken") for n in workers]
@@ -265,7 +264,7 @@ def run_bulk_benchmark(vocab_path: Path, merges_path: Path, texts: list[Path], s
                 if reference is None:
                     reference = digest
                 elif digest != reference:
-                    raise LmrunError(f"bulk encoding with backend={backend}, {n} processes differs from the first run")
+                    raise LmrunError(f"bulk encoding with backend={backend}, {n} workers differs from the first run")
                 stats["mb_s"] = stats["bytes"] / 1e6 / max(stats["seconds"], 1e-9)
                 runs[(backend, n)].append(stats)
         out["bytes"] = src.stat().st_size
@@ -276,11 +275,13 @@ def run_bulk_benchmark(vocab_path: Path, merges_path: Path, texts: list[Path], s
         parent = statistics.median(r["cpu_parent_s"] for r in rs)
         kids = statistics.median(r["cpu_workers_s"] for r in rs)
         one = statistics.median(r["cpu_parent_s"] + r["cpu_workers_s"] for r in base)
+        total = statistics.median(r["cpu_parent_s"] + r["cpu_workers_s"] for r in rs)
         out["runs"].append({"backend": backend, "processes": n, "mb_per_s": round(statistics.median(v), 3),
                             "speedup": round(statistics.median(a / b["mb_s"] for a, b in zip(v, base)), 3),
+                            "speedup_rounds": [round(a / b["mb_s"], 3) for a, b in zip(v, base)],
                             "vs_tiktoken_1": round(statistics.median(a / b for a, b in zip(v, tt1)), 3),
                             "cpu_parent_s": round(parent, 3), "cpu_workers_s": round(kids, 3),
-                            "cpu_speedup": round(one / max(parent + kids / n, 1e-9), 3)})
+                            "cpu_speedup": round(one / max(total / n, 1e-9), 3)})
     return out
 
 
@@ -345,10 +346,11 @@ def main(argv: list[str] | None = None) -> int:
                                        copies=args.bulk_copies)
         print(f"bulk (stage=encode's path), {r['bulk']['bytes'] / 1e6:.1f} MB file:")
         for b in r["bulk"]["runs"]:
-            print(f"  {b['backend']:9s} {b['processes']} process(es) {b['mb_per_s']:7.2f} MB/s   "
-                  f"x{b['speedup']:.2f} vs 1 process (CPU-time bound x{b['cpu_speedup']:.2f}), "
-                  f"x{b['vs_tiktoken_1']:.2f} vs tiktoken 1 process; CPU s: parent {b['cpu_parent_s']:.2f}, "
-                  f"workers {b['cpu_workers_s']:.2f}")
+            kind = "thread(s)  " if b["backend"] == "native" and r["native"] else "process(es)"
+            print(f"  {b['backend']:9s} {b['processes']} {kind} {b['mb_per_s']:7.2f} MB/s   "
+                  f"x{b['speedup']:.2f} vs 1 (CPU-time bound x{b['cpu_speedup']:.2f}), "
+                  f"x{b['vs_tiktoken_1']:.2f} vs tiktoken with 1; CPU s: process {b['cpu_parent_s']:.2f}, "
+                  f"worker processes {b['cpu_workers_s']:.2f}")
     if args.json:
         atomic_write_json(args.json, r)
         print(f"wrote {args.json}")

@@ -29,7 +29,8 @@ class TokenizerConfig:
         encoder, the default; needs nothing beyond the base install) or "tiktoken" (our vocab and
         merges exported to tiktoken; identical ids; needs ``pip install tiktoken``).
     train_backend: BPE merge-loop implementation, "c" (compiled extension), "python" or "auto".
-    num_workers: processes for pre-tokenization and bulk encoding (null: all CPU cores).
+    num_workers: workers for pre-tokenization (processes) and bulk encoding (threads with the C
+        core, else processes); null: the CPUs this process may use.
     report_max_bytes: bytes of the validation split encoded for the compression report.
     compare: also report bytes per token for characters, bytes, words and BPE (stage tokenizer).
     """

@@ -328,3 +328,85 @@ def test_bulk_peak_memory_does_not_grow_with_file_size(tmp_path):
                              capture_output=True, text=True, check=True)
         growth.append(int(out.stdout.split()[-1]))  # KiB
     assert growth[1] < growth[0] + 16 * 1024, growth
+
+
+# ----------------------------------------------------------------------------- UTF-8 bytes (bulk path)
+
+def _utf8_ids(tok: Tokenizer, data: bytes, dtype=np.uint32) -> list[int]:
+    specials = [(s.encode("utf-8"), i) for s, i in tok.special_ids.items()]
+    return native.encode_bytes_to_numpy(native.native_encoder(tok), data, specials, dtype).tolist()
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["gpt2", "shuffled"])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text=parity_texts)
+def test_encode_utf8_equals_encode_property(kind, text):
+    """The bytes path (C splits special tokens, no str) gives Tokenizer.encode's ids."""
+    tok = _tokenizer(kind)
+    assert _utf8_ids(tok, text.encode("utf-8")) == tok.encode(text)
+
+
+@needs_native
+def test_encode_utf8_special_tokens_longest_first_and_adversarial():
+    tok = Tokenizer(gpt2_tokenizer().vocab, gpt2_tokenizer().merges, ["<|endoftext|>", "<|end|>", "<|endoftext|><|end|>"])
+    for text in ["a<|endoftext|><|end|>b<|end|><|endoftext|>", "<|end", "<|endoftext|", "x<|end|>" * 50, "",
+                 " " * 100_000 + "<|end|>" + "9" * 1000, "日本語 😀👍🏽 e\u0301<|endoftext|>\n\n  "]:
+        assert _utf8_ids(tok, text.encode()) == tok.encode(text), text[:40]
+    assert _utf8_ids(tok, b"hi<|end|>", np.uint16) == tok.encode("hi<|end|>")
+
+
+@needs_native
+@pytest.mark.parametrize("data", [b"abc\xff", b"ab\xe0\x80\x80", b"\xed\xa0\x80", b"x\xf4\x90\x80\x80", b"abc\xe6\x97",
+                                  b"\xc0\xaf", b"ok\xe6x", b"12345678\x80"])
+def test_encode_utf8_rejects_what_python_rejects(data):
+    """Strict UTF-8 (no overlongs, surrogates or code points above U+10FFFF), with the offset,
+    end and reason of Python's own decoder."""
+    with pytest.raises(UnicodeDecodeError) as py:
+        data.decode("utf-8")
+    with pytest.raises(UnicodeDecodeError) as ours:
+        _utf8_ids(gpt2_tokenizer(), data)
+    assert (ours.value.start, ours.value.end, ours.value.reason) == (py.value.start, py.value.end, py.value.reason)
+
+
+@needs_native
+def test_encode_utf8_checks_its_output_buffer():
+    enc = native.native_encoder(gpt2_tokenizer())
+    with pytest.raises(ValueError, match="2- or 4-byte"):
+        enc.encode_utf8(b"hello", np.empty(5, np.uint8))
+    with pytest.raises(ValueError, match="room for 1 ids"):
+        enc.encode_utf8(b"hello world", np.empty(1, np.uint32))
+    with pytest.raises(OverflowError, match="special token id 70000"):
+        enc.encode_utf8(b"x", np.empty(1, np.uint16), [(b"<s>", 70_000)])
+
+
+@needs_native
+def test_encode_utf8_threads_each_with_an_encoder():
+    """Threads that each own an Encoder run in parallel (the GIL released) with the same ids."""
+    import threading
+
+    tok = gpt2_tokenizer()
+    data = EOT.join(fixture_text(n) for n in TEXT_FILES).encode()
+    want = tok.encode(data.decode())
+    got: dict[int, list[int]] = {}
+
+    def work(k: int) -> None:
+        got[k] = _utf8_ids(tok, data)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(got[k] == want for k in range(4))
+
+
+@needs_native
+def test_bulk_threads_report_invalid_utf8_with_the_file_offset(tmp_path):
+    tok = gpt2_tokenizer()
+    src = tmp_path / "bad.txt"
+    good = ("word " * 20 + "\n").encode() * 2000
+    src.write_bytes(good + b"caf\xe9 au lait\n" + good)
+    with pytest.raises(DataError, match=rf"{src}: not valid UTF-8 at byte offset {len(good) + 3} \(invalid continuation"):
+        encode_file(src, tok, tmp_path / "bad.bin", num_workers=2, chunk_bytes=20_000)
+    assert not (tmp_path / "bad.bin").exists()
