@@ -216,6 +216,24 @@ def test_bench_encode_script_runs_and_reports(tmp_path, capsys):
     assert bench_encode.main(["--vocab", str(tmp_path / "nope.json"), "--merges", str(merges)]) == 2
 
 
+def test_bench_encode_bulk_reports_every_backend_and_worker_count(tmp_path, capsys):
+    import json
+
+    from lmrun.tokenizer import bench_encode
+    from tests.tokenizer.test_tokenizer import gpt2_files
+
+    vocab, merges = gpt2_files()
+    out = tmp_path / "bench.json"
+    rc = bench_encode.main(["--vocab", str(vocab), "--merges", str(merges), "--repeats", "1", "--no-python", "--no-hf",
+                            "--bulk", "--text", str(FIXTURES / "enc_tinystories_sample.txt"), "--json", str(out)])
+    assert rc == 0
+    runs = json.loads(out.read_text())["bulk"]["runs"]  # every run's ids were checked identical
+    assert [(r["backend"], r["processes"]) for r in runs] == [("native", 1), ("native", 2), ("tiktoken", 1),
+                                                              ("tiktoken", 2)]
+    assert all(r["mb_per_s"] > 0 and len(r["speedup_rounds"]) == 1 for r in runs)
+    assert "native    2 thread(s)" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_every_assigned_code_point_parity():
     """Each code point assigned by Unicode 14, in contexts that pre-tokenization depends on
