@@ -69,6 +69,29 @@ def test_embedding_lookup_and_init():
     close(emb(ids), F.embedding(ids, emb.weight))
 
 
+def test_embedding_backward_is_deterministic_with_threads():
+    """Repeated ids: the gradient rows are summed in a fixed order whatever the threads (advanced
+    indexing's backward was not, which broke bit-exact resume), and equal F.embedding's."""
+    torch.manual_seed(0)
+    emb = Embedding(64, 32)
+    ids = torch.randint(0, 64, (8, 256))
+    upstream = torch.randn(8, 256, 32)
+    threads = torch.get_num_threads()
+    grads = []
+    try:
+        for n in (1, 2, 2, 2):
+            torch.set_num_threads(n)
+            emb.weight.grad = None
+            emb(ids).backward(upstream)
+            grads.append(emb.weight.grad.clone())
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(g, grads[1]) for g in grads[2:])
+    w = emb.weight.detach().clone().requires_grad_()
+    F.embedding(ids, w).backward(upstream)
+    close(grads[0], w.grad)
+
+
 # --- norms -------------------------------------------------------------------------------------
 def test_rmsnorm_matches_formula_and_functional():
     torch.manual_seed(0)
