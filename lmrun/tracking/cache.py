@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from lmrun.errors import DataError, FormatError
-from lmrun.tracking.files import _host_tag, _pid_alive, atomic_write_json, remove_stale_temp_files
+from lmrun.tracking.files import atomic_write_json, host_tag, pid_alive, remove_stale_temp_files
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ _WORK_RE = re.compile(r"^\.(?P<what>tmp|old)-(?P<key>[0-9a-f]+)\.(?P<host>[A-Za-
 def _work_dir(final: Path, what: str) -> Path:
     """``<kind dir>/.<what>-<key>.<host>.<pid>.<random>``: a folder beside ``final`` that this
     process owns (``what``: "tmp" for a build, "old" for an entry being replaced)."""
-    return final.parent / f".{what}-{final.name}.{_host_tag()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    return final.parent / f".{what}-{final.name}.{host_tag()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
 
 
 @dataclass
@@ -104,7 +104,7 @@ class ArtifactCache:
                 return []
         else:
             dirs = [self.root / kind]
-        host, removed = _host_tag(), list(remove_stale_temp_files(self.root))
+        host, removed = host_tag(), list(remove_stale_temp_files(self.root))
         for d in dirs:
             removed += remove_stale_temp_files(d)
             try:
@@ -113,7 +113,7 @@ class ArtifactCache:
                 continue
             for entry in entries:
                 m = _WORK_RE.match(entry.name)
-                if m is None or m["host"] != host or _pid_alive(int(m["pid"])):
+                if m is None or m["host"] != host or pid_alive(int(m["pid"])):
                     continue
                 if not entry.is_dir(follow_symlinks=False):
                     continue

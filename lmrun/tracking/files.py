@@ -20,7 +20,7 @@ _BLOCK = 1 << 20
 
 
 # --- temporary files ---------------------------------------------------------------------------
-def _host_tag() -> str:
+def host_tag() -> str:
     """This host's short name as it appears in temporary file names: letters, digits and '-' only
     (the first label of the host name), so that a name splits unambiguously on dots."""
     name = socket.gethostname().split(".", 1)[0]
@@ -37,7 +37,7 @@ def temp_path(path: str | os.PathLike) -> Path:
     :func:`remove_stale_temp_files` tell a dead writer's leftovers from a live writer's file.
     Nothing is created; :func:`atomic_write` creates it exclusively."""
     path = Path(path)
-    return path.with_name(f".{path.name}.{_host_tag()}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    return path.with_name(f".{path.name}.{host_tag()}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
 def _create_temp(path: Path) -> tuple[int, Path]:
@@ -52,7 +52,7 @@ def _create_temp(path: Path) -> tuple[int, Path]:
     raise FileExistsError(f"cannot create a temporary file beside {path}")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """Whether process ``pid`` exists on this host (a process owned by another user counts)."""
     if pid <= 0:
         return True  # not a real writer's pid: never treat it as dead
@@ -82,10 +82,10 @@ def remove_stale_temp_files(directory: str | os.PathLike) -> list[Path]:
         entries = list(os.scandir(directory))
     except (FileNotFoundError, NotADirectoryError):
         return []
-    host, removed = _host_tag(), []
+    host, removed = host_tag(), []
     for entry in entries:
         m = _TEMP_RE.match(entry.name)
-        if m is None or m["host"] != host or _pid_alive(int(m["pid"])):
+        if m is None or m["host"] != host or pid_alive(int(m["pid"])):
             continue
         try:
             if not entry.is_file(follow_symlinks=False):

@@ -99,13 +99,13 @@ def test_killed_builder_folder_is_removed_at_the_next_build(tmp_path):
     import os
     import signal
 
-    from lmrun.tracking.files import _host_tag
+    from lmrun.tracking.files import host_tag
 
     root = tmp_path / "c"
     proc = _start_builder(root)
     try:
         (name,) = _temp_dirs(root)
-        assert name.startswith(".tmp-") and f".{_host_tag()}.{proc.pid}." in name
+        assert name.startswith(".tmp-") and f".{host_tag()}.{proc.pid}." in name
         cache = ArtifactCache(root)
         cache.get_or_build("tokens", {"k": "other"}, lambda out: None)  # a build beside a live builder
         assert name in _temp_dirs(root)  # kept: its builder is alive
@@ -131,12 +131,12 @@ def _dead_pid() -> int:
 def test_remove_stale_keeps_live_foreign_and_unknown(tmp_path):
     import os
 
-    from lmrun.tracking.files import _host_tag
+    from lmrun.tracking.files import host_tag
 
     cache = ArtifactCache(tmp_path / "c")
     kind = tmp_path / "c" / "tokenizer"
     kind.mkdir(parents=True)
-    key, host, dead = "0" * 32, _host_tag(), _dead_pid()
+    key, host, dead = "0" * 32, host_tag(), _dead_pid()
     names = {
         "dead": f".tmp-{key}.{host}.{dead}.deadbeef",
         "alive": f".tmp-{key}.{host}.{os.getpid()}.cafef00d",

@@ -68,7 +68,7 @@ def test_temp_file_names_carry_host_and_pid_and_are_removed_on_error(out):
     assert list(out.iterdir()) == []
     name = temp_path(out / "ckpt.pt").name
     m = files._TEMP_RE.match(name)
-    assert m and m["name"] == "ckpt.pt" and int(m["pid"]) == os.getpid() and m["host"] == files._host_tag()
+    assert m and m["name"] == "ckpt.pt" and int(m["pid"]) == os.getpid() and m["host"] == files.host_tag()
 
 
 def _dead_pid() -> int:
@@ -78,7 +78,7 @@ def _dead_pid() -> int:
 
 
 def test_remove_stale_temp_files_removes_only_dead_local_writers(out):
-    host = files._host_tag()
+    host = files.host_tag()
     dead = _dead_pid()
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
