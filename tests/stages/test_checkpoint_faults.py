@@ -112,11 +112,13 @@ def test_interruptible_defers_the_first_ctrl_c_and_honours_the_second():
     handler = signal.getsignal(signal.SIGINT)
     with preemption.interruptible():
         assert not preemption.interrupted()
-        os.kill(os.getpid(), signal.SIGINT)
+        # raise_signal delivers to this (the main) thread; os.kill may pick another thread of the
+        # process, whose handler can run late on a loaded machine (a flaky check)
+        signal.raise_signal(signal.SIGINT)
         time.sleep(0.01)  # the handler runs between bytecodes
         assert preemption.interrupted()
         with pytest.raises(KeyboardInterrupt, match="second Ctrl-C"):
-            os.kill(os.getpid(), signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
             time.sleep(0.5)
     assert signal.getsignal(signal.SIGINT) is handler and not preemption.interrupted()
 
@@ -132,7 +134,7 @@ def test_ctrl_c_saves_the_step_in_progress_and_the_run_resumes(small_text, isola
         calls["n"] += 1
         out = real(self)
         if calls["n"] == 5:  # Ctrl-C in the middle of step 5: the step finishes, then the checkpoint
-            os.kill(os.getpid(), signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
         return out
 
     monkeypatch.setattr(trainer_module.Trainer, "train_step", train_step)
