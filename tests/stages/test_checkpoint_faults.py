@@ -108,7 +108,17 @@ def test_corrupt_latest_checkpoint_falls_back_and_every_step_is_logged_once(smal
     assert ckpt_names(run_dir) == before and (run_dir / "summary.json").read_bytes() == summary
 
 
-def test_interruptible_defers_the_first_ctrl_c_and_honours_the_second():
+@pytest.fixture
+def default_sigint():
+    """Python's own SIGINT handler for the test: a process started in the background by a
+    non-interactive shell (``cmd &``) inherits SIGINT ignored, and then interruptible() rightly
+    leaves it alone."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_interruptible_defers_the_first_ctrl_c_and_honours_the_second(default_sigint):
     handler = signal.getsignal(signal.SIGINT)
     with preemption.interruptible():
         assert not preemption.interrupted()
@@ -124,7 +134,8 @@ def test_interruptible_defers_the_first_ctrl_c_and_honours_the_second():
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_the_step_in_progress_and_the_run_resumes(small_text, isolated_workspace, monkeypatch, capsys):
+def test_ctrl_c_saves_the_step_in_progress_and_the_run_resumes(small_text, isolated_workspace, monkeypatch, capsys,
+                                                              default_sigint):
     run_dir = isolated_workspace / "run"
     common = ["train.max_steps=8", "train.eval_every=100", "train.checkpoint_every=4"]
     real = trainer_module.Trainer.train_step

@@ -198,7 +198,9 @@ def test_ctrl_c_is_one_line_exit_130_and_recorded(small_train, isolated_workspac
     run_dir = isolated_workspace / "runs" / "ctrl-c"
     cmd = [sys.executable, "-m", "lmrun.cli", *TINY, "data=text_files", f"data.train={small_train}",
            "train.max_steps=100000", f"hydra.run.dir={run_dir}"]
-    p = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT at its default in the child: a background job (``cmd &`` in a script) inherits it ignored
+    p = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 240
         while not ((run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").read_text().count("loss") >= 2):
