@@ -730,6 +730,16 @@ static PyObject *encode_ids_to_list(Encoder *E, const int32_t *ids, size_t n, Py
     return list;
 }
 
+/* ids as native unsigned ints of itemsize (2 or 4) bytes at dst (ids already checked to fit) */
+static void store_ids(void *dst, const int32_t *ids, size_t n, int itemsize) {
+    if (itemsize == 4) {
+        memcpy(dst, ids, n * 4);
+    } else {
+        uint16_t *d = (uint16_t *)dst;
+        for (size_t k = 0; k < n; k++) d[k] = (uint16_t)ids[k];
+    }
+}
+
 static PyObject *Encoder_encode_to_bytearray(Encoder *E, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"text", "start", "end", "out", "itemsize", NULL};
     PyObject *text, *ostart, *oend, *out;
@@ -761,13 +771,7 @@ static PyObject *Encoder_encode_to_bytearray(Encoder *E, PyObject *args, PyObjec
         give_back_buf(E, ids, cap);
         return NULL;
     }
-    char *dst = PyByteArray_AS_STRING(out) + old;
-    if (itemsize == 4) {
-        memcpy(dst, ids, n * 4);
-    } else {
-        uint16_t *d = (uint16_t *)dst;
-        for (size_t k = 0; k < n; k++) d[k] = (uint16_t)ids[k];
-    }
+    store_ids(PyByteArray_AS_STRING(out) + old, ids, n, itemsize);
     give_back_buf(E, ids, cap);
     return PyLong_FromSize_t(n);
 }
@@ -973,12 +977,7 @@ static PyObject *Encoder_encode_utf8(Encoder *E, PyObject *args, PyObject *kw) {
         PyErr_Format(PyExc_ValueError, "out has room for %zd ids, the text has %zu", out.len / itemsize, count);
         goto done;
     }
-    if (itemsize == 4) {
-        memcpy(out.buf, E->buf, count * 4);
-    } else {
-        uint16_t *d = (uint16_t *)out.buf;
-        for (size_t k = 0; k < count; k++) d[k] = (uint16_t)E->buf[k];
-    }
+    store_ids(out.buf, E->buf, count, itemsize);
     result = PyLong_FromSize_t(count);
 done:
     free(sp);

@@ -29,9 +29,10 @@ from pathlib import Path
 import numpy as np
 
 from lmrun.errors import DataError
+from lmrun.launch.threads import available_cpus
 from lmrun.tokenizer import native
 from lmrun.tokenizer.pretokenize import (_MAX_WINDOW_BYTES, DEFAULT_CHUNK_BYTES, _file_size, _find_cut, mp_context,
-                                         read_text_range, worker_pool)
+                                         read_byte_range, read_text_range, worker_pool)
 from lmrun.tokenizer.tokenizer import Tokenizer
 from lmrun.tracking.progress import byte_progress
 
@@ -47,13 +48,6 @@ _MIN_CHUNK_BYTES = 256 << 10
 THREAD_CHUNK_BYTES = 4 << 20
 
 _worker: dict = {}
-
-
-def _usable_cpus() -> int:
-    """The CPUs this process may run on (affinity and Slurm's allocation; lmrun.launch.threads)."""
-    from lmrun.launch.threads import available_cpus
-
-    return available_cpus()[0]
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -87,9 +81,7 @@ def _setup_worker(tok: Tokenizer, backend: str) -> None:
     dtype = token_dtype(max(tok.vocab) + 1)
     if backend == "tiktoken":
         _worker["encode"] = tiktoken_encoder(tok)
-    elif tok._native is not None:  # C core: ids straight into a numpy array
-        _worker["encode"] = lambda text: (native.encode_to_numpy(tok, tok._native, text, dtype), False)
-    else:  # pure Python (the C extension is not built)
+    else:  # pure Python: with the C core, encode_file runs threads instead (_encode_threaded)
         _worker["encode"] = lambda text: (tok.encode(text), False)
     _worker["dtype"] = dtype
 
@@ -142,17 +134,11 @@ def _chunk_ranges(path: Path, chunk_bytes: int, specials: list[bytes]) -> Iterat
     yield start, size
 
 
-def _read_range(path: Path, start: int, end: int) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(start)
-        return f.read(end - start)
-
-
 def _encode_threaded(path: Path, tokenizer: Tokenizer, out, ranges: Iterator[tuple[int, int]], workers: int,
-                     dtype: np.dtype, on_chunk) -> int:
+                     dtype: np.dtype, on_chunk) -> None:
     """Encode the byte ``ranges`` of ``path`` with ``workers`` threads that each own a C
     ``Encoder`` (:meth:`Encoder.encode_utf8`, the GIL released) and write the ids to the open
-    file ``out`` in order; ``on_chunk(n_ids, n_bytes)`` after each. Returns the number of chunks.
+    file ``out`` in order; ``on_chunk(n_ids, n_bytes)`` after each chunk.
     At most 2 x workers chunks are in memory. Raises DataError for invalid UTF-8 (file and
     absolute byte offset) or a byte without a token."""
     specials = [(s.encode("utf-8"), i) for s, i in tokenizer.special_ids.items()]
@@ -163,7 +149,7 @@ def _encode_threaded(path: Path, tokenizer: Tokenizer, out, ranges: Iterator[tup
         if enc is None:
             enc = local.enc = native.native_encoder(tokenizer)
         try:
-            return native.encode_bytes_to_numpy(enc, _read_range(path, start, end), specials, dtype)
+            return native.encode_bytes_to_numpy(enc, read_byte_range(path, start, end), specials, dtype)
         except UnicodeDecodeError as e:
             raise DataError(f"{path}: not valid UTF-8 at byte offset {start + e.start} ({e.reason})") from None
 
@@ -171,12 +157,10 @@ def _encode_threaded(path: Path, tokenizer: Tokenizer, out, ranges: Iterator[tup
         out.write(memoryview(ids).cast("B"))  # the GIL is released while the kernel copies
         on_chunk(len(ids), nbytes)
 
-    chunks = 0
     if workers == 1:
         for start, end in ranges:
             write(encode(start, end), end - start)
-            chunks += 1
-        return chunks
+        return
     pending: collections.deque = collections.deque()
     with ThreadPoolExecutor(workers, thread_name_prefix="lmrun-encode") as pool:
         try:
@@ -185,16 +169,12 @@ def _encode_threaded(path: Path, tokenizer: Tokenizer, out, ranges: Iterator[tup
                 while len(pending) >= 2 * workers or (pending and pending[0][0].done()):
                     future, nbytes = pending.popleft()
                     write(future.result(), nbytes)
-                    chunks += 1
-            while pending:
-                future, nbytes = pending.popleft()
+            for future, nbytes in pending:
                 write(future.result(), nbytes)
-                chunks += 1
         except BaseException:
             for future, _ in pending:
                 future.cancel()
             raise
-    return chunks
 
 
 def encode_file(path: str | os.PathLike, tokenizer: Tokenizer, out_path: str | os.PathLike, *,
@@ -220,7 +200,7 @@ def encode_file(path: str | os.PathLike, tokenizer: Tokenizer, out_path: str | o
     threaded = backend == "native" and tokenizer._native is not None
     if chunk_bytes is None:
         chunk_bytes = THREAD_CHUNK_BYTES if threaded else DEFAULT_CHUNK_BYTES
-    workers = max(1, num_workers or _usable_cpus())
+    workers = max(1, num_workers or available_cpus()[0])
     if workers > 1:  # enough chunks to keep every process busy to the end
         per_chunk = -(-size // (_CHUNKS_PER_WORKER * workers))
         chunk_bytes = max(1, min(chunk_bytes, max(per_chunk, _MIN_CHUNK_BYTES)))
@@ -242,25 +222,23 @@ def encode_file(path: str | os.PathLike, tokenizer: Tokenizer, out_path: str | o
     n_tokens, n_chunks, fallbacks = 0, 0, 0
     try:
         with open(out_path, "wb") as out:
-            def append(result: tuple[str, int, int, bool]) -> None:
-                nonlocal n_tokens, n_chunks, fallbacks
-                part, count, nbytes, fell_back = result
-                _append_file(out, part)
+            def on_chunk(count: int, nbytes: int) -> None:
+                nonlocal n_tokens, n_chunks
                 n_tokens += count
                 n_chunks += 1
-                fallbacks += fell_back
                 if bar is not None:
                     bar.update(nbytes)
 
-            if threaded:
-                def on_chunk(count: int, nbytes: int) -> None:
-                    nonlocal n_tokens
-                    n_tokens += count
-                    if bar is not None:
-                        bar.update(nbytes)
+            def append(result: tuple[str, int, int, bool]) -> None:  # a worker process's part file
+                nonlocal fallbacks
+                part, count, nbytes, fell_back = result
+                _append_file(out, part)
+                fallbacks += fell_back
+                on_chunk(count, nbytes)
 
-                n_chunks = _encode_threaded(path, tokenizer, out, _chunk_ranges(path, chunk_bytes, specials), workers,
-                                            dtype, on_chunk)
+            if threaded:
+                _encode_threaded(path, tokenizer, out, _chunk_ranges(path, chunk_bytes, specials), workers, dtype,
+                                 on_chunk)
             elif workers == 1:
                 _setup_worker(tokenizer, backend)
                 for task in tasks():

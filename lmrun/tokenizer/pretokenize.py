@@ -220,13 +220,18 @@ def _segments(text: str, n: int) -> Iterator[str]:
     yield text[start:] if start else text
 
 
+def read_byte_range(path: str | os.PathLike, start: int, end: int) -> bytes:
+    """Bytes [start, end) of a file (a chunk from ``find_chunk_boundaries``)."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        return f.read(end - start)
+
+
 def read_text_range(path: str | os.PathLike, start: int, end: int) -> str:
     """Bytes [start, end) of a file decoded as UTF-8 (a chunk from ``find_chunk_boundaries``).
 
     Raises DataError naming the file and the absolute byte offset of invalid UTF-8."""
-    with open(path, "rb") as f:
-        f.seek(start)
-        data = f.read(end - start)
+    data = read_byte_range(path, start, end)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
