@@ -625,6 +625,7 @@ def main(argv: list[str] | None = None) -> int:
     130 interrupted by Ctrl-C: one line on stderr, no traceback)."""
     from hydra._internal.utils import get_args_parser
 
+    argv_given = argv
     argv = _sweep_alias(list(sys.argv[1:] if argv is None else argv))
     args = get_args_parser().parse_args(argv)
     _quiet_schema_warnings()
@@ -638,14 +639,41 @@ def main(argv: list[str] | None = None) -> int:
     _CONFIG.update(dirs=[os.path.abspath(args.config_dir)] if args.config_dir else [],
                    name=args.config_name or "config")
     try:
-        return _main(argv, args)
+        code = _main(argv, args)
     except KeyboardInterrupt as e:  # Ctrl-C: one line, no traceback; the run recorded "interrupted"
         message, where = interrupted_message(e), getattr(e, "lmrun_run_dir", None)
         print(f"lmrun: {message}" + (f" (run directory {where})" if where and where not in message else ""),
               file=sys.stderr, flush=True)
-        return 130
+        code = 130
     finally:
         _CONFIG.update(dirs=[], name="config")
+    if argv_given is None:
+        _end_distributed_process(code)
+    return code
+
+
+def _end_distributed_process(code: int) -> None:
+    """A console-script process that was a rank of a distributed job (torchrun) ends here with
+    ``os._exit(code)`` once its logs and streams are flushed: the process group is already
+    destroyed, and skipping interpreter finalization keeps a communication library's C++ thread
+    from aborting an otherwise successful rank at exit (seen once under load in CI: rank 1 of a
+    finished ``distributed.strategy=tp`` run died with "terminate called without an active
+    exception", and torchrun failed the job). Single processes return normally."""
+    if "lmrun.distributed.env" not in sys.modules:
+        return
+    from lmrun.distributed.env import joined_process_group
+
+    if not joined_process_group():
+        return
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def _main(argv: list[str], args) -> int:

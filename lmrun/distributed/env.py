@@ -22,8 +22,10 @@ from lmrun.errors import LmrunError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DistEnv", "dist_env", "free_port", "init_distributed", "is_main_process", "quiet_non_main_logging",
-           "seed_rank", "spawn", "teardown"]
+__all__ = ["DistEnv", "dist_env", "free_port", "init_distributed", "is_main_process", "joined_process_group",
+           "quiet_non_main_logging", "seed_rank", "spawn", "teardown"]
+
+_JOINED = False  # whether this process has joined a process group (init_distributed)
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,8 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: flo
     dist.init_process_group(env.backend, rank=env.rank, world_size=env.world_size,
                             timeout=datetime.timedelta(seconds=timeout_s),
                             device_id=env.device if env.device.type == "cuda" else None)
+    global _JOINED
+    _JOINED = True
     log.info("rank %d of %d joined the %s process group (%s)", env.rank, env.world_size, env.backend, env.device)
     return env
 
@@ -104,6 +108,12 @@ def teardown() -> None:
             dist.barrier()
         finally:
             dist.destroy_process_group()
+
+
+def joined_process_group() -> bool:
+    """Whether this process joined a process group with :func:`init_distributed` (it may have
+    left it since)."""
+    return _JOINED
 
 
 def is_main_process() -> bool:
