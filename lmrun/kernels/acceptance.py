@@ -143,6 +143,7 @@ class Acceptance:
                 "python": platform.python_version(), "budget_s": self.budget_s,
                 "triton_interpret": os.environ.get("TRITON_INTERPRET", "")}
         self.report = Report(out, meta)
+        self.report.write()  # from the start: a run stopped before its first row still leaves a report
 
     # --- helpers ---------------------------------------------------------------------------------
     def elapsed(self) -> float:
