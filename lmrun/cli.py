@@ -654,11 +654,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _end_distributed_process(code: int) -> None:
     """A console-script process that was a rank of a distributed job (torchrun) ends here with
-    ``os._exit(code)`` once its logs and streams are flushed: the process group is already
-    destroyed, and skipping interpreter finalization keeps a communication library's C++ thread
-    from aborting an otherwise successful rank at exit (seen once under load in CI: rank 1 of a
-    finished ``distributed.strategy=tp`` run died with "terminate called without an active
-    exception", and torchrun failed the job). Single processes return normally."""
+    ``os._exit(code)`` once its logs and streams are flushed (the process group is already
+    destroyed). Why: gloo's worker thread (``ProcessGroupGloo::runLoop``) can still be releasing a
+    finished barrier's work, whose tensors hold Python references, when the main thread reaches
+    interpreter finalization; its GIL acquire then ends the thread mid-destructor and the rank
+    aborts with "terminate called without an active exception" (SIGABRT; core dump backtrace,
+    about 1 in 40 runs under load), so torchrun fails a finished job. Skipping finalization
+    closes that window. Single processes return normally."""
     if "lmrun.distributed.env" not in sys.modules:
         return
     from lmrun.distributed.env import joined_process_group
